@@ -1,0 +1,80 @@
+"""Settings: one object, read from the environment and the env file (`.env.api.dev` by default)."""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Values that only make sense on a developer machine; refused anywhere else.
+DEV_DB_PASSWORDS = frozenset({"postgres", "dev", "devpassword", "changeme"})
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=os.environ.get("APP_ENV_FILE", ".env.api.dev"),
+        env_file_encoding="utf-8",
+        extra="ignore",
+        case_sensitive=True,
+    )
+
+    APP_ENV: Literal["development", "test", "production"] = "development"
+    LOG_LEVEL: str = "INFO"
+
+    DATABASE_URL: str = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/llmq"
+    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
+    DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
+
+    REDIS_URL: str = "redis://127.0.0.1:6379/0"
+    # Queue name so several deployments (or the test suite) can share one Redis.
+    CELERY_QUEUE: str = "llm"
+
+    # Triton: HTTP for admin (health, repository index), gRPC for inference (streaming API,
+    # which the decoupled vLLM backend requires).
+    TRITON_URL: str = "http://127.0.0.1:8000"
+    TRITON_GRPC_URL: str = "127.0.0.1:8001"
+    TRITON_METRICS_URL: str = "http://127.0.0.1:8002/metrics"
+    TRITON_CONNECT_TIMEOUT_S: float = Field(default=5.0, gt=0)
+    TRITON_REQUEST_TIMEOUT_S: float = Field(default=600.0, gt=0)
+    # How long the API trusts its copy of Triton's model list when validating a submit.
+    MODEL_CACHE_TTL_S: float = Field(default=5.0, ge=0)
+
+    # `make dev`: where the API listens.
+    API_HOST: str = "127.0.0.1"
+    API_PORT: int = Field(default=8887, ge=1, le=65535)
+
+    # Worker
+    WORKER_IN_FLIGHT: int = Field(default=64, ge=1, le=4096)
+    JOB_MAX_ATTEMPTS: int = Field(default=5, ge=1, le=100)
+    RETRY_BACKOFF_BASE_S: float = Field(default=1.0, gt=0)
+    RETRY_BACKOFF_MAX_S: float = Field(default=60.0, gt=0)
+    # Sweeper: a pending job not started after this long has lost its message: enqueue it again.
+    SWEEP_INTERVAL_S: float = Field(default=30.0, gt=0)
+    SWEEP_REQUEUE_AFTER_S: float = Field(default=120.0, gt=0)
+    # A job still pending this long after it was created fails with a clear error.
+    JOB_DEADLINE_S: float = Field(default=3600.0, gt=0)
+
+    # Limits on input
+    MAX_CONTENT_BYTES: int = Field(default=256 * 1024, ge=1)
+    MAX_TOKENS_LIMIT: int = Field(default=8192, ge=1)
+
+    @model_validator(mode="after")
+    def _refuse_dev_secrets_outside_development(self) -> Settings:
+        if self.APP_ENV == "production":
+            from sqlalchemy.engine import make_url
+
+            password = make_url(self.DATABASE_URL).password
+            if password is None or password in DEV_DB_PASSWORDS:
+                raise ValueError(
+                    "DATABASE_URL uses a development password (or none) while APP_ENV=production; "
+                    "set a real secret"
+                )
+        return self
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,221 @@
+"""`make dev`: bring up the whole platform on this machine and stop all of it on Ctrl-C.
+
+Postgres and Redis are used where they run (started if installed but stopped), the database
+is created and migrated, then the local Triton (the real tritonserver on the CPU with the
+simulated vLLM backend), the Celery worker and the API start as children of this process.
+"""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from urllib.parse import urlsplit
+
+import typer
+from rich.console import Console
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from app.config import Settings, get_settings
+from app.stack import ManagedProcess, api_process, worker_process
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_DIR = ROOT / ".run"
+LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+cli = typer.Typer(add_completion=False, help=__doc__)
+console = Console(highlight=False)
+
+
+def reachable(host: str, port: int, timeout_s: float = 1.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def wait_reachable(name: str, host: str, port: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not reachable(host, port):
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{name} at {host}:{port} is not reachable after {timeout_s:.0f}s")
+        time.sleep(0.3)
+
+
+def _start_postgres() -> None:
+    versions = sorted(Path(p).name for p in glob.glob("/etc/postgresql/*"))
+    if not versions or shutil.which("pg_ctlcluster") is None:
+        raise SystemExit("Postgres is not reachable and no local cluster is installed: set DATABASE_URL")
+    subprocess.run(["pg_ctlcluster", "--skip-systemctl-redirect", versions[-1], "main", "start"], check=False)
+
+
+def _start_redis(port: int) -> None:
+    if shutil.which("redis-server") is None:
+        raise SystemExit("Redis is not reachable and redis-server is not installed: set REDIS_URL")
+    subprocess.run(
+        [
+            "redis-server",
+            "--daemonize",
+            "yes",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ],
+        check=False,
+    )
+
+
+def ensure_services(settings: Settings) -> None:
+    """Postgres and Redis must answer; local ones that are installed but stopped are started."""
+    db = make_url(settings.DATABASE_URL)
+    db_host, db_port = db.host or "127.0.0.1", db.port or 5432
+    if not reachable(db_host, db_port):
+        if db_host not in LOCAL_HOSTS:
+            raise SystemExit(f"Postgres at {db_host}:{db_port} is not reachable")
+        console.print("[yellow]Postgres is not running: starting the local cluster[/]")
+        _start_postgres()
+    wait_reachable("Postgres", db_host, db_port, 30)
+
+    redis = urlsplit(settings.REDIS_URL)
+    r_host, r_port = redis.hostname or "127.0.0.1", redis.port or 6379
+    if not reachable(r_host, r_port):
+        if r_host not in LOCAL_HOSTS:
+            raise SystemExit(f"Redis at {r_host}:{r_port} is not reachable")
+        console.print("[yellow]Redis is not running: starting a local redis-server[/]")
+        _start_redis(r_port)
+    wait_reachable("Redis", r_host, r_port, 30)
+
+
+def ensure_database(settings: Settings) -> None:
+    url = make_url(settings.DATABASE_URL)
+    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            exists = conn.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}
+            ).first()
+            if not exists:
+                console.print(f"creating database [bold]{url.database}[/]")
+                conn.execute(text(f'CREATE DATABASE "{url.database}"'))
+    finally:
+        admin.dispose()
+
+
+def migrate() -> None:
+    subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT, check=True)
+
+
+def example(api_url: str) -> str:
+    return f"""  API=${{API:-{api_url}}}
+  CTX=$(curl -s -X POST $API/contexts/ -H 'content-type: application/json' \\
+        -d '{{"content": "Write a haiku about GPUs."}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
+  RID=$(curl -s -X POST $API/models/send/sim-llm/$CTX -H 'content-type: application/json' \\
+        -d '{{"max_tokens": 32, "seed": 1}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["result_id"])')
+  curl -s $API/results/$RID"""
+
+
+class Stack:
+    def __init__(self) -> None:
+        self.triton: object | None = None
+        self.processes: list[ManagedProcess] = []
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+        if self.triton is not None:
+            self.triton.stop()  # type: ignore[attr-defined]
+            self.triton = None
+
+
+def _port(url: str, default: int) -> int:
+    return urlsplit(url if "://" in url else f"//{url}").port or default
+
+
+@cli.command()
+def up(
+    local_triton: bool = typer.Option(
+        True, help="Start the local CPU Triton unless one already answers at TRITON_URL."
+    ),
+) -> None:
+    """Start Postgres/Redis (if needed), migrate, then local Triton, the worker and the API."""
+    settings = get_settings()
+    ensure_services(settings)
+    ensure_database(settings)
+    migrate()
+    logs = RUN_DIR / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    stack = Stack()
+
+    def shutdown(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, shutdown)
+    try:
+        env: dict[str, str] = {}
+        triton_host = urlsplit(settings.TRITON_URL).hostname or "127.0.0.1"
+        triton_http = _port(settings.TRITON_URL, 8000)
+        if local_triton and triton_host in LOCAL_HOSTS and not reachable(triton_host, triton_http):
+            from app.localtriton.launcher import LocalTriton
+
+            console.print("starting the local Triton (simulated vLLM models) …")
+            triton = LocalTriton(
+                http_port=triton_http,
+                grpc_port=_port(settings.TRITON_GRPC_URL, 8001),
+                metrics_port=_port(settings.TRITON_METRICS_URL, 8002),
+                log_file=logs / "triton.log",
+            )
+            stack.triton = triton
+            triton.start()
+            env.update(TRITON_URL=triton.http_url, TRITON_GRPC_URL=triton.grpc_url)
+        else:
+            console.print(f"using the Triton at {settings.TRITON_URL}")
+
+        worker = worker_process(env, logs / "worker.log")
+        stack.processes.append(worker.start())
+        api = api_process(env, logs / "api.log", port=settings.API_PORT, host=settings.API_HOST)
+        stack.processes.append(api.start())
+        api_url = f"http://{settings.API_HOST}:{settings.API_PORT}"
+        worker.wait_for_log("ready.", 60)
+        api.wait_for_http(f"{api_url}/health", 30)
+
+        console.print(f"\n[bold green]Ready.[/] API on [bold]{api_url}[/]  (docs: {api_url}/docs)")
+        console.print(f"logs: {logs}/{{api,worker,triton}}.log   Ctrl-C stops everything.\n")
+        console.print("Try it:\n" + example(api_url) + "\n", soft_wrap=True)
+        while True:
+            for proc in stack.processes:
+                if not proc.running:
+                    console.print(f"[red]{proc.name} exited[/]; last lines:\n{proc.log_tail()}")
+                    raise SystemExit(1)
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        console.print("\nstopping …")
+    finally:
+        stack.stop()
+        console.print("stopped.")
+
+
+@cli.command()
+def services() -> None:
+    """Only make sure Postgres and Redis answer, and the database exists and is migrated."""
+    settings = get_settings()
+    ensure_services(settings)
+    ensure_database(settings)
+    migrate()
+
+
+if __name__ == "__main__":
+    cli()

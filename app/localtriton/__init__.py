@@ -1,0 +1,9 @@
+"""Local Triton: the real tritonserver binary serving a CPU simulation of the vLLM backend.
+
+``LocalTriton`` starts it (tests, dev, benchmarks); ``simulate`` predicts the exact text it returns.
+"""
+
+from app.localtriton.engine import SimResult, simulate
+from app.localtriton.launcher import LocalTriton, LocalTritonError
+
+__all__ = ["LocalTriton", "LocalTritonError", "SimResult", "simulate"]

@@ -1,0 +1,76 @@
+"""CLI: ``python -m app.localtriton serve`` / ``python -m app.localtriton cleanup``."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from types import FrameType
+
+import typer
+
+from app.localtriton.launcher import LocalTriton, LocalTritonError, cleanup_stale
+
+cli = typer.Typer(help="Run tritonserver with the simulated vLLM backend (no GPU).", no_args_is_help=True)
+
+
+@cli.command()
+def serve(
+    http_port: int = typer.Option(8000, help="HTTP port (0 = any free port)"),
+    grpc_port: int = typer.Option(8001, help="gRPC port (0 = any free port)"),
+    metrics_port: int = typer.Option(8002, help="metrics port (0 = any free port)"),
+    repository: Path | None = typer.Option(None, help="model repository (default: built-in sim models)"),
+    model: list[str] | None = typer.Option(None, help="model to load (repeatable; default: all)"),
+    prefill_ms: float | None = typer.Option(None, help="override the prefill step latency of every model"),
+    decode_ms: float | None = typer.Option(None, help="override the per-token decode latency of every model"),
+    log_file: Path | None = typer.Option(None, help="tritonserver log (default: inside the run dir)"),
+    ready_timeout: float = typer.Option(60.0, help="seconds to wait for the server and models"),
+) -> None:
+    """Start tritonserver, print its URLs and run until Ctrl-C or SIGTERM."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    server = LocalTriton(
+        model_repository=repository,
+        models=model or None,
+        http_port=http_port,
+        grpc_port=grpc_port,
+        metrics_port=metrics_port,
+        prefill_ms=prefill_ms,
+        decode_ms=decode_ms,
+        log_file=log_file,
+        ready_timeout=ready_timeout,
+    )
+    try:
+        server.start()
+    except LocalTritonError as exc:
+        typer.echo(str(exc), err=True)
+        raise typer.Exit(1) from exc
+    try:
+        typer.echo(f"models:  {', '.join(server.models)}")
+        typer.echo(f"http:    {server.http_url}")
+        typer.echo(f"grpc:    {server.grpc_url}")
+        typer.echo(f"metrics: {server.metrics_url}")
+        typer.echo(f"pid:     {server.pid}  (Ctrl-C to stop)", err=False)
+        while not stop.wait(1.0):
+            if server.exited():
+                typer.echo(f"tritonserver exited:\n{server.log_tail()}", err=True)
+                raise typer.Exit(1)
+    finally:
+        typer.echo("stopping...", err=True)
+        server.stop()
+
+
+@cli.command()
+def cleanup() -> None:
+    """Kill orphaned backend stubs and remove stale /dev/shm regions left by crashed runs."""
+    killed, removed = cleanup_stale()
+    typer.echo(f"killed {len(killed)} orphaned stub(s) {killed}; removed {len(removed)} shm region(s)")
+
+
+if __name__ == "__main__":
+    cli()

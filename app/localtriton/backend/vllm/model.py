@@ -1,0 +1,246 @@
+"""CPU stand-in for Triton's vLLM backend (backend name ``vllm``): same inputs, outputs, behaviour.
+
+Loaded by tritonserver's Python backend stub as ``<backend-dir>/vllm/model.py``. Generation is
+simulated by :mod:`app.localtriton.engine` (deterministic text) and
+:mod:`app.localtriton.scheduler` (batching with vLLM-shaped latency); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+try:
+    from app.localtriton import engine
+except ImportError:  # stub interpreter without the project on sys.path: the launcher tells us where
+    sys.path.insert(0, os.environ["LOCALTRITON_PROJECT_ROOT"])
+    from app.localtriton import engine
+from app.localtriton.scheduler import BatchEngine, EngineStats, Sequence
+
+_INPUTS: list[dict[str, Any]] = [
+    {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},
+    {"name": "image", "data_type": "TYPE_STRING", "dims": [-1], "optional": True},
+    *(
+        {"name": name, "data_type": "TYPE_BOOL", "dims": [1], "optional": True}
+        for name in (
+            "stream",
+            "exclude_input_in_output",
+            "return_finish_reason",
+            "return_cumulative_logprob",
+            "return_logprobs",
+            "return_num_input_tokens",
+            "return_num_output_tokens",
+        )
+    ),
+    {"name": "sampling_parameters", "data_type": "TYPE_STRING", "dims": [1], "optional": True},
+]
+_OUTPUTS: list[dict[str, Any]] = [
+    {"name": "text_output", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "finish_reason", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "cumulative_logprob", "data_type": "TYPE_FP32", "dims": [-1]},
+    {"name": "logprobs", "data_type": "TYPE_STRING", "dims": [-1]},
+    {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
+    {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
+]
+_RETURN_FLAGS = (
+    "return_finish_reason",
+    "return_cumulative_logprob",
+    "return_logprobs",
+    "return_num_input_tokens",
+    "return_num_output_tokens",
+)
+_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+def _bool_input(request: Any, name: str) -> bool | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else bool(tensor.as_numpy().reshape(-1)[0])
+
+
+def _error_response(message: str) -> Any:
+    # Like the real backend: the error plus a placeholder text_output.
+    text = pb_utils.Tensor("text_output", np.asarray(["N/A"], dtype=np.object_))
+    return pb_utils.InferenceResponse(output_tensors=[text], error=pb_utils.TritonError(message))
+
+
+class _ResponseSink:
+    """Turns engine output into Triton responses exactly like vLLM backend's create_response."""
+
+    def __init__(self, sender: Any, plan: engine.Plan, prepend: str, flags: dict[str, bool]) -> None:
+        self.sender = sender
+        self.plan = plan
+        self.prepend = prepend
+        self.flags = flags
+
+    def is_cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
+    def send(self, delta: str, n_new: int, n_total: int, finish_reason: str | None) -> None:
+        f = self.flags
+        tensors = [pb_utils.Tensor("text_output", np.asarray([(self.prepend + delta).encode()], np.object_))]
+        if f["return_finish_reason"]:
+            tensors.append(pb_utils.Tensor("finish_reason", np.asarray([str(finish_reason)], np.object_)))
+        if f["return_cumulative_logprob"]:
+            cum = float(sum(self.plan.token_logprobs[:n_total]))
+            tensors.append(pb_utils.Tensor("cumulative_logprob", np.asarray([cum], np.float32)))
+        if f["return_logprobs"]:
+            tensors.append(pb_utils.Tensor("logprobs", np.asarray([b"null"], np.object_)))
+        if f["return_num_input_tokens"]:
+            # A 0-d scalar, like the real backend: clients see shape [].
+            tensors.append(
+                pb_utils.Tensor("num_input_tokens", np.asarray(self.plan.prompt_tokens, np.uint32))
+            )
+        if f["return_num_output_tokens"]:
+            tensors.append(pb_utils.Tensor("num_output_tokens", np.asarray([n_new], np.uint32)))
+        self.prepend = ""
+        self.sender.send(
+            pb_utils.InferenceResponse(output_tensors=tensors), flags=_FINAL if finish_reason else 0
+        )
+
+    def cancelled(self) -> None:
+        error = pb_utils.TritonError(message="Request was cancelled", code=pb_utils.TritonError.CANCELLED)
+        self.sender.send(pb_utils.InferenceResponse(error=error), flags=_FINAL)
+
+
+class _Metrics:
+    """Prometheus metrics, touched only from the engine thread (see scheduler module doc)."""
+
+    def __init__(self, model: str, version: str, vllm_metrics: bool) -> None:
+        # Families must outlive their metrics, or set()/increment() fail: keep references.
+        self._families: list[Any] = []
+
+        def family(name: str, doc: str, kind: Any, labels: dict[str, str]) -> Any:
+            self._families.append(pb_utils.MetricFamily(name=name, description=doc, kind=kind))
+            return self._families[-1].Metric(labels=labels)
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        sim = {"model": model}
+        self.running = family("sim_engine_running_requests", "Sequences running now", gauge, sim)
+        self.peak = family("sim_engine_peak_running_requests", "Most sequences running at once", gauge, sim)
+        self.requests = family("sim_engine_requests_total", "Requests received by the engine", counter, sim)
+        self.cancelled = family("sim_engine_cancelled_total", "Sequences dropped on cancel", counter, sim)
+        self.vllm: tuple[Any, Any, Any] | None = None
+        if vllm_metrics:
+            labels = {"model": model, "version": version}
+            self.vllm = (
+                family("vllm:prompt_tokens_total", "Number of prefill tokens processed.", counter, labels),
+                family(
+                    "vllm:generation_tokens_total", "Number of generation tokens processed.", counter, labels
+                ),
+                family("vllm:num_requests_running", "Number of requests currently running.", gauge, labels),
+            )
+        self._last = EngineStats()
+
+    def update(self, s: EngineStats) -> None:
+        last = self._last
+        self.running.set(s.running)
+        self.peak.set(s.peak_running)
+        if s.received > last.received:
+            self.requests.increment(s.received - last.received)
+        if s.cancelled > last.cancelled:
+            self.cancelled.increment(s.cancelled - last.cancelled)
+        if self.vllm is not None:
+            prompt, generation, running = self.vllm
+            if s.prompt_tokens > last.prompt_tokens:
+                prompt.increment(s.prompt_tokens - last.prompt_tokens)
+            if s.generation_tokens > last.generation_tokens:
+                generation.increment(s.generation_tokens - last.generation_tokens)
+            running.set(s.running)
+        self._last = EngineStats(**vars(s))
+
+    def close(self) -> None:
+        """Drop metrics before their families, the order tritonserver requires."""
+        del self.running, self.peak, self.requests, self.cancelled, self.vllm
+        self._families.clear()
+
+
+class TritonPythonModel:
+    @classmethod
+    def auto_complete_config(cls, auto_complete_model_config: Any) -> Any:
+        config = auto_complete_model_config.as_dict()
+        have_in = {i["name"] for i in config["input"]}
+        have_out = {o["name"] for o in config["output"]}
+        for spec in _INPUTS:
+            if spec["name"] not in have_in:
+                auto_complete_model_config.add_input(spec)
+        for spec in _OUTPUTS:
+            if spec["name"] not in have_out:
+                auto_complete_model_config.add_output(spec)
+        # Decoupled so many requests stay in flight; the engine batches them, not Triton.
+        auto_complete_model_config.set_model_transaction_policy({"decoupled": True})
+        auto_complete_model_config.set_max_batch_size(0)
+        return auto_complete_model_config
+
+    def initialize(self, args: dict[str, str]) -> None:
+        self.model_config: dict[str, Any] = json.loads(args["model_config"])
+        self.model_name = args["model_name"]
+        if not pb_utils.using_decoupled_model_transaction_policy(self.model_config):
+            raise ValueError(
+                "vLLM Triton backend must be configured to use decoupled model transaction policy"
+            )
+        model_dir = Path(pb_utils.get_model_dir())
+        self.config = engine.load_engine_config(model_dir / "model.json")
+        prefill_ms = self._latency("SIM_PREFILL_MS")
+        decode_ms = self._latency("SIM_DECODE_MS")
+        vllm_metrics = (
+            self._param("REPORT_CUSTOM_METRICS").lower() == "true" and not self.config.disable_log_stats
+        )
+        self.metrics = _Metrics(self.model_name, args["model_version"], vllm_metrics)
+        self.engine = BatchEngine(
+            prefill_ms=prefill_ms,
+            decode_ms=decode_ms,
+            max_num_seqs=self.config.max_num_seqs,
+            on_stats=self.metrics.update,
+            name=f"sim-engine-{self.model_name}",
+        )
+        self.engine.start()
+        pb_utils.Logger.log_info(
+            f"[sim-vllm] {self.model_name}: simulating {self.config.args.get('model')!r} "
+            f"max_model_len={self.config.max_model_len} max_num_seqs={self.config.max_num_seqs} "
+            f"prefill_ms={prefill_ms} decode_ms={decode_ms}"
+        )
+
+    def _param(self, name: str) -> str:
+        value = self.model_config.get("parameters", {}).get(name, {}).get("string_value", "")
+        return str(value)
+
+    def _latency(self, name: str) -> float:
+        # The launcher's override (environment) wins over config.pbtxt.
+        raw = os.environ.get(name) or self._param(name) or "0"
+        return float(raw)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.engine.submit(self._sequence(request, sender))
+            except Exception as exc:
+                sender.send(_error_response(f"Error generating stream: {exc}"), flags=_FINAL)
+        return None  # decoupled: the engine thread sends the responses
+
+    def _sequence(self, request: Any, sender: Any) -> Sequence:
+        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
+        prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+        stream = bool(_bool_input(request, "stream"))
+        exclude = _bool_input(request, "exclude_input_in_output")
+        prepend = (not exclude) if exclude is not None else not stream
+        if prepend and stream:
+            raise ValueError("When streaming, `exclude_input_in_output` = False is not allowed.")
+        tensor = pb_utils.get_input_tensor_by_name(request, "sampling_parameters")
+        raw = tensor.as_numpy().reshape(-1)[0].decode("utf-8") if tensor is not None else request.parameters()
+        params = engine.parse_sampling_params(raw)
+        if params.lora_name is not None:
+            raise ValueError("LoRA feature is not enabled.")
+        plan = engine.plan(prompt, params, self.config.max_model_len)
+        flags = {name: bool(_bool_input(request, name)) for name in _RETURN_FLAGS}
+        return Sequence(plan, _ResponseSink(sender, plan, prompt if prepend else "", flags), stream)
+
+    def finalize(self) -> None:
+        self.engine.stop()
+        self.metrics.close()

@@ -1,0 +1,101 @@
+"""The FastAPI application."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import Settings, get_settings
+from app.errors import AppError
+from app.queue import enqueue_job
+from app.routes import contexts, health, models, results
+from app.services.results import Enqueue
+from app.triton.admin import ModelCatalog, TritonAdmin
+
+log = logging.getLogger(__name__)
+
+
+def _error(status_code: int, message: str, detail: Any = None) -> JSONResponse:
+    return JSONResponse(status_code=status_code, content={"error": message, "detail": detail})
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
+    problems = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err.get("loc", ()))
+        problems.append({"field": loc, "message": err.get("msg", ""), "type": err.get("type", "")})
+    summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
+    return f"invalid request: {summary}", problems
+
+
+class BodySizeLimit:
+    """Refuse bodies far larger than any valid request before reading them (413, not a memory spike)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for name, value in scope.get("headers", []):
+                if name == b"content-length" and value.isdigit() and int(value) > self.max_bytes:
+                    response = _error(
+                        413, f"request body is {int(value)} bytes; the limit is {self.max_bytes} bytes"
+                    )
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+
+    app = FastAPI(
+        title="LLM job queue",
+        version="0.1.0",
+        description="Store prompts, send them to LLMs served by Triton (vLLM backend) as durable jobs, "
+        "and poll the results.",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    admin = TritonAdmin(settings.TRITON_URL, settings.TRITON_CONNECT_TIMEOUT_S)
+    app.state.triton_admin = admin
+    app.state.model_catalog = ModelCatalog(admin, settings.MODEL_CACHE_TTL_S)
+    app.state.enqueue = enqueue or enqueue_job
+
+    # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
+    app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
+
+    @app.exception_handler(AppError)
+    async def app_error(_: Request, exc: AppError) -> JSONResponse:
+        return _error(exc.status_code, exc.message, exc.detail)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, problems = _describe_validation(exc)
+        return _error(422, message, problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal error; the request was not processed")
+
+    for router in (contexts.router, models.router, results.router, health.router):
+        app.include_router(router)
+    return app

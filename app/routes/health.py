@@ -1,0 +1,72 @@
+from __future__ import annotations
+
+import asyncio
+
+import redis.asyncio as aioredis
+from fastapi import APIRouter, Depends
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from sqlalchemy import text
+
+from app.config import Settings
+from app.db import get_engine
+from app.deps import get_admin, settings_dep
+from app.schemas import ComponentHealth, Readiness
+from app.triton.admin import TritonAdmin, TritonUnavailable
+
+router = APIRouter(prefix="/health", tags=["health"])
+
+CHECK_TIMEOUT_S = 3.0
+
+
+def _ping_postgres() -> None:
+    with get_engine().connect() as connection:
+        connection.execute(text("SELECT 1"))
+
+
+async def _check_postgres() -> ComponentHealth:
+    try:
+        await asyncio.wait_for(run_in_threadpool(_ping_postgres), CHECK_TIMEOUT_S)
+        return ComponentHealth(ok=True)
+    except Exception as exc:
+        return ComponentHealth(ok=False, detail=f"Postgres unreachable: {type(exc).__name__}: {exc}"[:300])
+
+
+async def _check_redis(url: str) -> ComponentHealth:
+    client = aioredis.from_url(url, socket_connect_timeout=CHECK_TIMEOUT_S, socket_timeout=CHECK_TIMEOUT_S)
+    try:
+        await asyncio.wait_for(client.ping(), CHECK_TIMEOUT_S)
+        return ComponentHealth(ok=True)
+    except Exception as exc:
+        return ComponentHealth(ok=False, detail=f"Redis unreachable: {type(exc).__name__}: {exc}"[:300])
+    finally:
+        await client.aclose()
+
+
+async def _check_triton(admin: TritonAdmin) -> ComponentHealth:
+    try:
+        if await admin.server_ready():
+            return ComponentHealth(ok=True, detail=admin.base_url)
+        return ComponentHealth(ok=False, detail=f"Triton at {admin.base_url} is not ready")
+    except TritonUnavailable as exc:
+        return ComponentHealth(ok=False, detail=str(exc))
+
+
+@router.get("", response_model=dict[str, str])
+async def alive() -> dict[str, str]:
+    """Liveness: the API process is up (checks nothing else)."""
+    return {"status": "ok"}
+
+
+@router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
+async def ready(
+    settings: Settings = Depends(settings_dep), admin: TritonAdmin = Depends(get_admin)
+) -> JSONResponse:
+    """Readiness: Postgres, Redis and Triton each reported; 503 when any of them is down."""
+    postgres, redis_health, triton = await asyncio.gather(
+        _check_postgres(), _check_redis(settings.REDIS_URL), _check_triton(admin)
+    )
+    components = {"postgres": postgres, "redis": redis_health, "triton": triton}
+    ok = all(c.ok for c in components.values())
+    body = Readiness(status="ready" if ok else "unavailable", components=components)
+    return JSONResponse(status_code=200 if ok else 503, content=body.model_dump())

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+import uuid
+
+from fastapi import APIRouter, Body, Depends, Path, Response
+from sqlalchemy.orm import Session
+
+from app.config import Settings
+from app.deps import get_admin, get_catalog, get_enqueue, get_session, settings_dep
+from app.errors import Conflict, NotFound, ServiceUnavailable
+from app.models import ResultStatus
+from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
+from app.services import results as service
+from app.services.results import Enqueue
+from app.triton.admin import ModelCatalog, ModelState, TritonAdmin, TritonUnavailable
+
+router = APIRouter(prefix="/models", tags=["models"])
+
+
+def _names(models: dict[str, ModelState], *, ready_only: bool) -> str:
+    names = [m.name for m in models.values() if m.ready or not ready_only]
+    return ", ".join(sorted(names)) or "none"
+
+
+async def ready_model(
+    model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
+    catalog: ModelCatalog = Depends(get_catalog),
+) -> str:
+    """Check the model against Triton's repository (cached briefly) before a job is accepted."""
+    try:
+        models = await catalog.get()
+        if model_name not in models or not models[model_name].ready:
+            models = await catalog.get(refresh=True)  # it may have been loaded a moment ago
+    except TritonUnavailable as exc:
+        raise ServiceUnavailable(f"cannot check model '{model_name}': {exc}") from exc
+    model = models.get(model_name)
+    if model is None:
+        raise NotFound(
+            f"model '{model_name}' is not served by Triton; available models: {_names(models, ready_only=False)}",
+            detail={"available": sorted(models)},
+        )
+    if not model.ready:
+        raise Conflict(
+            f"model '{model_name}' is not ready (state {model.state or 'not loaded'}); "
+            f"ready models: {_names(models, ready_only=True)}",
+            detail={"state": model.state, "reason": model.reason},
+        )
+    return model_name
+
+
+@router.get("/", response_model=list[ModelInfo], responses={503: {"model": ErrorBody}})
+async def list_models(admin: TritonAdmin = Depends(get_admin)) -> list[ModelInfo]:
+    """The models in Triton's repository, read live, with their state and readiness."""
+    try:
+        models = await admin.list_models()
+    except TritonUnavailable as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+    return [
+        ModelInfo(name=m.name, version=m.version, state=m.state, ready=m.ready, reason=m.reason)
+        for m in models
+    ]
+
+
+@router.post(
+    "/send/{model_name}/{context_id}",
+    status_code=202,
+    response_model=SendAccepted,
+    responses={
+        404: {"model": ErrorBody, "description": "Unknown context or model"},
+        409: {"model": ErrorBody, "description": "Model not ready"},
+        422: {"model": ErrorBody},
+        503: {"model": ErrorBody, "description": "Triton unreachable"},
+    },
+)
+def send(
+    response: Response,
+    context_id: uuid.UUID,
+    params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
+    model_name: str = Depends(ready_model),
+    session: Session = Depends(get_session, scope="function"),
+    settings: Settings = Depends(settings_dep),
+    enqueue: Enqueue = Depends(get_enqueue),
+) -> SendAccepted:
+    """Send a stored context to a model. Answers at once with the result id; poll
+    `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
+    result = service.submit_job(
+        session,
+        model=model_name,
+        context_id=context_id,
+        params=params or SamplingParams(),
+        max_tokens_limit=settings.MAX_TOKENS_LIMIT,
+        enqueue=enqueue,
+    )
+    url = f"/results/{result.id}"
+    response.headers["Location"] = url
+    return SendAccepted(
+        result_id=result.id,
+        status=ResultStatus(result.status),
+        model=result.model,
+        context_id=result.context_id,
+        created_at=result.created_at,
+        url=url,
+    )

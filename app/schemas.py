@@ -1,0 +1,114 @@
+"""Pydantic schemas of the HTTP API."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Any, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from app.models import ResultStatus
+
+T = TypeVar("T")
+
+
+class ContextCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    content: str = Field(min_length=1, description="The prompt text, sent to the model as is.")
+
+    @field_validator("content")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("content must not be blank")
+        if "\x00" in value:
+            raise ValueError("content must not contain NUL characters")
+        return value
+
+
+class ContextOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    content: str
+    created_at: datetime
+
+
+class SamplingParams(BaseModel):
+    """Sampling parameters passed to vLLM (a subset of SamplingParams, validated here)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens.")
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=16)] = Field(
+        default_factory=list, description="Strings that end generation (not included in the output)."
+    )
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
+class SendAccepted(BaseModel):
+    result_id: uuid.UUID
+    status: ResultStatus
+    model: str
+    context_id: uuid.UUID
+    created_at: datetime
+    url: str = Field(description="Where to poll the result.")
+
+
+class ResultOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+    id: uuid.UUID
+    context_id: uuid.UUID
+    model: str
+    params: dict[str, Any]
+    status: ResultStatus
+    output: str | None
+    error: str | None
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    attempts: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+
+
+class Page(BaseModel, Generic[T]):
+    items: list[T]
+    next_cursor: str | None = Field(
+        description="Pass as `cursor` to get the next page; null on the last page."
+    )
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: str | None
+    state: str | None
+    ready: bool
+    reason: str | None = None
+
+
+class ComponentHealth(BaseModel):
+    ok: bool
+    detail: str | None = None
+
+
+class Readiness(BaseModel):
+    status: str
+    components: dict[str, ComponentHealth]
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: Any = None

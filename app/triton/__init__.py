@@ -1,0 +1,1 @@
+"""Talking to Triton: admin over HTTP (httpx), inference over gRPC streaming (tritonclient)."""

@@ -1,0 +1,83 @@
+"""Triton's HTTP admin endpoints: readiness and the model repository index."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import httpx
+
+
+class TritonUnavailable(Exception):
+    """Triton could not be reached or answered with an error."""
+
+
+@dataclass(frozen=True)
+class ModelState:
+    name: str
+    version: str | None
+    state: str | None
+    reason: str | None
+
+    @property
+    def ready(self) -> bool:
+        return self.state == "READY"
+
+
+class TritonAdmin:
+    def __init__(self, base_url: str, timeout_s: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._timeout = httpx.Timeout(timeout_s)
+
+    async def _request(self, method: str, path: str, json: object | None = None) -> httpx.Response:
+        try:
+            async with httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout) as client:
+                return await client.request(method, path, json=json)
+        except httpx.HTTPError as exc:
+            raise TritonUnavailable(
+                f"Triton at {self.base_url} is unreachable: {exc or type(exc).__name__}"
+            ) from exc
+
+    async def server_ready(self) -> bool:
+        response = await self._request("GET", "/v2/health/ready")
+        return response.status_code == 200
+
+    async def list_models(self) -> list[ModelState]:
+        """Every model in the repository with its state (READY, UNAVAILABLE, LOADING, or none if never loaded)."""
+        response = await self._request("POST", "/v2/repository/index", json={})
+        if response.status_code != 200:
+            raise TritonUnavailable(
+                f"Triton at {self.base_url} answered {response.status_code} to the repository index: "
+                f"{response.text[:200]}"
+            )
+        models: dict[str, ModelState] = {}
+        for entry in response.json():
+            state = ModelState(
+                name=str(entry["name"]),
+                version=str(entry["version"]) if entry.get("version") else None,
+                state=entry.get("state"),
+                reason=entry.get("reason") or None,
+            )
+            # Several versions of one model: report the ready one if any.
+            if state.name not in models or state.ready:
+                models[state.name] = state
+        return sorted(models.values(), key=lambda m: m.name)
+
+
+class ModelCatalog:
+    """Triton's model list, cached briefly so that validating every submit costs no round trip."""
+
+    def __init__(self, admin: TritonAdmin, ttl_s: float) -> None:
+        self.admin = admin
+        self.ttl_s = ttl_s
+        self._models: dict[str, ModelState] = {}
+        self._fetched_at = float("-inf")
+        self._lock = asyncio.Lock()
+
+    async def get(self, *, refresh: bool = False) -> dict[str, ModelState]:
+        async with self._lock:
+            if refresh or time.monotonic() - self._fetched_at > self.ttl_s:
+                self._models = {m.name: m for m in await self.admin.list_models()}
+                self._fetched_at = time.monotonic()
+            return self._models

@@ -1,0 +1,77 @@
+"""Model listing and health, against the real local Triton and a Triton that is not there."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from sqlalchemy import Connection
+
+from app.stack import free_port
+from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, make_api_app
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_models_are_read_live_from_triton(client: httpx.AsyncClient) -> None:
+    response = await client.get("/models/")
+    assert response.status_code == 200
+    models = {m["name"]: m for m in response.json()}
+    assert set(models) == {FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL}
+    assert models[FAST_MODEL]["ready"] is True
+    assert models[FAST_MODEL]["state"] == "READY"
+    assert models[FAST_MODEL]["version"] == "1"
+    assert models[UNLOADED_MODEL]["ready"] is False
+
+
+async def test_health_and_readiness_with_everything_up(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/health")).json() == {"status": "ok"}
+    ready = await client.get("/health/ready")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready"
+    assert {name: c["ok"] for name, c in ready.json()["components"].items()} == {
+        "postgres": True,
+        "redis": True,
+        "triton": True,
+    }
+
+
+@pytest.fixture
+async def client_without_triton(db_connection: Connection) -> httpx.AsyncClient:
+    app = make_api_app(db_connection, f"http://127.0.0.1:{free_port()}", None)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test")  # type: ignore[arg-type]
+
+
+async def test_readiness_reports_triton_down(client_without_triton: httpx.AsyncClient) -> None:
+    async with client_without_triton as client:
+        ready = await client.get("/health/ready")
+    assert ready.status_code == 503
+    body = ready.json()
+    assert body["status"] == "unavailable"
+    assert body["components"]["postgres"]["ok"] is True
+    assert body["components"]["redis"]["ok"] is True
+    assert body["components"]["triton"]["ok"] is False
+    assert "unreachable" in body["components"]["triton"]["detail"]
+
+
+async def test_listing_models_with_triton_down_is_503(client_without_triton: httpx.AsyncClient) -> None:
+    async with client_without_triton as client:
+        response = await client.get("/models/")
+    assert response.status_code == 503
+    assert "is unreachable" in response.json()["error"]
+
+
+async def test_send_with_triton_down_is_503_and_stores_nothing(client_without_triton: httpx.AsyncClient) -> None:
+    async with client_without_triton as client:
+        context_id = (await client.post("/contexts/", json={"content": "hi"})).json()["id"]
+        response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}")
+        assert response.status_code == 503
+        assert f"cannot check model '{FAST_MODEL}'" in response.json()["error"]
+        assert (await client.get("/results/")).json()["items"] == []
+
+
+async def test_openapi_describes_the_endpoints(client: httpx.AsyncClient) -> None:
+    spec = (await client.get("/openapi.json")).json()
+    send = spec["paths"]["/models/send/{model_name}/{context_id}"]["post"]
+    assert "poll" in send["description"]
+    assert "202" in send["responses"]
+    assert spec["paths"]["/results/{result_id}"]["get"]["description"]

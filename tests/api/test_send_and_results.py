@@ -1,0 +1,162 @@
+"""Submitting jobs and listing results, against the real database and the real local Triton
+(for model validation); the enqueue is recorded here, the worker is exercised in tests/e2e."""
+
+from __future__ import annotations
+
+import uuid
+
+import httpx
+import pytest
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, EnqueueRecorder
+
+pytestmark = pytest.mark.anyio
+
+
+async def _context(client: httpx.AsyncClient, content: str = "Hello there") -> str:
+    response = await client.post("/contexts/", json={"content": content})
+    assert response.status_code == 201
+    return str(response.json()["id"])
+
+
+async def test_send_creates_pending_result_and_enqueues_its_id(
+    client: httpx.AsyncClient, enqueued: EnqueueRecorder
+) -> None:
+    context_id = await _context(client)
+    response = await client.post(
+        f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 12, "temperature": 0, "seed": 3}
+    )
+    assert response.status_code == 202, response.text
+    body = response.json()
+    assert body["status"] == "pending"
+    assert body["model"] == FAST_MODEL
+    assert response.headers["location"] == f"/results/{body['result_id']}"
+    assert enqueued.calls == [uuid.UUID(body["result_id"])]
+
+    result = (await client.get(response.headers["location"])).json()
+    assert result["status"] == "pending"
+    assert result["started_at"] is None
+    assert result["attempts"] == 0
+    assert result["params"] == {"max_tokens": 12, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 3}
+
+
+async def test_send_without_body_uses_defaults(client: httpx.AsyncClient) -> None:
+    context_id = await _context(client)
+    response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}")
+    assert response.status_code == 202, response.text
+    result = (await client.get(f"/results/{response.json()['result_id']}")).json()
+    assert result["params"]["max_tokens"] == 256
+    assert "seed" not in result["params"]
+
+
+async def test_send_to_unknown_context_is_404(client: httpx.AsyncClient, enqueued: EnqueueRecorder) -> None:
+    missing = uuid.uuid4()
+    response = await client.post(f"/models/send/{FAST_MODEL}/{missing}")
+    assert response.status_code == 404
+    assert response.json()["error"] == f"context {missing} not found"
+    assert enqueued.calls == []
+
+
+async def test_send_to_unknown_model_is_404_naming_models(client: httpx.AsyncClient, enqueued: EnqueueRecorder) -> None:
+    context_id = await _context(client)
+    response = await client.post(f"/models/send/no-such-model/{context_id}")
+    assert response.status_code == 404
+    body = response.json()
+    assert "model 'no-such-model' is not served by Triton" in body["error"]
+    assert FAST_MODEL in body["error"] and SLOW_MODEL in body["error"]
+    assert enqueued.calls == []
+    assert (await client.get("/results/")).json()["items"] == []
+
+
+async def test_send_to_unloaded_model_is_409(client: httpx.AsyncClient, enqueued: EnqueueRecorder) -> None:
+    context_id = await _context(client)
+    response = await client.post(f"/models/send/{UNLOADED_MODEL}/{context_id}")
+    assert response.status_code == 409
+    body = response.json()
+    assert f"model '{UNLOADED_MODEL}' is not ready" in body["error"]
+    assert f"ready models: {FAST_MODEL}, {SLOW_MODEL}" in body["error"]
+    assert enqueued.calls == []
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({"max_tokens": 0}, "body.max_tokens"),
+        ({"max_tokens": "many"}, "body.max_tokens"),
+        ({"temperature": -1}, "body.temperature"),
+        ({"temperature": 5}, "body.temperature"),
+        ({"top_p": 0}, "body.top_p"),
+        ({"stop": [""]}, "body.stop.0"),
+        ({"seed": -4}, "body.seed"),
+        ({"best_of": 3}, "body.best_of"),
+    ],
+)
+async def test_send_with_invalid_params_is_422(
+    client: httpx.AsyncClient, enqueued: EnqueueRecorder, params: dict[str, object], field: str
+) -> None:
+    context_id = await _context(client)
+    response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json=params)
+    assert response.status_code == 422
+    assert field in [p["field"] for p in response.json()["detail"]]
+    assert enqueued.calls == []
+
+
+async def test_max_tokens_above_configured_limit_is_422(client: httpx.AsyncClient) -> None:
+    context_id = await _context(client)
+    response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 100_000})
+    assert response.status_code == 422
+    assert response.json()["error"] == "max_tokens must be at most 8192, got 100000"
+
+
+async def test_stop_accepts_a_single_string(client: httpx.AsyncClient) -> None:
+    context_id = await _context(client)
+    response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"stop": "\n"})
+    assert response.status_code == 202
+    result = (await client.get(f"/results/{response.json()['result_id']}")).json()
+    assert result["params"]["stop"] == ["\n"]
+
+
+async def test_unknown_result_is_404(client: httpx.AsyncClient) -> None:
+    missing = uuid.uuid4()
+    response = await client.get(f"/results/{missing}")
+    assert response.status_code == 404
+    assert response.json() == {"error": f"result {missing} not found", "detail": None}
+
+
+async def test_results_filters_and_pagination(client: httpx.AsyncClient, db_session: Session) -> None:
+    ctx_a = await _context(client, "first")
+    ctx_b = await _context(client, "second")
+    ids = []
+    for ctx, model in [(ctx_a, FAST_MODEL), (ctx_a, SLOW_MODEL), (ctx_b, FAST_MODEL), (ctx_b, FAST_MODEL)]:
+        response = await client.post(f"/models/send/{model}/{ctx}", json={"max_tokens": 4})
+        ids.append(response.json()["result_id"])
+    db_session.execute(text("UPDATE result SET status = 'completed' WHERE id = :id"), {"id": ids[0]})
+    db_session.execute(text("UPDATE result SET status = 'failed', error = 'x' WHERE id = :id"), {"id": ids[3]})
+    db_session.flush()
+
+    async def listing(**params: object) -> list[str]:
+        collected: list[str] = []
+        cursor = None
+        while True:
+            query = {**params, "limit": 1, **({"cursor": cursor} if cursor else {})}
+            response = await client.get("/results/", params=query)
+            assert response.status_code == 200, response.text
+            page = response.json()
+            collected += [item["id"] for item in page["items"]]
+            cursor = page["next_cursor"]
+            if cursor is None:
+                return collected
+
+    assert await listing() == list(reversed(ids))
+    assert await listing(status="completed") == [ids[0]]
+    assert await listing(status="failed") == [ids[3]]
+    assert await listing(status="pending") == [ids[2], ids[1]]
+    assert await listing(model=SLOW_MODEL) == [ids[1]]
+    assert await listing(context_id=ctx_b) == [ids[3], ids[2]]
+    assert await listing(context_id=ctx_b, model=FAST_MODEL, status="pending") == [ids[2]]
+
+    bad_status = await client.get("/results/", params={"status": "done"})
+    assert bad_status.status_code == 422
+    assert "query.status" in bad_status.json()["error"]

@@ -1,0 +1,213 @@
+"""Shared fixtures: a test database built by `alembic upgrade head`, a real Triton, a real worker.
+
+Environment is set before any `app` module reads its settings, so every test (and every
+subprocess they start) talks to the test databases and a test-only Celery queue.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+_RUN = uuid.uuid4().hex[:8]
+PG_BASE = os.environ.get("TEST_PG_BASE", "postgresql+psycopg://postgres:postgres@127.0.0.1:5432")
+API_DB = os.environ.get("TEST_API_DB", "llmq_test")
+E2E_DB = os.environ.get("TEST_E2E_DB", "llmq_e2e")
+
+os.environ.update(
+    {
+        "APP_ENV": "test",
+        "APP_ENV_FILE": "/dev/null",  # tests never read a developer's .env.api.dev
+        "DATABASE_URL": f"{PG_BASE}/{API_DB}",
+        "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
+        "CELERY_QUEUE": f"llmq-test-{_RUN}",
+        "MODEL_CACHE_TTL_S": "0",
+    }
+)
+
+import shutil  # noqa: E402
+from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import httpx  # noqa: E402
+import pytest  # noqa: E402
+from sqlalchemy import Connection, create_engine  # noqa: E402
+from sqlalchemy.orm import Session  # noqa: E402
+
+from tests.db_utils import recreate_database  # noqa: E402
+
+SIM_MODELS = Path(__file__).resolve().parent.parent / "app" / "localtriton" / "models"
+FAST_MODEL = "sim-llm"
+SLOW_MODEL = "sim-llm-slow"
+UNLOADED_MODEL = "sim-llm-unloaded"
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def logs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("logs")
+
+
+# ---------------------------------------------------------------- Triton (real tritonserver)
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The built-in simulated models, plus one left unloaded (for the 'not ready' case)."""
+    repo = tmp_path_factory.mktemp("model_repository")
+    for name in (FAST_MODEL, SLOW_MODEL):
+        shutil.copytree(SIM_MODELS / name, repo / name)
+    shutil.copytree(SIM_MODELS / FAST_MODEL, repo / UNLOADED_MODEL)
+    return repo
+
+
+@pytest.fixture(scope="session")
+def triton(model_repository: Path, logs_dir: Path) -> Iterator[object]:
+    from app.localtriton.launcher import LocalTriton
+
+    server = LocalTriton(
+        model_repository=model_repository,
+        models=[FAST_MODEL, SLOW_MODEL],
+        log_file=logs_dir / "tritonserver.log",
+    )
+    with server:
+        yield server
+
+
+# ---------------------------------------------------------------- API tests: rollback per test
+
+
+@pytest.fixture(scope="session")
+def api_db_url() -> str:
+    return recreate_database(PG_BASE, API_DB)
+
+
+@pytest.fixture
+def db_connection(api_db_url: str) -> Iterator[Connection]:
+    engine = create_engine(api_db_url)
+    connection = engine.connect()
+    transaction = connection.begin()
+    try:
+        yield connection
+    finally:
+        transaction.rollback()
+        connection.close()
+        engine.dispose()
+
+
+@pytest.fixture
+def db_session(db_connection: Connection) -> Iterator[Session]:
+    # Commits inside the code under test become savepoints; the outer transaction is rolled back.
+    session = Session(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+class EnqueueRecorder:
+    def __init__(self) -> None:
+        self.calls: list[uuid.UUID] = []
+
+    def __call__(self, result_id: uuid.UUID) -> None:
+        self.calls.append(result_id)
+
+
+@pytest.fixture
+def enqueued() -> EnqueueRecorder:
+    return EnqueueRecorder()
+
+
+def make_api_app(db_connection: Connection, triton_url: str, enqueue: EnqueueRecorder | None) -> object:
+    from app.config import get_settings
+    from app.deps import get_session
+    from app.main import create_app
+
+    settings = get_settings().model_copy(update={"TRITON_URL": triton_url, "MAX_CONTENT_BYTES": 4096})
+    app = create_app(settings, enqueue=enqueue)
+
+    def session_override() -> Iterator[Session]:
+        session = Session(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+        try:
+            yield session
+            session.commit()
+        except BaseException:
+            session.rollback()
+            raise
+        finally:
+            session.close()
+
+    app.dependency_overrides[get_session] = session_override  # type: ignore[attr-defined]
+    return app
+
+
+@pytest.fixture
+async def client(db_connection: Connection, triton: object, enqueued: EnqueueRecorder) -> AsyncIterator[httpx.AsyncClient]:
+    app = make_api_app(db_connection, triton.http_url, enqueued)  # type: ignore[attr-defined]
+    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
+    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as http:
+        yield http
+
+
+# ---------------------------------------------------------------- end to end: real processes
+
+
+@pytest.fixture(scope="session")
+def e2e_db_url() -> str:
+    return recreate_database(PG_BASE, E2E_DB)
+
+
+@pytest.fixture(scope="session")
+def e2e_env(e2e_db_url: str, triton: object) -> dict[str, str]:
+    return {
+        "APP_ENV": "test",
+        "APP_ENV_FILE": "/dev/null",
+        "DATABASE_URL": e2e_db_url,
+        "REDIS_URL": os.environ["REDIS_URL"],
+        "CELERY_QUEUE": os.environ["CELERY_QUEUE"],
+        "TRITON_URL": triton.http_url,  # type: ignore[attr-defined]
+        "TRITON_GRPC_URL": triton.grpc_url,  # type: ignore[attr-defined]
+        "MODEL_CACHE_TTL_S": "1",
+        "MAX_CONTENT_BYTES": "4096",
+        "WORKER_IN_FLIGHT": "64",
+        "SWEEP_INTERVAL_S": "1",
+        "SWEEP_REQUEUE_AFTER_S": "3",
+        "RETRY_BACKOFF_BASE_S": "0.2",
+        "RETRY_BACKOFF_MAX_S": "1",
+    }
+
+
+@pytest.fixture(scope="session")
+def worker(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[object]:
+    from app.stack import worker_process
+
+    proc = worker_process(e2e_env, logs_dir / "worker.log").start()
+    try:
+        proc.wait_for_log("ready.", timeout_s=60)
+        yield proc
+    finally:
+        proc.stop()
+
+
+@pytest.fixture(scope="session")
+def api_server(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
+    from app.stack import api_process, free_port
+
+    port = free_port()
+    proc = api_process(e2e_env, logs_dir / "api.log", port=port).start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        proc.wait_for_http(f"{url}/health", timeout_s=30)
+        yield url
+    finally:
+        proc.stop()
+
+
+@pytest.fixture
+def api(api_server: str, worker: object) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=api_server, timeout=30) as http:
+        yield http

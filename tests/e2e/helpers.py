@@ -1,0 +1,31 @@
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+
+def wait_for_result(api: httpx.Client, result_id: str, timeout_s: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = api.get(f"/results/{result_id}")
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        if body["status"] != "pending":
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"result {result_id} still pending after {timeout_s}s: {body}")
+        time.sleep(0.05)
+
+
+def create_context(api: httpx.Client, content: str) -> str:
+    response = api.post("/contexts/", json={"content": content})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+def send(api: httpx.Client, model: str, context_id: str, params: dict[str, Any] | None = None) -> str:
+    response = api.post(f"/models/send/{model}/{context_id}", json=params)
+    assert response.status_code == 202, response.text
+    return str(response.json()["result_id"])

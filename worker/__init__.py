@@ -1,0 +1,1 @@
+"""The Celery worker: runs jobs against Triton and writes results to Postgres."""

@@ -1,0 +1,36 @@
+"""The Celery application of the worker: `celery -A worker.celery_app worker`."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any
+
+from celery import Celery
+from celery.signals import worker_process_init
+
+from app.config import get_settings
+from app.db import reset_engine
+from app.logging_setup import configure_logging
+from app.queue import SWEEP_TASK, celery_config
+from worker.runtime import reset_runtime
+
+settings = get_settings()
+configure_logging()
+
+celery_app = Celery("llmq", include=["worker.tasks"])
+celery_app.conf.update(celery_config(settings))
+celery_app.conf.update(
+    # Jobs spend their time waiting on Triton, so threads (not processes) give many in flight cheaply.
+    worker_pool="threads",
+    worker_concurrency=settings.WORKER_IN_FLIGHT,
+    beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.SWEEP_INTERVAL_S}},
+    beat_schedule_filename=os.path.join(tempfile.gettempdir(), f"llmq-beat-{settings.CELERY_QUEUE}"),
+)
+
+
+@worker_process_init.connect
+def _after_fork(**_: Any) -> None:
+    # Only with a forking pool: never share DB connections or the gRPC loop across a fork.
+    reset_engine()
+    reset_runtime()

@@ -9,7 +9,7 @@ from functools import lru_cache
 from sqlalchemy import Engine, MetaData, create_engine, event
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
-from app.config import get_settings
+from app.config import Settings, get_settings
 
 # A fixed naming convention makes Alembic autogenerate stable, predictable constraint names.
 NAMING_CONVENTION = {
@@ -25,11 +25,10 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(url: str | None = None, pool_size: int | None = None) -> Engine:
-    settings = get_settings()
+def make_engine(settings: Settings) -> Engine:
     return create_engine(
-        url or settings.DATABASE_URL,
-        pool_size=pool_size or settings.DB_POOL_SIZE,
+        settings.DATABASE_URL,
+        pool_size=settings.DB_POOL_SIZE,
         max_overflow=settings.DB_MAX_OVERFLOW,
         pool_pre_ping=True,
         # Timestamps are written by Postgres; keep the session in UTC.
@@ -40,7 +39,7 @@ def make_engine(url: str | None = None, pool_size: int | None = None) -> Engine:
 @lru_cache
 def get_engine() -> Engine:
     """The process's engine. Worker processes call `reset_engine()` after fork."""
-    return make_engine()
+    return make_engine(get_settings())
 
 
 @lru_cache

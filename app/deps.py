@@ -5,20 +5,20 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from fastapi import Depends, Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.config import Settings, get_settings
-from app.db import get_sessionmaker
 from app.services.results import Enqueue
 from app.triton.admin import ModelCatalog, TritonAdmin
 
 
-def get_session() -> Iterator[Session]:
+def get_session(request: Request) -> Iterator[Session]:
     """One session per request: committed at the end, rolled back on error.
 
     Use with `scope="function"` so the commit (and the enqueues that wait for it) happens
     before the response is sent: a client that gets 202 can poll the row at once."""
-    session = get_sessionmaker()()
+    factory: sessionmaker[Session] = request.app.state.sessionmaker
+    session = factory()
     try:
         yield session
         session.commit()

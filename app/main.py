@@ -10,12 +10,14 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.orm import sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings, get_settings
+from app.db import make_engine
 from app.errors import AppError
-from app.queue import enqueue_job
+from app.queue import JobQueue
 from app.routes import contexts, health, models, results
 from app.services.results import Enqueue
 from app.triton.admin import ModelCatalog, TritonAdmin
@@ -58,9 +60,12 @@ class BodySizeLimit:
 def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None) -> FastAPI:
     settings = settings or get_settings()
 
+    engine = make_engine(settings)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        engine.dispose()
 
     app = FastAPI(
         title="LLM job queue",
@@ -70,10 +75,12 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
     admin = TritonAdmin(settings.TRITON_URL, settings.TRITON_CONNECT_TIMEOUT_S)
     app.state.triton_admin = admin
     app.state.model_catalog = ModelCatalog(admin, settings.MODEL_CACHE_TTL_S)
-    app.state.enqueue = enqueue or enqueue_job
+    app.state.enqueue = enqueue or JobQueue(settings).enqueue
 
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)

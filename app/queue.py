@@ -40,20 +40,39 @@ def celery_config(settings: Settings) -> dict[str, object]:
     }
 
 
-@lru_cache
-def get_celery() -> Celery:
-    settings = get_settings()
+def make_celery(settings: Settings) -> Celery:
     celery = Celery("llmq")
     celery.conf.update(celery_config(settings))
     return celery
 
 
+class JobQueue:
+    """Rings the doorbell for committed results."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.celery = make_celery(settings)
+        self.queue = settings.CELERY_QUEUE
+
+    def enqueue(self, result_id: uuid.UUID) -> bool:
+        """A failure is logged, not raised: the row is committed and the sweeper re-sends it."""
+        try:
+            self.celery.send_task(RUN_JOB_TASK, args=[str(result_id)], queue=self.queue)
+            return True
+        except Exception:
+            log.warning(
+                "could not enqueue result %s; the sweeper will re-enqueue it", result_id, exc_info=True
+            )
+            return False
+
+
+@lru_cache
+def default_queue() -> JobQueue:
+    return JobQueue(get_settings())
+
+
+def get_celery() -> Celery:
+    return default_queue().celery
+
+
 def enqueue_job(result_id: uuid.UUID) -> bool:
-    """Ring the doorbell for a committed result. A failure is logged, not raised: the sweeper recovers it."""
-    settings = get_settings()
-    try:
-        get_celery().send_task(RUN_JOB_TASK, args=[str(result_id)], queue=settings.CELERY_QUEUE)
-        return True
-    except Exception:
-        log.warning("could not enqueue result %s; the sweeper will re-enqueue it", result_id, exc_info=True)
-        return False
+    return default_queue().enqueue(result_id)

@@ -122,7 +122,9 @@ def worker_process(
     return ManagedProcess("worker", argv, child_env(env), log_path)
 
 
-def api_process(env: Mapping[str, str], log_path: Path, *, port: int, host: str = "127.0.0.1") -> ManagedProcess:
+def api_process(
+    env: Mapping[str, str], log_path: Path, *, port: int, host: str = "127.0.0.1"
+) -> ManagedProcess:
     argv = [
         str(BIN / "uvicorn"),
         "app.asgi:app",

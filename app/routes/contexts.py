@@ -41,6 +41,8 @@ def list_contexts(
 
 
 @router.get("/{context_id}", response_model=ContextOut, responses={404: {"model": ErrorBody}})
-def get_context(context_id: uuid.UUID, session: Session = Depends(get_session, scope="function")) -> ContextOut:
+def get_context(
+    context_id: uuid.UUID, session: Session = Depends(get_session, scope="function")
+) -> ContextOut:
     """One stored context."""
     return ContextOut.model_validate(service.get_context(session, context_id))

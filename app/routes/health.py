@@ -3,13 +3,12 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter, Depends, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
+from sqlalchemy import Engine, text
 
 from app.config import Settings
-from app.db import get_engine
 from app.deps import get_admin, settings_dep
 from app.schemas import ComponentHealth, Readiness
 from app.triton.admin import TritonAdmin, TritonUnavailable
@@ -19,14 +18,14 @@ router = APIRouter(prefix="/health", tags=["health"])
 CHECK_TIMEOUT_S = 3.0
 
 
-def _ping_postgres() -> None:
-    with get_engine().connect() as connection:
+def _ping_postgres(engine: Engine) -> None:
+    with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
 
 
-async def _check_postgres() -> ComponentHealth:
+async def _check_postgres(engine: Engine) -> ComponentHealth:
     try:
-        await asyncio.wait_for(run_in_threadpool(_ping_postgres), CHECK_TIMEOUT_S)
+        await asyncio.wait_for(run_in_threadpool(_ping_postgres, engine), CHECK_TIMEOUT_S)
         return ComponentHealth(ok=True)
     except Exception as exc:
         return ComponentHealth(ok=False, detail=f"Postgres unreachable: {type(exc).__name__}: {exc}"[:300])
@@ -60,11 +59,11 @@ async def alive() -> dict[str, str]:
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
 async def ready(
-    settings: Settings = Depends(settings_dep), admin: TritonAdmin = Depends(get_admin)
+    request: Request, settings: Settings = Depends(settings_dep), admin: TritonAdmin = Depends(get_admin)
 ) -> JSONResponse:
     """Readiness: Postgres, Redis and Triton each reported; 503 when any of them is down."""
     postgres, redis_health, triton = await asyncio.gather(
-        _check_postgres(), _check_redis(settings.REDIS_URL), _check_triton(admin)
+        _check_postgres(request.app.state.engine), _check_redis(settings.REDIS_URL), _check_triton(admin)
     )
     components = {"postgres": postgres, "redis": redis_health, "triton": triton}
     ok = all(c.ok for c in components.values())

@@ -111,6 +111,23 @@ def classify_server_message(message: str) -> GenerationError:
     return GenerationError(message, transient=any(marker in lowered for marker in _TRANSIENT_MARKERS))
 
 
+def _channel_args() -> list[tuple[str, int]]:
+    keepalive = grpcclient.KeepAliveOptions()
+    return [
+        ("grpc.max_send_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.max_receive_message_length", grpcclient.MAX_GRPC_MESSAGE_SIZE),
+        ("grpc.keepalive_time_ms", keepalive.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", keepalive.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", int(keepalive.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", keepalive.http2_max_pings_without_data),
+        # gRPC's reconnect backoff grows to 2 minutes by default: a Triton that comes back
+        # (restart, tunnel re-opened) would sit unused long after it is up again.
+        ("grpc.initial_reconnect_backoff_ms", 500),
+        ("grpc.min_reconnect_backoff_ms", 500),
+        ("grpc.max_reconnect_backoff_ms", 5000),
+    ]
+
+
 class TritonInference:
     """One per event loop: owns the gRPC channel."""
 
@@ -118,7 +135,7 @@ class TritonInference:
         self.grpc_url = grpc_url
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
-        self._client = grpcclient.InferenceServerClient(url=grpc_url)
+        self._client = grpcclient.InferenceServerClient(url=grpc_url, channel_args=_channel_args())
 
     async def close(self) -> None:
         await self._client.close()

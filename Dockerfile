@@ -1,0 +1,15 @@
+# One image for the API, the worker and the migrations (docker-compose.yml picks the command).
+FROM python:3.11-slim
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
+WORKDIR /srv
+RUN apt-get update && apt-get install -y --no-install-recommends curl && rm -rf /var/lib/apt/lists/*
+COPY pyproject.toml README.md ./
+COPY app ./app
+COPY worker ./worker
+COPY migrations ./migrations
+COPY alembic.ini ./
+RUN pip install --no-cache-dir .
+RUN useradd --system --uid 10001 llmq
+USER llmq
+EXPOSE 8887
+CMD ["uvicorn", "app.asgi:app", "--host", "0.0.0.0", "--port", "8887"]

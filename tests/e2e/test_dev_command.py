@@ -1,0 +1,98 @@
+"""`make dev`, the README's first command, then the README's example, as a new user would run them."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from sqlalchemy import create_engine, text
+
+from app.stack import free_port
+from tests.conftest import PG_BASE
+
+ROOT = Path(__file__).resolve().parents[2]
+DEV_DB = "llmq_devcmd"
+
+
+def _descendants(pid: int) -> set[int]:
+    found: set[int] = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            child = int(stat.parent.name)
+            found |= {child} | _descendants(child)
+    return found
+
+
+def _readme_example() -> str:
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"<!-- example:start -->\s*```bash\n(.*?)```\s*<!-- example:end -->", readme, re.S)
+    assert block, "the README's example block is missing"
+    return block.group(1)
+
+
+def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
+    admin = create_engine(f"{PG_BASE}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:  # make dev must create the database itself
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{DEV_DB}" WITH (FORCE)'))
+    admin.dispose()
+
+    api_port, http_port, grpc_port, metrics_port = (free_port() for _ in range(4))
+    env = {
+        **os.environ,
+        "APP_ENV_FILE": "/dev/null",
+        "DATABASE_URL": f"{PG_BASE}/{DEV_DB}",
+        "API_PORT": str(api_port),
+        "TRITON_URL": f"http://127.0.0.1:{http_port}",
+        "TRITON_GRPC_URL": f"127.0.0.1:{grpc_port}",
+        "TRITON_METRICS_URL": f"http://127.0.0.1:{metrics_port}/metrics",
+        "CELERY_QUEUE": f"llmq-devcmd-{api_port}",
+    }
+    out = (tmp_path / "make-dev.out").open("w+b")
+    # Its own session, like a terminal's foreground job: Ctrl-C reaches the whole group.
+    make = subprocess.Popen(["make", "dev"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while b"Ready." not in (tmp_path / "make-dev.out").read_bytes():
+            assert make.poll() is None, (tmp_path / "make-dev.out").read_text()
+            assert time.monotonic() < deadline, (tmp_path / "make-dev.out").read_text()
+            time.sleep(0.2)
+        printed = (tmp_path / "make-dev.out").read_text()
+        assert f"API on http://127.0.0.1:{api_port}" in printed
+        assert "curl" in printed  # a copy-paste example
+
+        example = subprocess.run(
+            ["bash", "-c", _readme_example()],
+            env={**os.environ, "API": f"http://127.0.0.1:{api_port}"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert example.returncode == 0, example.stderr
+        result = json.loads(example.stdout.strip().splitlines()[-1])
+        assert result["status"] == "completed", result
+        assert result["model"] == "sim-llm"
+        assert result["completion_tokens"] and result["output"]
+
+        children = _descendants(make.pid)
+        assert len(children) >= 4  # python -m app.dev, tritonserver, celery, uvicorn (and more)
+    finally:
+        os.killpg(make.pid, signal.SIGINT)
+        try:
+            make.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(make.pid, signal.SIGKILL)
+            raise
+    printed = (tmp_path / "make-dev.out").read_text()
+    assert "stopped." in printed
+    time.sleep(0.5)
+    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    assert alive == [], f"stray processes after Ctrl-C: {alive}"

@@ -1,0 +1,73 @@
+"""The doorbell rings only after the commit, and a lost doorbell does not lose the job."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from sqlalchemy import create_engine, text
+
+from app.config import Settings
+from app.main import create_app
+from app.queue import JobQueue
+from app.stack import free_port
+from tests.conftest import FAST_MODEL
+from tests.e2e.helpers import wait_for_result
+
+pytestmark = pytest.mark.anyio
+
+
+def _settings(e2e_env: dict[str, str], **overrides: str) -> Settings:
+    return Settings(**{**e2e_env, **overrides})  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def visibility_log(e2e_env: dict[str, str]) -> AsyncIterator[list[tuple[uuid.UUID, bool]]]:
+    yield []
+
+
+async def test_job_is_enqueued_only_after_its_row_is_committed(
+    e2e_env: dict[str, str], api: httpx.Client, visibility_log: list[tuple[uuid.UUID, bool]]
+) -> None:
+    settings = _settings(e2e_env)
+    engine = create_engine(settings.DATABASE_URL)
+    queue = JobQueue(settings)
+
+    def checking_enqueue(result_id: uuid.UUID) -> None:
+        # Another connection, as the worker would see it at the moment the doorbell rings.
+        with engine.connect() as conn:
+            visible = conn.execute(text("SELECT 1 FROM result WHERE id = :id"), {"id": result_id}).first()
+        visibility_log.append((result_id, visible is not None))
+        queue.enqueue(result_id)
+
+    app = create_app(settings, enqueue=checking_enqueue)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+        context_id = (await client.post("/contexts/", json={"content": "after commit"})).json()["id"]
+        sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4})
+    engine.dispose()
+    assert sent.status_code == 202
+    result_id = sent.json()["result_id"]
+    assert visibility_log == [(uuid.UUID(result_id), True)]
+    # The real worker picked up that doorbell.
+    assert wait_for_result(api, result_id)["status"] == "completed"
+
+
+async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
+    e2e_env: dict[str, str], api: httpx.Client
+) -> None:
+    # This API's broker is a port nobody listens on; the worker (and its sweeper) use the real Redis.
+    settings = _settings(e2e_env, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
+    app = create_app(settings)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+        context_id = (await client.post("/contexts/", json={"content": "no doorbell"})).json()["id"]
+        sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4, "seed": 1})
+        assert sent.status_code == 202, sent.text
+        result_id = sent.json()["result_id"]
+        assert (await client.get(f"/results/{result_id}")).json()["status"] == "pending"
+        ready = await client.get("/health/ready")
+        assert ready.status_code == 503
+        assert ready.json()["components"]["redis"]["ok"] is False
+    # SWEEP_REQUEUE_AFTER_S=3 in the test worker.
+    assert wait_for_result(api, result_id, timeout_s=30)["status"] == "completed"

@@ -124,7 +124,8 @@ def example(api_url: str) -> str:
         -d '{{"content": "Write a haiku about GPUs."}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
   RID=$(curl -s -X POST $API/models/send/sim-llm/$CTX -H 'content-type: application/json' \\
         -d '{{"max_tokens": 32, "seed": 1}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["result_id"])')
-  curl -s $API/results/$RID"""
+  curl -s "$API/results/$RID?wait=30"
+"""
 
 
 class Stack:
@@ -194,7 +195,7 @@ def up(
 
         console.print(f"\n[bold green]Ready.[/] API on [bold]{api_url}[/]  (docs: {api_url}/docs)")
         console.print(f"logs: {logs}/{{api,worker,triton}}.log   Ctrl-C stops everything.\n")
-        console.print("Try it:\n" + example(api_url) + "\n", soft_wrap=True)
+        console.print("Try it:\n" + example(api_url), soft_wrap=True, markup=False)
         while True:
             for proc in stack.processes:
                 if not proc.running:

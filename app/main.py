@@ -17,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from app.config import Settings, get_settings
 from app.db import make_engine
 from app.errors import AppError
+from app.notify import ResultWaiter, done_channel
 from app.queue import JobQueue
 from app.routes import contexts, health, models, results
 from app.services.results import Enqueue
@@ -65,6 +66,7 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
+        await app.state.result_waiter.close()
         engine.dispose()
 
     app = FastAPI(
@@ -81,6 +83,7 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     app.state.triton_admin = admin
     app.state.model_catalog = ModelCatalog(admin, settings.MODEL_CACHE_TTL_S)
     app.state.enqueue = enqueue or JobQueue(settings).enqueue
+    app.state.result_waiter = ResultWaiter(settings.REDIS_URL, done_channel(settings))
 
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)

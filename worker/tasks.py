@@ -10,6 +10,7 @@ from celery import Task
 
 from app.config import get_settings
 from app.db import session_scope
+from app.notify import publish_done
 from app.queue import RUN_JOB_TASK, SWEEP_TASK
 from app.services import jobs
 from app.triton.inference import GenerationError
@@ -59,14 +60,18 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
             raise self.retry(countdown=delay) from exc
         reason = exc.message if not exc.transient else f"gave up after {job.attempts} attempts: {exc.message}"
         with session_scope() as session:
-            jobs.fail(session, rid, reason)
+            written = jobs.fail(session, rid, reason)
+        if written:
+            publish_done(settings, [rid])
         log.info("result %s failed: %s", rid, reason)
         return
     except Exception as exc:
         # A bug on our side must still end the job with a reason rather than leave it pending.
         log.exception("result %s: unexpected error", rid)
         with session_scope() as session:
-            jobs.fail(session, rid, f"internal worker error: {type(exc).__name__}: {exc}")
+            written = jobs.fail(session, rid, f"internal worker error: {type(exc).__name__}: {exc}")
+        if written:
+            publish_done(settings, [rid])
         return
 
     with session_scope() as session:
@@ -78,7 +83,9 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=generation.completion_tokens,
         )
-    if not written:
+    if written:
+        publish_done(settings, [rid])
+    else:
         log.info("result %s was already finished; the duplicate outcome was dropped", rid)
 
 
@@ -94,6 +101,7 @@ def sweep() -> dict[str, int]:
             running_stale_after_s=settings.TRITON_REQUEST_TIMEOUT_S + 60,
             limit=1000,
         )
+    publish_done(settings, expired)
     for rid in lost:
         run_job.apply_async(args=(str(rid),), queue=settings.CELERY_QUEUE)
     if expired or lost:

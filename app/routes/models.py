@@ -8,7 +8,6 @@ from sqlalchemy.orm import Session
 from app.config import Settings
 from app.deps import get_admin, get_catalog, get_enqueue, get_session, settings_dep
 from app.errors import Conflict, NotFound, ServiceUnavailable
-from app.models import ResultStatus
 from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
 from app.services import results as service
 from app.services.results import Enqueue
@@ -95,7 +94,7 @@ def send(
     response.headers["Location"] = url
     return SendAccepted(
         result_id=result.id,
-        status=ResultStatus(result.status),
+        status=result.status,
         model=result.model,
         context_id=result.context_id,
         created_at=result.created_at,

@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.orm import Session
 
 from app.deps import get_session
 from app.models import ResultStatus
+from app.notify import ResultWaiter
 from app.schemas import ErrorBody, Page, ResultOut
 from app.services import results as service
 
@@ -29,8 +33,37 @@ def list_results(
     return Page[ResultOut](items=[ResultOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
+def _read(session: Session, result_id: uuid.UUID) -> ResultOut:
+    try:
+        return ResultOut.model_validate(service.get_result(session, result_id, fresh=True))
+    finally:
+        session.commit()  # ends the transaction: no connection is held while waiting
+
+
 @router.get("/{result_id}", response_model=ResultOut, responses={404: {"model": ErrorBody}})
-def get_result(result_id: uuid.UUID, session: Session = Depends(get_session, scope="function")) -> ResultOut:
+async def get_result(
+    request: Request,
+    result_id: uuid.UUID,
+    wait: float = Query(
+        0,
+        ge=0,
+        le=60,
+        description="Long poll: seconds to wait for a pending job to finish before answering. "
+        "0 (the default) answers at once.",
+    ),
+    session: Session = Depends(get_session, scope="function"),
+) -> ResultOut:
     """Poll a job: `pending` (queued, or running once `started_at` is set), then `completed` with the
-    text, finish reason and token counts, or `failed` with the reason in `error`."""
-    return ResultOut.model_validate(service.get_result(session, result_id))
+    text, finish reason and token counts, or `failed` with the reason in `error`. With `wait=N` the
+    answer comes as soon as the job finishes, or after N seconds with the job still pending."""
+    result = await run_in_threadpool(_read, session, result_id)
+    if wait <= 0 or result.status != ResultStatus.PENDING:
+        return result
+    waiter: ResultWaiter = request.app.state.result_waiter
+    async with waiter.watch(result_id) as finished:
+        result = await run_in_threadpool(_read, session, result_id)  # it may have ended meanwhile
+        if result.status != ResultStatus.PENDING:
+            return result
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished, wait)
+    return await run_in_threadpool(_read, session, result_id)

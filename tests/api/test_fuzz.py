@@ -5,9 +5,9 @@ database and Triton."""
 from __future__ import annotations
 
 import schemathesis
-from schemathesis import GenerationMode
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
+from schemathesis import GenerationMode
 from sqlalchemy import Connection
 
 from tests.conftest import make_api_app

@@ -1,0 +1,1 @@
+"""Provision a Vast.ai GPU host running Triton with the vLLM backend (see nvidia_triton/Makefile)."""

@@ -25,8 +25,8 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
 
     DATABASE_URL: str = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/llmq"
-    DB_POOL_SIZE: int = Field(default=10, ge=1, le=200)
-    DB_MAX_OVERFLOW: int = Field(default=10, ge=0, le=200)
+    DB_POOL_SIZE: int = Field(default=20, ge=1, le=500)
+    DB_MAX_OVERFLOW: int = Field(default=0, ge=0, le=500)
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # Queue name so several deployments (or the test suite) can share one Redis.

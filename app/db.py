@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
+from typing import Any
 
-from sqlalchemy import Engine, MetaData, create_engine, event
+from sqlalchemy import Connection, Engine, MetaData, create_engine
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 
 from app.config import Settings, get_settings
@@ -25,15 +27,26 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
 
 
-def make_engine(settings: Settings) -> Engine:
-    return create_engine(
-        settings.DATABASE_URL,
-        pool_size=settings.DB_POOL_SIZE,
-        max_overflow=settings.DB_MAX_OVERFLOW,
-        pool_pre_ping=True,
+def _engine_args(settings: Settings) -> dict[str, Any]:
+    return {
+        "pool_size": settings.DB_POOL_SIZE,
+        "max_overflow": settings.DB_MAX_OVERFLOW,
+        # No pre-ping: it costs a round trip per checkout on the hot paths. A connection broken
+        # by a Postgres restart fails one statement (the API answers 503) and is replaced.
+        "pool_recycle": 1800,
         # Timestamps are written by Postgres; keep the session in UTC.
-        connect_args={"options": "-c timezone=UTC"},
-    )
+        "connect_args": {"options": "-c timezone=UTC"},
+    }
+
+
+def make_engine(settings: Settings) -> Engine:
+    """Synchronous engine: the worker, migrations and tools."""
+    return create_engine(settings.DATABASE_URL, **_engine_args(settings))
+
+
+def make_async_engine(settings: Settings) -> AsyncEngine:
+    """The API's engine: psycopg's async driver, no thread hop per request."""
+    return create_async_engine(settings.DATABASE_URL, **_engine_args(settings))
 
 
 @lru_cache
@@ -55,36 +68,39 @@ def reset_engine() -> None:
     get_sessionmaker.cache_clear()
 
 
-# Callbacks to run once the session's transaction has committed (e.g. enqueue a job):
-# a job must never be enqueued for a row that is not yet visible to the worker.
+# Callbacks to run once the session's transaction has committed (e.g. enqueue a job): a job
+# must never be enqueued for a row the worker cannot see yet. Whoever commits runs them.
 _AFTER_COMMIT_KEY = "after_commit"
 
 
-def run_after_commit(session: Session, callback: Callable[[], None]) -> None:
+def run_after_commit(session: Session | AsyncSession, callback: Callable[[], object]) -> None:
     session.info.setdefault(_AFTER_COMMIT_KEY, []).append(callback)
 
 
-@event.listens_for(Session, "after_commit")
-def _run_after_commit_callbacks(session: Session) -> None:
-    callbacks = session.info.pop(_AFTER_COMMIT_KEY, [])
-    for callback in callbacks:
-        callback()
-
-
-@event.listens_for(Session, "after_rollback")
-def _drop_after_commit_callbacks(session: Session) -> None:
-    session.info.pop(_AFTER_COMMIT_KEY, None)
+def pop_after_commit(session: Session | AsyncSession) -> list[Callable[[], object]]:
+    callbacks: list[Callable[[], object]] = session.info.pop(_AFTER_COMMIT_KEY, [])
+    return callbacks
 
 
 @contextmanager
-def session_scope() -> Iterator[Session]:
+def transaction() -> Iterator[Connection]:
+    """A transaction on the process's engine (no ORM session: cheaper for plain statements)."""
+    with get_engine().begin() as connection:
+        yield connection
+
+
+@contextmanager
+def session_scope(factory: Callable[[], Session] | None = None) -> Iterator[Session]:
     """A unit of work: commit on success, roll back on error."""
-    session = get_sessionmaker()()
+    session = (factory or get_sessionmaker())()
     try:
         yield session
         session.commit()
     except BaseException:
         session.rollback()
+        pop_after_commit(session)
         raise
     finally:
         session.close()
+    for callback in pop_after_commit(session):
+        callback()

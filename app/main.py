@@ -10,12 +10,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.ext.asyncio import async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings, get_settings
-from app.db import make_engine
+from app.db import make_async_engine
 from app.errors import AppError
 from app.notify import ResultWaiter, done_channel
 from app.queue import JobQueue
@@ -61,13 +62,13 @@ class BodySizeLimit:
 def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None) -> FastAPI:
     settings = settings or get_settings()
 
-    engine = make_engine(settings)
+    engine = make_async_engine(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await app.state.result_waiter.close()
-        engine.dispose()
+        await engine.dispose()
 
     app = FastAPI(
         title="LLM job queue",
@@ -78,7 +79,7 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     )
     app.state.settings = settings
     app.state.engine = engine
-    app.state.sessionmaker = sessionmaker(bind=engine, expire_on_commit=False)
+    app.state.sessionmaker = async_sessionmaker(bind=engine, expire_on_commit=False)
     admin = TritonAdmin(settings.TRITON_URL, settings.TRITON_CONNECT_TIMEOUT_S)
     app.state.triton_admin = admin
     app.state.model_catalog = ModelCatalog(admin, settings.MODEL_CACHE_TTL_S)
@@ -100,6 +101,12 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def database_down(request: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error on %s %s: %s", request.method, request.url.path, exc)
+        return _error(503, "the database is unavailable; nothing was changed, try again")
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

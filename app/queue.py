@@ -13,6 +13,7 @@ from functools import lru_cache
 from celery import Celery
 
 from app.config import Settings, get_settings
+from app.kombu_patch import reuse_redis_clients
 
 RUN_JOB_TASK = "llmq.run_job"
 SWEEP_TASK = "llmq.sweep"
@@ -41,6 +42,7 @@ def celery_config(settings: Settings) -> dict[str, object]:
 
 
 def make_celery(settings: Settings) -> Celery:
+    reuse_redis_clients()
     celery = Celery("llmq")
     celery.conf.update(celery_config(settings))
     return celery

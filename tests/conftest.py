@@ -31,8 +31,12 @@ from pathlib import Path  # noqa: E402
 
 import httpx  # noqa: E402
 import pytest  # noqa: E402
-from sqlalchemy import Connection, create_engine  # noqa: E402
-from sqlalchemy.orm import Session  # noqa: E402
+from sqlalchemy.ext.asyncio import (  # noqa: E402
+    AsyncConnection,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 
 from tests.db_utils import recreate_database  # noqa: E402
 
@@ -87,26 +91,26 @@ def api_db_url() -> str:
 
 
 @pytest.fixture
-def db_connection(api_db_url: str) -> Iterator[Connection]:
-    engine = create_engine(api_db_url)
-    connection = engine.connect()
-    transaction = connection.begin()
+async def db_connection(api_db_url: str) -> AsyncIterator[AsyncConnection]:
+    engine = create_async_engine(api_db_url)
+    connection = await engine.connect()
+    transaction = await connection.begin()
     try:
         yield connection
     finally:
-        transaction.rollback()
-        connection.close()
-        engine.dispose()
+        await transaction.rollback()
+        await connection.close()
+        await engine.dispose()
 
 
 @pytest.fixture
-def db_session(db_connection: Connection) -> Iterator[Session]:
+async def db_session(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
     # Commits inside the code under test become savepoints; the outer transaction is rolled back.
-    session = Session(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    session = AsyncSession(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
     try:
         yield session
     finally:
-        session.close()
+        await session.close()
 
 
 class EnqueueRecorder:
@@ -122,31 +126,21 @@ def enqueued() -> EnqueueRecorder:
     return EnqueueRecorder()
 
 
-def make_api_app(db_connection: Connection, triton_url: str, enqueue: EnqueueRecorder | None) -> object:
+def make_api_app(db_connection: AsyncConnection, triton_url: str, enqueue: EnqueueRecorder | None) -> object:
     from app.config import get_settings
-    from app.deps import get_session
     from app.main import create_app
 
     settings = get_settings().model_copy(update={"TRITON_URL": triton_url, "MAX_CONTENT_BYTES": 4096})
     app = create_app(settings, enqueue=enqueue)
-
-    def session_override() -> Iterator[Session]:
-        session = Session(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
-        try:
-            yield session
-            session.commit()
-        except BaseException:
-            session.rollback()
-            raise
-        finally:
-            session.close()
-
-    app.dependency_overrides[get_session] = session_override  # type: ignore[attr-defined]
+    # Sessions of this test's transaction instead of the app's own pool.
+    app.state.sessionmaker = async_sessionmaker(
+        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
     return app
 
 
 @pytest.fixture
-async def client(db_connection: Connection, triton: object, enqueued: EnqueueRecorder) -> AsyncIterator[httpx.AsyncClient]:
+async def client(db_connection: AsyncConnection, triton: object, enqueued: EnqueueRecorder) -> AsyncIterator[httpx.AsyncClient]:
     app = make_api_app(db_connection, triton.http_url, enqueued)  # type: ignore[attr-defined]
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as http:

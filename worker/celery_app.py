@@ -11,12 +11,15 @@ from celery.signals import worker_process_init
 
 from app.config import get_settings
 from app.db import reset_engine
+from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
 from app.queue import SWEEP_TASK, celery_config
+from worker.job_store import reset_store
 from worker.runtime import reset_runtime
 
 settings = get_settings()
 configure_logging()
+reuse_redis_clients()
 
 celery_app = Celery("llmq", include=["worker.tasks"])
 celery_app.conf.update(celery_config(settings))
@@ -34,3 +37,4 @@ def _after_fork(**_: Any) -> None:
     # Only with a forking pool: never share DB connections or the gRPC loop across a fork.
     reset_engine()
     reset_runtime()
+    reset_store()

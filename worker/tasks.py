@@ -9,12 +9,14 @@ import uuid
 from celery import Task
 
 from app.config import get_settings
-from app.db import session_scope
+from app.db import get_engine, transaction
 from app.notify import publish_done
 from app.queue import RUN_JOB_TASK, SWEEP_TASK
 from app.services import jobs
+from app.services.jobs import Outcome
 from app.triton.inference import GenerationError
 from worker.celery_app import celery_app
+from worker.job_store import get_store
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -38,10 +40,8 @@ def sampling_parameters(params: dict[str, object]) -> dict[str, object]:
 def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
     settings = get_settings()
     rid = uuid.UUID(result_id)
-    # A claim older than the longest possible call belongs to a dead worker.
-    stale_after = settings.TRITON_REQUEST_TIMEOUT_S + 60
-    with session_scope() as session:
-        job = jobs.claim(session, rid, stale_after)
+    store = get_store(get_engine(), settings)
+    job = store.claim(rid)
     if job is None:
         log.info("result %s is finished or held by another worker; skipping", rid)
         return
@@ -55,37 +55,26 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
             delay = backoff_s(job.attempts, settings.RETRY_BACKOFF_BASE_S, settings.RETRY_BACKOFF_MAX_S)
             note = f"attempt {job.attempts} failed, retrying in {delay:.1f}s: {exc.message}"
             log.warning("result %s: %s", rid, note)
-            with session_scope() as session:
-                jobs.release(session, rid, note)
+            with transaction() as conn:
+                jobs.release(conn, rid, note)
             raise self.retry(countdown=delay) from exc
         reason = exc.message if not exc.transient else f"gave up after {job.attempts} attempts: {exc.message}"
-        with session_scope() as session:
-            written = jobs.fail(session, rid, reason)
-        if written:
-            publish_done(settings, [rid])
+        store.fail(rid, reason)
         log.info("result %s failed: %s", rid, reason)
         return
     except Exception as exc:
         # A bug on our side must still end the job with a reason rather than leave it pending.
         log.exception("result %s: unexpected error", rid)
-        with session_scope() as session:
-            written = jobs.fail(session, rid, f"internal worker error: {type(exc).__name__}: {exc}")
-        if written:
-            publish_done(settings, [rid])
+        store.fail(rid, f"internal worker error: {type(exc).__name__}: {exc}")
         return
 
-    with session_scope() as session:
-        written = jobs.complete(
-            session,
-            rid,
-            output=generation.text,
-            finish_reason=generation.finish_reason,
-            prompt_tokens=generation.prompt_tokens,
-            completion_tokens=generation.completion_tokens,
-        )
-    if written:
-        publish_done(settings, [rid])
-    else:
+    outcome = Outcome(
+        output=generation.text,
+        finish_reason=generation.finish_reason,
+        prompt_tokens=generation.prompt_tokens,
+        completion_tokens=generation.completion_tokens,
+    )
+    if not store.complete(rid, outcome):
         log.info("result %s was already finished; the duplicate outcome was dropped", rid)
 
 
@@ -93,10 +82,10 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
 def sweep() -> dict[str, int]:
     """Re-send jobs whose message was lost, and fail those past their deadline."""
     settings = get_settings()
-    with session_scope() as session:
-        expired = jobs.fail_expired(session, deadline_s=settings.JOB_DEADLINE_S)
+    with transaction() as conn:
+        expired = jobs.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S)
         lost = jobs.requeue_candidates(
-            session,
+            conn,
             requeue_after_s=settings.SWEEP_REQUEUE_AFTER_S,
             running_stale_after_s=settings.TRITON_REQUEST_TIMEOUT_S + 60,
             limit=1000,

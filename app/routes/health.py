@@ -4,9 +4,9 @@ import asyncio
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from sqlalchemy import Engine, text
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.config import Settings
 from app.deps import get_admin, settings_dep
@@ -18,14 +18,14 @@ router = APIRouter(prefix="/health", tags=["health"])
 CHECK_TIMEOUT_S = 3.0
 
 
-def _ping_postgres(engine: Engine) -> None:
-    with engine.connect() as connection:
-        connection.execute(text("SELECT 1"))
+async def _ping_postgres(engine: AsyncEngine) -> None:
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
 
 
-async def _check_postgres(engine: Engine) -> ComponentHealth:
+async def _check_postgres(engine: AsyncEngine) -> ComponentHealth:
     try:
-        await asyncio.wait_for(run_in_threadpool(_ping_postgres, engine), CHECK_TIMEOUT_S)
+        await asyncio.wait_for(_ping_postgres(engine), CHECK_TIMEOUT_S)
         return ComponentHealth(ok=True)
     except Exception as exc:
         return ComponentHealth(ok=False, detail=f"Postgres unreachable: {type(exc).__name__}: {exc}"[:300])

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Body, Depends, Path, Response
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
 from app.deps import get_admin, get_catalog, get_enqueue, get_session, settings_dep
@@ -71,18 +71,18 @@ async def list_models(admin: TritonAdmin = Depends(get_admin)) -> list[ModelInfo
         503: {"model": ErrorBody, "description": "Triton unreachable"},
     },
 )
-def send(
+async def send(
     response: Response,
     context_id: uuid.UUID,
     params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
     model_name: str = Depends(ready_model),
-    session: Session = Depends(get_session, scope="function"),
+    session: AsyncSession = Depends(get_session, scope="function"),
     settings: Settings = Depends(settings_dep),
     enqueue: Enqueue = Depends(get_enqueue),
 ) -> SendAccepted:
     """Send a stored context to a model. Answers at once with the result id; poll
     `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
-    result = service.submit_job(
+    result = await service.submit_job(
         session,
         model=model_name,
         context_id=context_id,

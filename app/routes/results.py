@@ -5,8 +5,7 @@ import contextlib
 import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
-from fastapi.concurrency import run_in_threadpool
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deps import get_session
 from app.models import ResultStatus
@@ -18,26 +17,26 @@ router = APIRouter(prefix="/results", tags=["results"])
 
 
 @router.get("/", response_model=Page[ResultOut])
-def list_results(
+async def list_results(
     limit: int = Query(50, ge=1, le=500, description="Page size."),
     cursor: str | None = Query(None, description="`next_cursor` of the previous page."),
     status: ResultStatus | None = Query(None, description="Only results in this state."),
     model: str | None = Query(None, max_length=255, description="Only results of this model."),
     context_id: uuid.UUID | None = Query(None, description="Only results of this context."),
-    session: Session = Depends(get_session, scope="function"),
+    session: AsyncSession = Depends(get_session, scope="function"),
 ) -> Page[ResultOut]:
     """Results, newest first, filtered by status, model and context (admin listing)."""
-    rows, next_cursor = service.list_results(
+    rows, next_cursor = await service.list_results(
         session, limit=limit, cursor=cursor, status=status, model=model, context_id=context_id
     )
     return Page[ResultOut](items=[ResultOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
-def _read(session: Session, result_id: uuid.UUID) -> ResultOut:
+async def _read(session: AsyncSession, result_id: uuid.UUID) -> ResultOut:
     try:
-        return ResultOut.model_validate(service.get_result(session, result_id, fresh=True))
+        return ResultOut.model_validate(await service.get_result(session, result_id))
     finally:
-        session.commit()  # ends the transaction: no connection is held while waiting
+        await session.commit()  # ends the transaction: no connection is held while waiting
 
 
 @router.get("/{result_id}", response_model=ResultOut, responses={404: {"model": ErrorBody}})
@@ -51,19 +50,19 @@ async def get_result(
         description="Long poll: seconds to wait for a pending job to finish before answering. "
         "0 (the default) answers at once.",
     ),
-    session: Session = Depends(get_session, scope="function"),
+    session: AsyncSession = Depends(get_session, scope="function"),
 ) -> ResultOut:
     """Poll a job: `pending` (queued, or running once `started_at` is set), then `completed` with the
     text, finish reason and token counts, or `failed` with the reason in `error`. With `wait=N` the
     answer comes as soon as the job finishes, or after N seconds with the job still pending."""
-    result = await run_in_threadpool(_read, session, result_id)
-    if wait <= 0 or result.status != ResultStatus.PENDING:
-        return result
+    if wait <= 0:
+        return await _read(session, result_id)
     waiter: ResultWaiter = request.app.state.result_waiter
+    # Watch before reading, so that a notice sent between the read and the wait is not missed.
     async with waiter.watch(result_id) as finished:
-        result = await run_in_threadpool(_read, session, result_id)  # it may have ended meanwhile
+        result = await _read(session, result_id)
         if result.status != ResultStatus.PENDING:
             return result
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(finished, wait)
-    return await run_in_threadpool(_read, session, result_id)
+    return await _read(session, result_id)

@@ -1,4 +1,5 @@
-"""The job's life in the database: claim, release for a retry, and the terminal writes.
+"""The job's life in the database: claim, release for a retry, and the terminal writes
+(plain Core statements on a connection: this is the worker's hot path).
 
 Every write that ends a job is conditional on `status = 'pending'`, so a redelivered or
 duplicated task can never overwrite a finished result. `started_at` is the claim: a second
@@ -11,8 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import text
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, text
 
 
 @dataclass(frozen=True)
@@ -24,89 +24,121 @@ class ClaimedJob:
     prompt: str
 
 
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished generation writes."""
+
+    output: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+
+
+# Each statement takes many jobs at once: the worker batches the writes of all its threads.
 _CLAIM = text(
     """
     UPDATE result AS r
        SET started_at = now(), attempts = r.attempts + 1, updated_at = now()
       FROM context AS c
-     WHERE r.id = :id AND c.id = r.context_id AND r.status = 'pending'
+     WHERE r.id = ANY(CAST(:ids AS uuid[])) AND c.id = r.context_id AND r.status = 'pending'
        AND (r.started_at IS NULL OR r.started_at < now() - make_interval(secs => :stale_after))
-    RETURNING r.model, r.params, r.attempts, c.content
+    RETURNING r.id, r.model, r.params, r.attempts, c.content
+    """
+)
+_COMPLETE = text(
+    """
+    UPDATE result AS r
+       SET status = 'completed', output = v.output, error = NULL, finish_reason = v.finish_reason,
+           prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
+           finished_at = now(), updated_at = now()
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:outputs AS text[]), CAST(:reasons AS text[]),
+                  CAST(:prompt_tokens AS integer[]), CAST(:completion_tokens AS integer[]))
+           AS v(id, output, finish_reason, prompt_tokens, completion_tokens)
+     WHERE r.id = v.id AND r.status = 'pending'
+    RETURNING r.id
+    """
+)
+_FAIL = text(
+    """
+    UPDATE result AS r
+       SET status = 'failed', error = v.error, finished_at = now(), updated_at = now()
+      FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error)
+     WHERE r.id = v.id AND r.status = 'pending'
+    RETURNING r.id
     """
 )
 
 
-def claim(session: Session, result_id: uuid.UUID, stale_after_s: float) -> ClaimedJob | None:
-    """Take the job if it is pending and nobody holds a fresh claim on it."""
-    row = session.execute(_CLAIM, {"id": result_id, "stale_after": stale_after_s}).one_or_none()
-    if row is None:
-        return None
-    return ClaimedJob(
-        result_id=result_id, model=row.model, params=row.params, attempts=row.attempts, prompt=row.content
-    )
+def claim_many(
+    conn: Connection, result_ids: list[uuid.UUID], stale_after_s: float
+) -> dict[uuid.UUID, ClaimedJob]:
+    """Take the jobs that are pending and that nobody holds a fresh claim on."""
+    rows = conn.execute(_CLAIM, {"ids": result_ids, "stale_after": stale_after_s})
+    return {
+        row.id: ClaimedJob(
+            result_id=row.id, model=row.model, params=row.params, attempts=row.attempts, prompt=row.content
+        )
+        for row in rows
+    }
 
 
-def release(session: Session, result_id: uuid.UUID, error: str) -> bool:
+def claim(conn: Connection, result_id: uuid.UUID, stale_after_s: float) -> ClaimedJob | None:
+    return claim_many(conn, [result_id], stale_after_s).get(result_id)
+
+
+def release(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
     """Give the claim back before a retry; `error` tells pollers why it is taking longer."""
-    updated = session.execute(
+    updated = conn.execute(
         text(
             "UPDATE result SET started_at = NULL, error = :error, updated_at = now() "
             "WHERE id = :id AND status = 'pending'"
         ),
         {"id": result_id, "error": error},
     )
-    return bool(updated.rowcount)  # type: ignore[attr-defined]
+    return bool(updated.rowcount)
 
 
-def complete(
-    session: Session,
-    result_id: uuid.UUID,
-    *,
-    output: str,
-    finish_reason: str | None,
-    prompt_tokens: int | None,
-    completion_tokens: int | None,
-) -> bool:
-    """Write the outcome once; False when the row had already ended (a duplicate task)."""
-    updated = session.execute(
-        text(
-            """
-            UPDATE result
-               SET status = 'completed', output = :output, error = NULL, finish_reason = :finish_reason,
-                   prompt_tokens = :prompt_tokens, completion_tokens = :completion_tokens,
-                   finished_at = now(), updated_at = now()
-             WHERE id = :id AND status = 'pending'
-            """
-        ),
+def complete_many(conn: Connection, outcomes: dict[uuid.UUID, Outcome]) -> set[uuid.UUID]:
+    """Write each outcome once; the ids returned are the rows that were still pending."""
+    if not outcomes:
+        return set()
+    ids = list(outcomes)
+    rows = conn.execute(
+        _COMPLETE,
         {
-            "id": result_id,
-            "output": output,
-            "finish_reason": finish_reason,
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
+            "ids": ids,
+            "outputs": [outcomes[i].output for i in ids],
+            "reasons": [outcomes[i].finish_reason for i in ids],
+            "prompt_tokens": [outcomes[i].prompt_tokens for i in ids],
+            "completion_tokens": [outcomes[i].completion_tokens for i in ids],
         },
     )
-    return bool(updated.rowcount)  # type: ignore[attr-defined]
+    return {row.id for row in rows}
 
 
-def fail(session: Session, result_id: uuid.UUID, error: str) -> bool:
-    updated = session.execute(
-        text(
-            "UPDATE result SET status = 'failed', error = :error, finished_at = now(), updated_at = now() "
-            "WHERE id = :id AND status = 'pending'"
-        ),
-        {"id": result_id, "error": error},
-    )
-    return bool(updated.rowcount)  # type: ignore[attr-defined]
+def complete(conn: Connection, result_id: uuid.UUID, outcome: Outcome) -> bool:
+    return result_id in complete_many(conn, {result_id: outcome})
+
+
+def fail_many(conn: Connection, errors: dict[uuid.UUID, str]) -> set[uuid.UUID]:
+    if not errors:
+        return set()
+    ids = list(errors)
+    rows = conn.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]})
+    return {row.id for row in rows}
+
+
+def fail(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
+    return result_id in fail_many(conn, {result_id: error})
 
 
 def requeue_candidates(
-    session: Session, *, requeue_after_s: float, running_stale_after_s: float, limit: int
+    conn: Connection, *, requeue_after_s: float, running_stale_after_s: float, limit: int
 ) -> list[uuid.UUID]:
     """Pending jobs whose message was probably lost: never started and untouched for a while, or
     claimed by a worker that has not finished within the longest possible run. Touching
     `updated_at` keeps the next sweep from sending them again right away."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             """
             UPDATE result SET updated_at = now()
@@ -126,9 +158,9 @@ def requeue_candidates(
     return [row.id for row in rows]
 
 
-def fail_expired(session: Session, *, deadline_s: float) -> list[uuid.UUID]:
+def fail_expired(conn: Connection, *, deadline_s: float) -> list[uuid.UUID]:
     """Nothing stays pending forever: past the deadline a job fails, keeping its last error."""
-    rows = session.execute(
+    rows = conn.execute(
         text(
             """
             UPDATE result

@@ -6,10 +6,11 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any, cast
 
-from sqlalchemy import insert, literal, select
+from sqlalchemy import Row, Table, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
-from sqlalchemy.orm import Session
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import run_after_commit
 from app.errors import InvalidInput, NotFound
@@ -29,8 +30,29 @@ class Submitted:
     created_at: datetime
 
 
-def submit_job(
-    session: Session,
+# The hot paths' statements are built once (Core, bound parameters): building and compiling an
+# ORM statement per request cost more CPU than the database round trip itself.
+_result = cast(Table, Result.__table__)
+_context = cast(Table, Context.__table__)
+# One statement checks the context exists and inserts (no round trip to load the prompt).
+_SUBMIT = (
+    insert(_result)
+    .from_select(
+        ["id", "context_id", "model", "params"],
+        select(
+            bindparam("id", type_=UUID(as_uuid=True)),
+            _context.c.id,
+            bindparam("model", type_=_result.c.model.type),
+            bindparam("params", type_=JSONB),
+        ).where(_context.c.id == bindparam("context_id", type_=UUID(as_uuid=True))),
+    )
+    .returning(_result.c.created_at)
+)
+_GET_RESULT = select(*_result.c).where(_result.c.id == bindparam("id", type_=UUID(as_uuid=True)))
+
+
+async def submit_job(
+    session: AsyncSession,
     *,
     model: str,
     context_id: uuid.UUID,
@@ -45,36 +67,35 @@ def submit_job(
             detail={"field": "max_tokens", "limit": max_tokens_limit},
         )
     result_id = uuid.uuid4()
-    # One statement checks the context exists and inserts (no round trip to load the prompt).
-    stmt = (
-        insert(Result)
-        .from_select(
-            ["id", "context_id", "model", "params"],
-            select(
-                literal(result_id, UUID(as_uuid=True)),
-                Context.id,
-                literal(model),
-                literal(params.model_dump(exclude_none=True), JSONB),
-            ).where(Context.id == context_id),
+    connection = await session.connection()
+    created_at = (
+        await connection.execute(
+            _SUBMIT,
+            {
+                "id": result_id,
+                "context_id": context_id,
+                "model": model,
+                "params": params.model_dump(exclude_none=True),
+            },
         )
-        .returning(Result.created_at)
-    )
-    created_at = session.execute(stmt).scalar_one_or_none()
+    ).scalar_one_or_none()
     if created_at is None:
         raise NotFound(f"context {context_id} not found")
     run_after_commit(session, lambda: enqueue(result_id))
     return Submitted(result_id, context_id, model, ResultStatus.PENDING, created_at)
 
 
-def get_result(session: Session, result_id: uuid.UUID, *, fresh: bool = False) -> Result:
-    result = session.get(Result, result_id, populate_existing=fresh)
-    if result is None:
+async def get_result(session: AsyncSession, result_id: uuid.UUID) -> Row[Any]:
+    """The row as it is now (a plain Core read: the long poll reads it more than once)."""
+    connection = await session.connection()
+    row = (await connection.execute(_GET_RESULT, {"id": result_id})).one_or_none()
+    if row is None:
         raise NotFound(f"result {result_id} not found")
-    return result
+    return row
 
 
-def list_results(
-    session: Session,
+async def list_results(
+    session: AsyncSession,
     *,
     limit: int,
     cursor: str | None,
@@ -89,6 +110,6 @@ def list_results(
         stmt = stmt.where(Result.model == model)
     if context_id is not None:
         stmt = stmt.where(Result.context_id == context_id)
-    rows = list(session.scalars(paginate(stmt, Result.created_at, Result.id, cursor, limit)))
+    rows = list(await session.scalars(paginate(stmt, Result.created_at, Result.id, cursor, limit)))
     next_cursor = encode_cursor(rows[limit - 1].created_at, rows[limit - 1].id) if len(rows) > limit else None
     return rows[:limit], next_cursor

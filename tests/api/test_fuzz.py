@@ -8,13 +8,21 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
-from sqlalchemy import Connection
 
-from tests.conftest import make_api_app
+from app.config import get_settings
+from app.main import create_app
+from tests.conftest import PG_BASE
+from tests.db_utils import recreate_database
 
 
-def test_no_input_makes_the_api_fail(db_connection: Connection, triton: object) -> None:
-    app = make_api_app(db_connection, triton.http_url, lambda _id: None)  # type: ignore[attr-defined]
+def test_no_input_makes_the_api_fail(triton: object) -> None:
+    # Its own database: schemathesis drives the app from its own event loop, so the app keeps
+    # its own engine here instead of sharing a test transaction.
+    url = recreate_database(PG_BASE, "llmq_fuzz")
+    app_settings = get_settings().model_copy(
+        update={"DATABASE_URL": url, "TRITON_URL": triton.http_url, "MAX_CONTENT_BYTES": 4096}  # type: ignore[attr-defined]
+    )
+    app = create_app(app_settings, enqueue=lambda _id: None)
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     checked = []
     for result, mode in ((r, m) for r in schema.get_all_operations() for m in GenerationMode):

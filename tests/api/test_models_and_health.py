@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from sqlalchemy import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from app.stack import free_port
 from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, make_api_app
@@ -36,7 +36,7 @@ async def test_health_and_readiness_with_everything_up(client: httpx.AsyncClient
 
 
 @pytest.fixture
-async def client_without_triton(db_connection: Connection) -> httpx.AsyncClient:
+async def client_without_triton(db_connection: AsyncConnection) -> httpx.AsyncClient:
     app = make_api_app(db_connection, f"http://127.0.0.1:{free_port()}", None)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test")  # type: ignore[arg-type]
 

@@ -1,0 +1,62 @@
+"""The worker's batched job store against the real database: many threads, one winner per job."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+
+from app.config import Settings
+from app.services.jobs import Outcome
+from worker.job_store import JobStore
+
+
+@pytest.fixture
+def engine(e2e_db_url: str) -> Iterator[Engine]:
+    eng = create_engine(e2e_db_url, pool_size=20)
+    yield eng
+    eng.dispose()
+
+
+def _pending(engine: Engine, n: int) -> list[uuid.UUID]:
+    with engine.begin() as conn:
+        context_id = conn.execute(
+            text("INSERT INTO context (id, content) VALUES (gen_random_uuid(), 'store test') RETURNING id")
+        ).scalar_one()
+        return [
+            row[0]
+            for row in conn.execute(
+                text(
+                    "INSERT INTO result (id, context_id, model) "
+                    "SELECT gen_random_uuid(), :c, 'sim-llm' FROM generate_series(1, :n) RETURNING id"
+                ),
+                {"c": context_id, "n": n},
+            )
+        ]
+
+
+def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e2e_db_url: str) -> None:
+    store = JobStore(engine, Settings(DATABASE_URL=e2e_db_url))
+    ids = _pending(engine, 200)
+    # Every job claimed by 4 threads at once (as if its message were delivered 4 times).
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        claims = list(pool.map(store.claim, [rid for rid in ids for _ in range(4)]))
+    winners = [c for c in claims if c is not None]
+    assert sorted(c.result_id for c in winners) == sorted(ids)
+    assert all(c.attempts == 1 and c.prompt == "store test" for c in winners)
+
+    half = len(ids) // 2
+    with ThreadPoolExecutor(max_workers=64) as pool:
+        done = list(pool.map(lambda rid: store.complete(rid, Outcome(f"out {rid}", "length", 2, 3)), ids[:half] * 2))
+        failed = list(pool.map(lambda rid: store.fail(rid, f"err {rid}"), ids[half:] + ids[:10]))
+    assert done.count(True) == half  # each completion written once, duplicates refused
+    assert failed.count(True) == len(ids) - half  # the 10 already completed stay completed
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT * FROM result WHERE id = ANY(:ids)"), {"ids": ids})}
+    for rid in ids[:half]:
+        assert (rows[rid].status, rows[rid].output, rows[rid].completion_tokens) == ("completed", f"out {rid}", 3)
+    for rid in ids[half:]:
+        assert (rows[rid].status, rows[rid].error) == ("failed", f"err {rid}")

@@ -9,7 +9,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, MetaData, create_engine
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Session
 
 from app.config import Settings, get_settings
 
@@ -55,17 +55,11 @@ def get_engine() -> Engine:
     return make_engine(get_settings())
 
 
-@lru_cache
-def get_sessionmaker() -> sessionmaker[Session]:
-    return sessionmaker(bind=get_engine(), expire_on_commit=False)
-
-
 def reset_engine() -> None:
     """Forget the engine inherited from a parent process (connections must not cross a fork)."""
     if get_engine.cache_info().currsize:
         get_engine().dispose(close=False)
     get_engine.cache_clear()
-    get_sessionmaker.cache_clear()
 
 
 # Callbacks to run once the session's transaction has committed (e.g. enqueue a job): a job
@@ -87,20 +81,3 @@ def transaction() -> Iterator[Connection]:
     """A transaction on the process's engine (no ORM session: cheaper for plain statements)."""
     with get_engine().begin() as connection:
         yield connection
-
-
-@contextmanager
-def session_scope(factory: Callable[[], Session] | None = None) -> Iterator[Session]:
-    """A unit of work: commit on success, roll back on error."""
-    session = (factory or get_sessionmaker())()
-    try:
-        yield session
-        session.commit()
-    except BaseException:
-        session.rollback()
-        pop_after_commit(session)
-        raise
-    finally:
-        session.close()
-    for callback in pop_after_commit(session):
-        callback()

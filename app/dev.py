@@ -20,10 +20,10 @@ from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
 from app.config import Settings, get_settings
+from app.dbadmin import create_database_if_missing
 from app.stack import ManagedProcess, api_process, worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,21 +100,12 @@ def ensure_services(settings: Settings) -> None:
 
 
 def ensure_database(settings: Settings) -> None:
-    url = make_url(settings.DATABASE_URL)
-    admin = create_engine(url.set(database="postgres"), isolation_level="AUTOCOMMIT")
-    try:
-        with admin.connect() as conn:
-            exists = conn.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": url.database}
-            ).first()
-            if not exists:
-                console.print(f"creating database [bold]{url.database}[/]")
-                conn.execute(text(f'CREATE DATABASE "{url.database}"'))
-    finally:
-        admin.dispose()
+    if create_database_if_missing(settings.DATABASE_URL):
+        console.print(f"created database [bold]{make_url(settings.DATABASE_URL).database}[/]")
 
 
 def migrate() -> None:
+    # A child process, so that Alembic's logging setup does not take over this one's.
     subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT, check=True)
 
 

@@ -1,24 +1,9 @@
-"""Create a fresh database and migrate it with Alembic, exactly as a deployment would."""
+"""Test databases: fresh, and migrated with Alembic exactly as a deployment would be."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from alembic import command
-from alembic.config import Config
-from sqlalchemy import create_engine, text
-
-ROOT = Path(__file__).resolve().parent.parent
+from app.dbadmin import recreate_database as _recreate
 
 
 def recreate_database(base_url: str, name: str) -> str:
-    admin = create_engine(f"{base_url}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = f"{base_url}/{name}"
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", url)
-    command.upgrade(config, "head")
-    return url
+    return _recreate(f"{base_url}/{name}")

@@ -1,0 +1,48 @@
+"""Create, recreate and migrate databases: shared by `make dev`, the tests and the benchmark."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, make_url, text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _admin_run(url: str, *statements: str) -> list[object]:
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as conn:
+            return [conn.execute(text(s), {"n": make_url(url).database}).first() for s in statements]
+    finally:
+        admin.dispose()
+
+
+def create_database_if_missing(url: str) -> bool:
+    """True when it had to be created."""
+    name = make_url(url).database
+    (exists,) = _admin_run(url, "SELECT 1 FROM pg_database WHERE datname = :n")
+    if exists:
+        return False
+    _admin_run(url, f'CREATE DATABASE "{name}"')
+    return True
+
+
+def drop_database(url: str) -> None:
+    _admin_run(url, f'DROP DATABASE IF EXISTS "{make_url(url).database}" WITH (FORCE)')
+
+
+def migrate(url: str) -> None:
+    """`alembic upgrade head` on that database, as a deployment does."""
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("sqlalchemy.url", url)
+    command.upgrade(config, "head")
+
+
+def recreate_database(url: str) -> str:
+    drop_database(url)
+    create_database_if_missing(url)
+    migrate(url)
+    return url

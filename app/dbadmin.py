@@ -15,7 +15,8 @@ def _admin_run(url: str, *statements: str) -> list[object]:
     admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
     try:
         with admin.connect() as conn:
-            return [conn.execute(text(s), {"n": make_url(url).database}).first() for s in statements]
+            results = [conn.execute(text(s), {"n": make_url(url).database}) for s in statements]
+            return [r.first() if r.returns_rows else None for r in results]
     finally:
         admin.dispose()
 

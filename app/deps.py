@@ -5,13 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 from fastapi import Request
-from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings, get_settings
 from app.db import pop_after_commit
-from app.services.results import Enqueue
-from app.triton.admin import ModelCatalog, TritonAdmin
+from app.triton.admin import TritonAdmin
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
@@ -28,9 +26,9 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await session.rollback()
             pop_after_commit(session)
             raise
-    # Publishing is blocking I/O (Celery/kombu): keep it off the event loop.
+    # Callbacks must not block (the enqueue hands the id to a publisher thread).
     for callback in pop_after_commit(session):
-        await run_in_threadpool(callback)
+        callback()
 
 
 def settings_dep(request: Request) -> Settings:
@@ -41,13 +39,3 @@ def settings_dep(request: Request) -> Settings:
 def get_admin(request: Request) -> TritonAdmin:
     admin: TritonAdmin = request.app.state.triton_admin
     return admin
-
-
-def get_catalog(request: Request) -> ModelCatalog:
-    catalog: ModelCatalog = request.app.state.model_catalog
-    return catalog
-
-
-def get_enqueue(request: Request) -> Enqueue:
-    enqueue: Enqueue = request.app.state.enqueue
-    return enqueue

@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import InterfaceError, OperationalError
@@ -68,6 +69,8 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
         await app.state.result_waiter.close()
+        await app.state.triton_admin.close()
+        await run_in_threadpool(job_queue.close)
         await engine.dispose()
 
     app = FastAPI(
@@ -83,7 +86,9 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     admin = TritonAdmin(settings.TRITON_URL, settings.TRITON_CONNECT_TIMEOUT_S)
     app.state.triton_admin = admin
     app.state.model_catalog = ModelCatalog(admin, settings.MODEL_CACHE_TTL_S)
-    app.state.enqueue = enqueue or JobQueue(settings).enqueue
+    job_queue = JobQueue(settings)
+    app.state.job_queue = job_queue
+    app.state.enqueue = enqueue or job_queue.enqueue_later
     app.state.result_waiter = ResultWaiter(settings.REDIS_URL, done_channel(settings))
 
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.

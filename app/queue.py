@@ -7,8 +7,11 @@ Postgres is the record, the message is only the doorbell.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import uuid
 from functools import lru_cache
+from typing import Any
 
 from celery import Celery
 
@@ -54,17 +57,63 @@ class JobQueue:
     def __init__(self, settings: Settings) -> None:
         self.celery = make_celery(settings)
         self.queue = settings.CELERY_QUEUE
+        self._later: queue.SimpleQueue[uuid.UUID | None] = queue.SimpleQueue()
+        self._publisher: threading.Thread | None = None
+        self._lock = threading.Lock()
 
-    def enqueue(self, result_id: uuid.UUID) -> bool:
+    def enqueue(self, result_id: uuid.UUID, producer: Any = None) -> bool:
         """A failure is logged, not raised: the row is committed and the sweeper re-sends it."""
         try:
-            self.celery.send_task(RUN_JOB_TASK, args=[str(result_id)], queue=self.queue)
+            self.celery.send_task(RUN_JOB_TASK, args=[str(result_id)], queue=self.queue, producer=producer)
             return True
         except Exception:
             log.warning(
                 "could not enqueue result %s; the sweeper will re-enqueue it", result_id, exc_info=True
             )
             return False
+
+    def enqueue_later(self, result_id: uuid.UUID) -> None:
+        """Hand the doorbell to this process's publisher thread and return at once.
+
+        The API calls this after the commit: the request does not wait for Redis (nor hops to
+        a thread pool per request). If the process dies before the publish, the sweeper finds
+        the pending row and sends it."""
+        if self._publisher is None:
+            with self._lock:
+                if self._publisher is None:
+                    self._publisher = threading.Thread(
+                        target=self._publish_loop, name="job-publisher", daemon=True
+                    )
+                    self._publisher.start()
+        self._later.put(result_id)
+
+    def _publish_loop(self) -> None:
+        while True:
+            result_id = self._later.get()
+            if result_id is None:
+                return
+            # One producer (and its Redis connection) for whatever has queued up meanwhile.
+            try:
+                with self.celery.producer_or_acquire() as producer:
+                    while result_id is not None:
+                        self.enqueue(result_id, producer)
+                        try:
+                            result_id = self._later.get_nowait()
+                        except queue.Empty:
+                            break
+                    else:
+                        return
+            except Exception:
+                log.warning(
+                    "job publisher: could not get a producer; the sweeper will re-send", exc_info=True
+                )
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Publish what is queued, then stop the publisher thread."""
+        if self._publisher is not None:
+            self._later.put(None)
+            self._publisher.join(timeout_s)
+            self._publisher = None
 
 
 @lru_cache

@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Body, Depends, Path, Response
+from fastapi import APIRouter, Body, Depends, Path, Request, Response
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.deps import get_admin, get_catalog, get_enqueue, get_session, settings_dep
+from app.deps import get_admin, get_session
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
 from app.services import results as service
@@ -22,10 +22,11 @@ def _names(models: dict[str, ModelState], *, ready_only: bool) -> str:
 
 
 async def ready_model(
+    request: Request,
     model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
-    catalog: ModelCatalog = Depends(get_catalog),
 ) -> str:
     """Check the model against Triton's repository (cached briefly) before a job is accepted."""
+    catalog: ModelCatalog = request.app.state.model_catalog
     try:
         models = await catalog.get()
         if model_name not in models or not models[model_name].ready:
@@ -72,16 +73,18 @@ async def list_models(admin: TritonAdmin = Depends(get_admin)) -> list[ModelInfo
     },
 )
 async def send(
+    request: Request,
     response: Response,
     context_id: uuid.UUID,
     params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
     model_name: str = Depends(ready_model),
     session: AsyncSession = Depends(get_session, scope="function"),
-    settings: Settings = Depends(settings_dep),
-    enqueue: Enqueue = Depends(get_enqueue),
 ) -> SendAccepted:
     """Send a stored context to a model. Answers at once with the result id; poll
     `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
+    # app.state rather than more dependencies: each one costs measurable CPU on this hot path.
+    settings: Settings = request.app.state.settings
+    enqueue: Enqueue = request.app.state.enqueue
     result = await service.submit_job(
         session,
         model=model_name,

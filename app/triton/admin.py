@@ -29,11 +29,23 @@ class TritonAdmin:
     def __init__(self, base_url: str, timeout_s: float) -> None:
         self.base_url = base_url.rstrip("/")
         self._timeout = httpx.Timeout(timeout_s)
+        self._client: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
+
+    def _http(self) -> httpx.AsyncClient:
+        # One client (connection pool) per event loop: building one costs more than the request.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._client[0] is not loop:
+            self._client = (loop, httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout))
+        return self._client[1]
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client[1].aclose()
+            self._client = None
 
     async def _request(self, method: str, path: str, json: object | None = None) -> httpx.Response:
         try:
-            async with httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout) as client:
-                return await client.request(method, path, json=json)
+            return await self._http().request(method, path, json=json)
         except httpx.HTTPError as exc:
             raise TritonUnavailable(
                 f"Triton at {self.base_url} is unreachable: {exc or type(exc).__name__}"

@@ -1,9 +1,12 @@
 """Continuous-batching loop with vLLM-shaped latency, independent of Triton.
 
 One engine thread owns every running sequence: a step admits waiting sequences (up to
-``max_num_seqs``) and costs ``prefill_ms`` when it admits any (their first token comes out of the
-prefill, as in vLLM), otherwise it is a decode step of ``decode_ms`` that advances every running
-sequence by one token. With both latencies at 0 a sequence is finished as soon as it is admitted,
+``max_num_seqs``) and advances every running sequence by one token (a new one gets its first
+token from its prefill). Latency follows vLLM V1, whose scheduler always uses chunked prefill:
+a step with nothing but new sequences is a prefill of ``prefill_ms``; otherwise new prompts are
+batched into the decode step, which costs ``decode_ms`` plus ``prefill_ms`` times the share of
+``max_num_seqs`` admitted in it (so a few late arrivals barely slow the running sequences, and a
+whole batch of arrivals costs a full prefill). With both latencies at 0 a sequence is finished as soon as it is admitted,
 so the simulator costs no per-token loop overhead beyond streamed responses.
 
 The thread also calls ``on_stats`` after each step: the Triton backend updates its metrics there,
@@ -149,15 +152,16 @@ class BatchEngine:
                 self._advance(seq, seq.plan.completion_tokens - seq.pos)
             self._reap()
             return
-        if admitted and self.prefill_s > 0:
+        decoding = len(self._running) - len(admitted)
+        if admitted and not decoding:
+            # Nothing else running: a plain prefill step (its length is the time to first token).
             self._sleep_until(started + self.prefill_s)
-            batch = admitted  # a prefill step only produces the new sequences' first token
         else:
-            batch = [s for s in self._running if s not in admitted] if admitted else self._running
-            for seq in admitted:  # free prefill: first token right away
-                self._advance(seq, 1)
-            if batch:
-                self._sleep_until(started + self.decode_s)
+            # vLLM V1 chunked prefill: new prompts ride along in the decode step instead of
+            # pausing it; the step grows with the share of the batch that is prefilling.
+            extra = self.prefill_s * len(admitted) / self.max_num_seqs
+            self._sleep_until(started + self.decode_s + extra)
+        batch = self._running  # every sequence, new or old, gets a token from this step
         self._check_cancelled()
         for seq in batch:
             if seq.pos >= 0:  # -1 marks a sequence dropped by the cancellation check

@@ -1,0 +1,1 @@
+"""Throughput benchmark: the local Triton driven directly (the ceiling) vs through the platform."""

@@ -1,0 +1,338 @@
+"""`make bench` / `python -m bench`: the local Triton driven directly (the ceiling) vs the same jobs
+through the platform's HTTP API, side by side, for a vLLM-like latency model and a zero-latency one."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import platform as host_platform
+import signal
+import subprocess
+import time
+from pathlib import Path
+from types import FrameType
+
+import typer
+from rich.console import Console
+
+from bench.direct import run_direct
+from bench.platform import CLIENTS, create_contexts, make_client, run_platform
+from bench.report import print_report, write_json
+from bench.stack import BENCH_BIN, BenchStack, CpuMeter, StackOptions
+from bench.stats import RunResult
+from bench.workload import choose_jobs
+
+ROOT = Path(__file__).resolve().parent.parent
+SCENARIOS = {
+    # name: (model, description)
+    "latency": ("sim-llm-slow", "vLLM-like: 20 ms prefill, 15 ms per token"),
+    "zero": ("sim-llm", "zero latency: pure overhead"),
+}
+
+cli = typer.Typer(add_completion=False, help=__doc__)
+console = Console(highlight=False)
+
+
+class Profiler:
+    """py-spy record (raw collapsed stacks) on the API and worker during one platform phase."""
+
+    def __init__(self, out_dir: Path, pids: dict[str, list[int]], tag: str, gil_only: bool = False) -> None:
+        self.procs: list[subprocess.Popen[bytes]] = []
+        py_spy = BENCH_BIN / "py-spy"
+        if not py_spy.exists():
+            console.print("[yellow]py-spy is not installed in the venv: no profile[/]")
+            return
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for name in ("api", "worker"):
+            if name not in pids:
+                continue
+            out = out_dir / f"{tag}-{name}.txt"
+            # --subprocesses: uvicorn --workers N, or a worker pool made of processes.
+            argv = [
+                str(py_spy),
+                "record",
+                "-p",
+                str(pids[name][0]),
+                "-r",
+                "200",
+                "-f",
+                "raw",
+                "-o",
+                str(out),
+                "--nonblocking",
+                "--subprocesses",
+            ]
+            if gil_only:  # only the thread holding the GIL: Python on CPU, no waiting threads
+                argv.append("--gil")
+            self.procs.append(
+                subprocess.Popen(
+                    argv, stdout=subprocess.DEVNULL, stderr=(out_dir / f"{tag}-{name}.log").open("wb")
+                )
+            )
+        console.print(f"profiling api+worker with py-spy into {out_dir}")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+async def run_scenario(
+    name: str,
+    stack_grpc: str,
+    api_url: str,
+    pids: dict[str, list[int]],
+    *,
+    jobs_total: int,
+    in_flight: int,
+    max_tokens: int,
+    poll_mode: str,
+    poll_interval_s: float,
+    long_poll_wait_s: float,
+    probe_every: int,
+    time_limit_s: float,
+    warmup_jobs: int,
+    profile_dir: Path | None,
+    client_kind: str,
+    profile_gil: bool = False,
+) -> tuple[RunResult, RunResult]:
+    model, description = SCENARIOS[name]
+    jobs = choose_jobs(max(in_flight, 256), max_tokens)
+    console.rule(f"scenario {name}: {description} (model {model})")
+
+    async def direct(total: int) -> RunResult:
+        return await run_direct(
+            stack_grpc,
+            scenario=name,
+            model=model,
+            jobs=jobs,
+            total=total,
+            in_flight=in_flight,
+            max_tokens=max_tokens,
+            time_limit_s=time_limit_s,
+        )
+
+    console.print(f"direct: warm-up {warmup_jobs} jobs …")
+    await direct(warmup_jobs)
+    meter = CpuMeter(pids)
+    meter.start()
+    console.print(f"direct: {jobs_total} jobs, {in_flight} in flight …")
+    d = await direct(jobs_total)
+    d.cpu_s = meter.stop()
+    d.other_cpu_by_comm_s = {k: round(v, 2) for k, v in meter.others.items()}
+    console.print(f"  direct: {d.jobs_completed} jobs in {d.wall_s:.2f} s = {d.jobs_per_s:.1f} jobs/s")
+
+    async with make_client(api_url, in_flight, client_kind) as client:
+        context_ids = await create_contexts(client)
+
+        async def plat(total: int) -> RunResult:
+            return await run_platform(
+                client,
+                context_ids,
+                scenario=name,
+                model=model,
+                jobs=jobs,
+                total=total,
+                in_flight=in_flight,
+                max_tokens=max_tokens,
+                poll_mode=poll_mode,
+                poll_interval_s=poll_interval_s,
+                long_poll_wait_s=long_poll_wait_s,
+                probe_every=probe_every,
+                time_limit_s=time_limit_s,
+            )
+
+        console.print(f"platform: warm-up {warmup_jobs} jobs …")
+        await plat(warmup_jobs)
+        await asyncio.sleep(1.0)
+        meter = CpuMeter(pids)
+        profiler = Profiler(profile_dir, pids, name, profile_gil) if profile_dir is not None else None
+        connects0, retries0 = getattr(client, "connects", 0), getattr(client, "retries", 0)
+        meter.start()
+        how = (
+            f"long poll ?wait={long_poll_wait_s:g}"
+            if poll_mode == "long"
+            else f"poll every {poll_interval_s * 1000:.0f} ms"
+        )
+        console.print(
+            f"platform: {jobs_total} jobs, {in_flight} virtual clients, client {client_kind}, {how} …"
+        )
+        try:
+            p = await plat(jobs_total)
+        finally:
+            p_cpu = meter.stop()
+            if profiler is not None:
+                profiler.stop()
+        p.cpu_s = p_cpu
+        p.other_cpu_by_comm_s = {k: round(v, 2) for k, v in meter.others.items()}
+        if client_kind == "lean":
+            p.client_stats = {
+                "connections_opened": client.connects - connects0,  # type: ignore[union-attr]
+                "stale_keepalive_retries": client.retries - retries0,  # type: ignore[union-attr]
+            }
+    console.print(f"  platform: {p.jobs_completed} jobs in {p.wall_s:.2f} s = {p.jobs_per_s:.1f} jobs/s")
+    for run in (d, p):
+        for sample in run.error_samples:
+            console.print(f"  [red]{run.mode} error:[/] {sample}")
+    return d, p
+
+
+@cli.command()
+def main(
+    jobs: int = typer.Option(2000, help="Measured jobs per mode and scenario."),
+    in_flight: int = typer.Option(256, help="N: requests in flight (direct) = virtual clients (platform)."),
+    scenarios: str = typer.Option("latency,zero", help="Comma-separated: latency, zero."),
+    poll_mode: str = typer.Option(
+        "long",
+        help="long: GET /results/{id}?wait=<--long-poll-wait-s> until terminal; interval: GET every --poll-interval-ms.",
+    ),
+    poll_interval_ms: float = typer.Option(50, help="--poll-mode interval: GET /results/{id} this often."),
+    long_poll_wait_s: float = typer.Option(30, help="--poll-mode long: the ?wait= of each GET (0-60)."),
+    probe_every: int | None = typer.Option(
+        None,
+        help="Every K-th job also does a plain GET /results/{id} after it finished, to measure poll latency under load (default: 10 in long-poll mode, 0 in interval mode, where every poll is plain).",
+    ),
+    max_tokens: int = typer.Option(64, help="Tokens per job (prompts/seeds chosen to produce exactly this)."),
+    worker_in_flight: int | None = typer.Option(None, help="WORKER_IN_FLIGHT of the worker (default: N)."),
+    db_pool_size: int | None = typer.Option(
+        None, help="DB_POOL_SIZE of API and worker (default: the app's)."
+    ),
+    db_max_overflow: int | None = typer.Option(
+        None, help="DB_MAX_OVERFLOW of API and worker (default: the app's)."
+    ),
+    api_workers: int = typer.Option(1, help="uvicorn --workers for the API."),
+    worker_processes: int = typer.Option(
+        1, help="Celery worker processes (each with WORKER_IN_FLIGHT / this threads)."
+    ),
+    worker_loglevel: str = typer.Option("INFO", help="Celery worker --loglevel."),
+    api_url: str | None = typer.Option(None, help="Use a running stack's API instead of starting one."),
+    triton_grpc_url: str = typer.Option(
+        "127.0.0.1:8001", help="With --api-url: that stack's Triton gRPC address."
+    ),
+    time_limit_s: float = typer.Option(
+        60, help="Time limit of each measured phase (jobs/s counts the jobs done by then)."
+    ),
+    warmup_jobs: int | None = typer.Option(None, help="Unmeasured jobs before each phase (default: N)."),
+    quick: bool = typer.Option(False, help="Smoke run: 300 jobs, N = 64."),
+    profile: bool = typer.Option(False, help="py-spy record the API and worker during each platform phase."),
+    profile_gil: bool = typer.Option(
+        False, help="With --profile: py-spy --gil (only the thread holding the GIL)."
+    ),
+    json_out: Path | None = typer.Option(
+        None, help="Where to write the JSON (default bench/results/<timestamp>.json)."
+    ),
+    label: str = typer.Option("", help="Free text stored in the JSON (what this run tries)."),
+    client: str = typer.Option(
+        "lean",
+        help="Load-generator HTTP client: lean (bench/httpclient.py, asyncio streams) or httpx (the first round's, ~5 ms CPU per request).",
+    ),
+) -> None:
+    if client not in CLIENTS:
+        raise typer.BadParameter(f"unknown client {client!r}; known: {CLIENTS}")
+    if poll_mode not in ("long", "interval"):
+        raise typer.BadParameter("--poll-mode must be long or interval")
+    if probe_every is None:
+        probe_every = 10 if poll_mode == "long" else 0
+    if quick:
+        jobs, in_flight = min(jobs, 300), min(in_flight, 64)
+    names = [s.strip() for s in scenarios.split(",") if s.strip()]
+    unknown = [s for s in names if s not in SCENARIOS]
+    if unknown:
+        raise typer.BadParameter(f"unknown scenario(s) {unknown}; known: {sorted(SCENARIOS)}")
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    json_path = json_out or ROOT / "bench" / "results" / f"{stamp}.json"
+    run_dir = ROOT / ".run" / "bench" / stamp
+    options = StackOptions(
+        worker_in_flight=worker_in_flight or in_flight,
+        db_pool_size=db_pool_size,
+        db_max_overflow=db_max_overflow,
+        api_workers=api_workers,
+        worker_processes=worker_processes,
+        worker_loglevel=worker_loglevel,
+    )
+    config = {
+        "label": label,
+        "started": dt.datetime.now().isoformat(timespec="seconds"),
+        "host": host_platform.node(),
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "jobs": jobs,
+        "in_flight": in_flight,
+        "max_tokens": max_tokens,
+        "poll_mode": poll_mode,
+        "poll_interval_ms": poll_interval_ms if poll_mode == "interval" else None,
+        "long_poll_wait_s": long_poll_wait_s if poll_mode == "long" else None,
+        "probe_every": probe_every,
+        "worker_in_flight": options.worker_in_flight if api_url is None else None,
+        "db_pool_size": db_pool_size,
+        "db_max_overflow": db_max_overflow,
+        "api_workers": api_workers,
+        "worker_processes": worker_processes,
+        "worker_loglevel": worker_loglevel,
+        "api_url": api_url,
+        "quick": quick,
+        "client": client,
+        "profile": ("py-spy --gil" if profile_gil else "py-spy") if profile else None,
+    }
+
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, on_term)
+    stack: BenchStack | None = None
+    pairs: list[tuple[RunResult, RunResult]] = []
+    started = time.monotonic()
+    try:
+        if api_url is None:
+            stack = BenchStack(options, run_dir / "logs")  # assigned first: a failed start is stopped too
+            stack.start(log=console.print)
+            url, grpc, pids = stack.api_url, stack.grpc_url, stack.pids()
+        else:
+            url, grpc, pids = api_url.rstrip("/"), triton_grpc_url, {"bench-client": [os.getpid()]}
+        for name in names:
+            pairs.append(
+                asyncio.run(
+                    run_scenario(
+                        name,
+                        grpc,
+                        url,
+                        pids,
+                        jobs_total=jobs,
+                        in_flight=in_flight,
+                        max_tokens=max_tokens,
+                        poll_mode=poll_mode,
+                        poll_interval_s=poll_interval_ms / 1000,
+                        long_poll_wait_s=long_poll_wait_s,
+                        probe_every=probe_every,
+                        time_limit_s=time_limit_s,
+                        warmup_jobs=warmup_jobs if warmup_jobs is not None else in_flight,
+                        profile_dir=run_dir / "profile" if profile else None,
+                        client_kind=client,
+                        profile_gil=profile_gil,
+                    )
+                )
+            )
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+    finally:
+        if stack is not None:
+            console.print("stopping the stack …")
+            stack.stop()
+    if not pairs:
+        raise typer.Exit(1)
+    config["duration_s"] = round(time.monotonic() - started, 1)
+    print_report(console, config, pairs)
+    write_json(json_path, config, pairs)
+    console.print(f"JSON: {json_path}")
+    if profile:
+        console.print(f"profiles: {run_dir / 'profile'}")
+
+
+if __name__ == "__main__":
+    cli()

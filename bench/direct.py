@@ -1,0 +1,83 @@
+"""The ceiling: the worker's own client code (TritonInference over gRPC streaming) driving the
+local Triton directly with N requests in flight."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+import time
+import uuid
+
+from app.triton.inference import GenerationError, TritonInference
+from bench.stats import RunResult
+from bench.workload import Job, triton_params
+
+
+async def run_direct(
+    grpc_url: str,
+    *,
+    scenario: str,
+    model: str,
+    jobs: list[Job],
+    total: int,
+    in_flight: int,
+    max_tokens: int,
+    time_limit_s: float,
+    think_ms: float = 0.0,
+    seed: int = 1,
+) -> RunResult:
+    """``think_ms`` > 0: each virtual client waits an exponentially distributed time (that mean) before
+    each job — the turnaround a job has through the platform, without the platform (bench.jitter)."""
+    result = RunResult("direct", scenario, model, in_flight, total)
+    client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(time_limit_s, 30.0))
+    counter = itertools.count()
+    run_tag = uuid.uuid4().hex[:8]
+    start = time.monotonic()
+    deadline = start + time_limit_s
+    last_done = start
+    rng = random.Random(seed)
+
+    async def virtual_client() -> None:
+        nonlocal last_done
+        while time.monotonic() < deadline:
+            i = next(counter)
+            if i >= total:
+                return
+            if think_ms > 0:
+                await asyncio.sleep(rng.expovariate(1000 / think_ms))
+            job = jobs[i % len(jobs)]
+            t0 = time.monotonic()
+            try:
+                gen = await asyncio.wait_for(
+                    client.generate(
+                        model,
+                        job.prompt,
+                        triton_params(max_tokens, job.seed),
+                        request_id=f"bench-{run_tag}-{i}",
+                    ),
+                    timeout=max(deadline - t0, 0.001),
+                )
+            except TimeoutError:
+                result.timed_out = True
+                return
+            except GenerationError as exc:
+                result.jobs_failed += 1
+                result.note_error(exc.message)
+                continue
+            now = time.monotonic()
+            last_done = now
+            result.jobs_completed += 1
+            result.job_latency_s.append(now - t0)
+            result.tokens += gen.completion_tokens or 0
+            if gen.completion_tokens != max_tokens:
+                result.wrong_length += 1
+
+    try:
+        await asyncio.gather(*(virtual_client() for _ in range(in_flight)))
+    finally:
+        await client.close()
+    if time.monotonic() >= deadline:
+        result.timed_out = True
+    result.wall_s = last_done - start
+    return result

@@ -1,0 +1,175 @@
+"""Through the platform: N virtual clients on one shared HTTP client (default: the lean asyncio client of
+``bench.httpclient``; ``--client httpx`` for comparison). Each submits a job
+(POST /models/send/{model}/{context_id}), then waits for it with long polls (GET /results/{id}?wait=30,
+default) or polls GET /results/{id} every interval, until it is completed or failed, then takes the next
+job, until the total is done or the time limit hits."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import itertools
+import time
+from typing import Any
+
+import httpx
+
+from bench.httpclient import LeanClient, Reply
+from bench.stats import RunResult
+from bench.workload import PROMPTS, Job, api_params
+
+
+class HttpxClient:
+    """The first round's load generator (``--client httpx``): one shared httpx.AsyncClient, connection
+    limit above N. Kept to show what the client costs (~5 ms CPU per request here)."""
+
+    errors: tuple[type[BaseException], ...] = (httpx.HTTPError,)
+
+    def __init__(self, api_url: str, pool_size: int) -> None:
+        limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
+        self._client = httpx.AsyncClient(base_url=api_url, limits=limits, timeout=httpx.Timeout(60.0))
+
+    async def post(self, url: str, body: dict[str, Any]) -> Reply:
+        r = await self._client.post(url, json=body)
+        return Reply(r.status_code, r.content, {})
+
+    async def get(self, url: str) -> Reply:
+        r = await self._client.get(url)
+        return Reply(r.status_code, r.content, {})
+
+    async def __aenter__(self) -> HttpxClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+
+
+Client = LeanClient | HttpxClient
+CLIENTS = ("lean", "httpx")
+
+
+def make_client(api_url: str, in_flight: int, kind: str = "lean") -> Client:
+    """A pool of N + 8 keep-alive connections: every virtual client has its own, plus spares."""
+    if kind == "httpx":
+        return HttpxClient(api_url, in_flight + 8)
+    if kind == "lean":
+        return LeanClient(api_url, in_flight + 8, timeout_s=90.0)
+    raise ValueError(f"unknown client {kind!r}; known: {CLIENTS}")
+
+
+async def create_contexts(client: Client) -> list[str]:
+    ids = []
+    for prompt in PROMPTS:
+        r = await client.post("/contexts/", {"content": prompt})
+        if r.status_code != 201:
+            raise RuntimeError(f"POST /contexts/: {r.status_code} {r.text}")
+        ids.append(r.json()["id"])
+    return ids
+
+
+def _epoch(iso: str | None) -> float | None:
+    if not iso:
+        return None
+    try:
+        return dt.datetime.fromisoformat(iso).timestamp()
+    except ValueError:
+        return None
+
+
+async def run_platform(
+    client: Client,
+    context_ids: list[str],
+    *,
+    scenario: str,
+    model: str,
+    jobs: list[Job],
+    total: int,
+    in_flight: int,
+    max_tokens: int,
+    poll_mode: str,
+    poll_interval_s: float,
+    long_poll_wait_s: float,
+    probe_every: int,
+    time_limit_s: float,
+) -> RunResult:
+    """``poll_mode`` "long": after the submit, GET /results/{id}?wait=<long_poll_wait_s> until terminal
+    (normally one request); "interval": sleep ``poll_interval_s``, GET /results/{id}, repeat.
+    ``probe_every`` K > 0: every K-th job also does one plain GET /results/{id} (no wait) right after it
+    completed, to measure the latency of a poll under load (not counted in polls per job)."""
+    result = RunResult("platform", scenario, model, in_flight, total, poll_mode=poll_mode)
+    counter = itertools.count()
+    loop = asyncio.get_running_loop()
+    start = time.monotonic()
+    deadline = start + time_limit_s
+    last_done = start
+    long_poll = poll_mode == "long"
+    poll_suffix = f"?wait={long_poll_wait_s:g}" if long_poll else ""
+
+    async def one_job(i: int) -> None:
+        nonlocal last_done
+        job = jobs[i % len(jobs)]
+        url = f"/models/send/{model}/{context_ids[job.prompt_index]}"
+        t0 = time.monotonic()
+        r = await client.post(url, api_params(max_tokens, job.seed))
+        t1 = time.monotonic()
+        if r.status_code != 202:
+            result.note_error(f"POST {url}: {r.status_code} {r.text}")
+            return
+        result.submit_latency_s.append(t1 - t0)
+        rid = r.json()["result_id"]
+        poll_url = f"/results/{rid}{poll_suffix}"
+        while True:
+            if not long_poll:
+                await asyncio.sleep(poll_interval_s)
+            p0 = time.monotonic()
+            g = await client.get(poll_url)
+            p1 = time.monotonic()
+            wall1 = time.time()
+            result.polls += 1
+            result.poll_latency_s.append(p1 - p0)
+            if g.status_code != 200:
+                result.note_error(f"GET {poll_url}: {g.status_code} {g.text}")
+                return
+            body = g.json()
+            status = body["status"]
+            if status == "pending":
+                continue
+            last_done = p1
+            finished = _epoch(body.get("finished_at"))
+            if finished is not None:
+                result.answer_lag_s.append(max(wall1 - finished, 0.0))
+            if status == "completed":
+                result.jobs_completed += 1
+                result.job_latency_s.append(p1 - t0)
+                tokens = body.get("completion_tokens") or 0
+                result.tokens += tokens
+                if tokens != max_tokens:
+                    result.wrong_length += 1
+            else:
+                result.jobs_failed += 1
+                result.note_error(f"job {rid} {status}: {body.get('error')}")
+            break
+        if probe_every and i % probe_every == 0:
+            q0 = time.monotonic()
+            q = await client.get(f"/results/{rid}")
+            result.probe_latency_s.append(time.monotonic() - q0)
+            if q.status_code != 200:
+                result.note_error(f"GET /results/{rid} (probe): {q.status_code} {q.text}")
+
+    async def virtual_client() -> None:
+        try:
+            async with asyncio.timeout_at(deadline - time.monotonic() + loop.time()):
+                while True:
+                    i = next(counter)
+                    if i >= total:
+                        return
+                    try:
+                        await one_job(i)
+                    except client.errors as exc:
+                        result.note_error(f"{type(exc).__name__}: {exc}")
+        except TimeoutError:
+            result.timed_out = True
+
+    await asyncio.gather(*(virtual_client() for _ in range(in_flight)))
+    result.wall_s = last_done - start
+    return result

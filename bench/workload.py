@@ -1,0 +1,56 @@
+"""The jobs both modes run: prompts and seeds chosen so the simulator produces exactly
+``max_tokens`` tokens and stops with ``length`` (no early EOS), so every job does the same work."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from app.localtriton.engine import simulate
+
+MAX_MODEL_LEN = 512  # the built-in sim-llm / sim-llm-slow model.json
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who discovers a message in a bottle.",
+    "Explain how continuous batching increases the throughput of a language model server.",
+    "Describe a walk through a forest in autumn, with the light coming through the trees.",
+    "Summarize the tradeoffs between threads, processes and asyncio for an IO bound worker.",
+    "List the steps to brew a good cup of coffee with a French press, in plain words.",
+    "Write a haiku about GPUs waiting for work in a quiet data center at night.",
+    "Give three reasons why a job queue should store results in a database, not the broker.",
+    "Tell the history of the river that runs through the old city, from its source to the sea.",
+]
+
+
+@dataclass(frozen=True)
+class Job:
+    prompt_index: int
+    seed: int
+
+    @property
+    def prompt(self) -> str:
+        return PROMPTS[self.prompt_index]
+
+
+def api_params(max_tokens: int, seed: int) -> dict[str, Any]:
+    """Body of POST /models/send: what the API stores in result.params."""
+    return {"max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": seed}
+
+
+def triton_params(max_tokens: int, seed: int) -> dict[str, Any]:
+    """The sampling parameters the worker forwards for that body (worker.tasks.sampling_parameters:
+    max_tokens, temperature, top_p, seed; the empty stop list is dropped)."""
+    return {"max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": seed}
+
+
+def choose_jobs(count: int, max_tokens: int) -> list[Job]:
+    """``count`` distinct (prompt, seed) pairs that each generate exactly ``max_tokens`` tokens."""
+    jobs: list[Job] = []
+    seed = 0
+    while len(jobs) < count:
+        for index, prompt in enumerate(PROMPTS):
+            sim = simulate(prompt, triton_params(max_tokens, seed), MAX_MODEL_LEN)
+            if sim.finish_reason == "length" and sim.completion_tokens == max_tokens:
+                jobs.append(Job(index, seed))
+        seed += 1
+    return jobs[:count]

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import worker_process_init
+from celery.signals import after_setup_logger, worker_process_init
 
 from app.config import get_settings
 from app.db import reset_engine
@@ -30,6 +31,16 @@ celery_app.conf.update(
     beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.SWEEP_INTERVAL_S}},
     beat_schedule_filename=os.path.join(tempfile.gettempdir(), f"llmq-beat-{settings.CELERY_QUEUE}"),
 )
+
+
+@after_setup_logger.connect
+def _quiet_per_task_lines(**_: Any) -> None:
+    # "Task received" / "Task succeeded" per job: at hundreds of jobs per second that is a
+    # measurable share of the worker's CPU, and Postgres keeps the record of every job anyway.
+    # Failures, retries and this project's own job logs are unaffected.
+    if settings.LOG_LEVEL.upper() != "DEBUG":
+        for name in ("celery.app.trace", "celery.worker.strategy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
 
 
 @worker_process_init.connect

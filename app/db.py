@@ -45,8 +45,12 @@ def make_engine(settings: Settings) -> Engine:
 
 
 def make_async_engine(settings: Settings) -> AsyncEngine:
-    """The API's engine: psycopg's async driver, no thread hop per request."""
-    return create_async_engine(settings.DATABASE_URL, **_engine_args(settings))
+    """The API's engine: psycopg's async driver, no thread hop per request.
+
+    Autocommit: every API operation is one statement (the submit is a single INSERT … SELECT),
+    so BEGIN/COMMIT would only add two round trips per request. A statement that returns has
+    committed, which is what lets the enqueue follow it."""
+    return create_async_engine(settings.DATABASE_URL, isolation_level="AUTOCOMMIT", **_engine_args(settings))
 
 
 @lru_cache

@@ -28,7 +28,7 @@ from app.localtriton.engine import Plan
 
 log = logging.getLogger(__name__)
 
-CANCEL_CHECK_INTERVAL_S = 0.05  # is_cancelled() is an IPC round trip: poll, don't ask per token
+CANCEL_CHECK_INTERVAL_S = 0.25  # is_cancelled() is an IPC round trip per sequence: poll it sparingly
 
 
 class Sink(Protocol):

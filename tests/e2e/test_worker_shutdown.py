@@ -1,0 +1,71 @@
+"""A worker that stops gracefully finishes what it runs and hands the messages it had only
+prefetched back to Redis (the broker does no ack bookkeeping: Postgres is the record)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import redis
+from sqlalchemy import create_engine, text
+
+from app.queue import RUN_JOB_TASK, get_celery
+from app.stack import worker_process
+from tests.conftest import SLOW_MODEL
+
+
+def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
+    e2e_env: dict[str, str], logs_dir: Path, triton: object
+) -> None:
+    queue = e2e_env["CELERY_QUEUE"] + "-shutdown"
+    engine = create_engine(e2e_env["DATABASE_URL"])
+    with engine.begin() as conn:
+        context_id = conn.execute(
+            text("INSERT INTO context (id, content) VALUES (gen_random_uuid(), 'slowly') RETURNING id")
+        ).scalar_one()
+        ids = [
+            str(row[0])
+            for row in conn.execute(
+                text(
+                    "INSERT INTO result (id, context_id, model, params) SELECT gen_random_uuid(), :c, :m, "
+                    "'{\"max_tokens\": 40, \"seed\": 1, \"temperature\": 1}' FROM generate_series(1, 12) RETURNING id"
+                ),
+                {"c": context_id, "m": SLOW_MODEL},
+            )
+        ]
+    for rid in ids:
+        get_celery().send_task(RUN_JOB_TASK, args=[rid], queue=queue)
+
+    # 2 threads, prefetch 2: 2 jobs running, 2 more reserved, 8 still in Redis.
+    env = {**e2e_env, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
+    worker = worker_process(env, logs_dir / "shutdown-worker.log", beat=False).start()
+    try:
+        worker.wait_for_log("ready.", timeout_s=60)
+        deadline = time.monotonic() + 20
+        while True:
+            with engine.connect() as conn:
+                started = conn.execute(
+                    text("SELECT count(*) FROM result WHERE id = ANY(:ids) AND started_at IS NOT NULL"), {"ids": ids}
+                ).scalar_one()
+            if started >= 2:
+                break
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert worker.popen is not None
+        os.kill(worker.popen.pid, signal.SIGTERM)  # warm shutdown, as `docker stop` or Ctrl-C sends
+        worker.popen.wait(timeout=60)
+    finally:
+        worker.stop()
+
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text("SELECT status, started_at FROM result WHERE id = ANY(:ids)"), {"ids": ids}
+        ).all()
+    engine.dispose()
+    done = sum(1 for r in rows if r.status == "completed")
+    untouched = sum(1 for r in rows if r.status == "pending" and r.started_at is None)
+    assert done >= 2 and done + untouched == len(ids), rows  # nothing left half-claimed
+    # Every job that did not run is back in the queue for the next worker.
+    assert redis.Redis.from_url(e2e_env["REDIS_URL"]).llen(queue) == untouched

@@ -21,7 +21,7 @@ from bench.platform import CLIENTS, create_contexts, make_client, run_platform
 from bench.report import print_report, write_json
 from bench.stack import BENCH_BIN, BenchStack, CpuMeter, StackOptions
 from bench.stats import RunResult
-from bench.workload import choose_jobs
+from bench.workload import Phase, Polling, choose_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {
@@ -106,17 +106,11 @@ async def run_scenario(
     jobs = choose_jobs(max(in_flight, 256), max_tokens)
     console.rule(f"scenario {name}: {description} (model {model})")
 
+    phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s)
+    polling = Polling(poll_mode, poll_interval_s, long_poll_wait_s, probe_every)
+
     async def direct(total: int) -> RunResult:
-        return await run_direct(
-            stack_grpc,
-            scenario=name,
-            model=model,
-            jobs=jobs,
-            total=total,
-            in_flight=in_flight,
-            max_tokens=max_tokens,
-            time_limit_s=time_limit_s,
-        )
+        return await run_direct(stack_grpc, phase, total)
 
     console.print(f"direct: warm-up {warmup_jobs} jobs …")
     await direct(warmup_jobs)
@@ -132,21 +126,7 @@ async def run_scenario(
         context_ids = await create_contexts(client)
 
         async def plat(total: int) -> RunResult:
-            return await run_platform(
-                client,
-                context_ids,
-                scenario=name,
-                model=model,
-                jobs=jobs,
-                total=total,
-                in_flight=in_flight,
-                max_tokens=max_tokens,
-                poll_mode=poll_mode,
-                poll_interval_s=poll_interval_s,
-                long_poll_wait_s=long_poll_wait_s,
-                probe_every=probe_every,
-                time_limit_s=time_limit_s,
-            )
+            return await run_platform(client, context_ids, phase, total, polling)
 
         console.print(f"platform: warm-up {warmup_jobs} jobs …")
         await plat(warmup_jobs)

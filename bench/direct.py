@@ -11,25 +11,22 @@ import uuid
 
 from app.triton.inference import GenerationError, TritonInference
 from bench.stats import RunResult
-from bench.workload import Job, triton_params
+from bench.workload import Phase, triton_params
 
 
 async def run_direct(
-    grpc_url: str,
-    *,
-    scenario: str,
-    model: str,
-    jobs: list[Job],
-    total: int,
-    in_flight: int,
-    max_tokens: int,
-    time_limit_s: float,
-    think_ms: float = 0.0,
-    seed: int = 1,
+    grpc_url: str, phase: Phase, total: int, *, think_ms: float = 0.0, seed: int = 1
 ) -> RunResult:
     """``think_ms`` > 0: each virtual client waits an exponentially distributed time (that mean) before
     each job — the turnaround a job has through the platform, without the platform (bench.jitter)."""
-    result = RunResult("direct", scenario, model, in_flight, total)
+    model, jobs, in_flight, max_tokens, time_limit_s = (
+        phase.model,
+        phase.jobs,
+        phase.in_flight,
+        phase.max_tokens,
+        phase.time_limit_s,
+    )
+    result = RunResult("direct", phase.scenario, model, in_flight, total)
     client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(time_limit_s, 30.0))
     counter = itertools.count()
     run_tag = uuid.uuid4().hex[:8]

@@ -15,7 +15,7 @@ import typer
 
 from bench.direct import run_direct
 from bench.stack import MODELS
-from bench.workload import choose_jobs
+from bench.workload import Phase, choose_jobs
 
 
 def main(
@@ -33,17 +33,8 @@ def main(
         work = choose_jobs(max(in_flight, 256), 64)
 
         async def run(think: float, total: int) -> tuple[float, float]:
-            r = await run_direct(
-                triton.grpc_url,
-                scenario="latency",
-                model="sim-llm-slow",
-                jobs=work,
-                total=total,
-                in_flight=in_flight,
-                max_tokens=64,
-                time_limit_s=90,
-                think_ms=think,
-            )
+            phase = Phase("latency", "sim-llm-slow", work, in_flight, 64, 90)
+            r = await run_direct(triton.grpc_url, phase, total, think_ms=think)
             lat = sorted(r.job_latency_s)
             return r.jobs_per_s, lat[len(lat) // 2] if lat else 0.0
 

@@ -16,7 +16,7 @@ import httpx
 
 from bench.httpclient import LeanClient, Reply
 from bench.stats import RunResult
-from bench.workload import PROMPTS, Job, api_params
+from bench.workload import PROMPTS, Phase, Polling, api_params
 
 
 class HttpxClient:
@@ -77,26 +77,22 @@ def _epoch(iso: str | None) -> float | None:
 
 
 async def run_platform(
-    client: Client,
-    context_ids: list[str],
-    *,
-    scenario: str,
-    model: str,
-    jobs: list[Job],
-    total: int,
-    in_flight: int,
-    max_tokens: int,
-    poll_mode: str,
-    poll_interval_s: float,
-    long_poll_wait_s: float,
-    probe_every: int,
-    time_limit_s: float,
+    client: Client, context_ids: list[str], phase: Phase, total: int, polling: Polling
 ) -> RunResult:
-    """``poll_mode`` "long": after the submit, GET /results/{id}?wait=<long_poll_wait_s> until terminal
+    """``polling.mode`` "long": after the submit, GET /results/{id}?wait=<long_poll_wait_s> until terminal
     (normally one request); "interval": sleep ``poll_interval_s``, GET /results/{id}, repeat.
-    ``probe_every`` K > 0: every K-th job also does one plain GET /results/{id} (no wait) right after it
+    ``polling.probe_every`` K > 0: every K-th job also does one plain GET /results/{id} (no wait) right after it
     completed, to measure the latency of a poll under load (not counted in polls per job)."""
-    result = RunResult("platform", scenario, model, in_flight, total, poll_mode=poll_mode)
+    model, jobs, in_flight, max_tokens, time_limit_s = (
+        phase.model,
+        phase.jobs,
+        phase.in_flight,
+        phase.max_tokens,
+        phase.time_limit_s,
+    )
+    poll_mode, poll_interval_s, probe_every = polling.mode, polling.interval_s, polling.probe_every
+    long_poll_wait_s = polling.long_poll_wait_s
+    result = RunResult("platform", phase.scenario, model, in_flight, total, poll_mode=poll_mode)
     counter = itertools.count()
     loop = asyncio.get_running_loop()
     start = time.monotonic()

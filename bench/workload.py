@@ -32,6 +32,28 @@ class Job:
         return PROMPTS[self.prompt_index]
 
 
+@dataclass(frozen=True)
+class Phase:
+    """What both modes of a scenario run: the same jobs, N in flight, the same limits."""
+
+    scenario: str
+    model: str
+    jobs: list[Job]
+    in_flight: int
+    max_tokens: int
+    time_limit_s: float
+
+
+@dataclass(frozen=True)
+class Polling:
+    """How the platform's virtual clients wait for a result."""
+
+    mode: str  # "long" or "interval"
+    interval_s: float
+    long_poll_wait_s: float
+    probe_every: int
+
+
 def api_params(max_tokens: int, seed: int) -> dict[str, Any]:
     """Body of POST /models/send: what the API stores in result.params."""
     return {"max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": seed}

@@ -19,19 +19,12 @@ async def run_direct(
 ) -> RunResult:
     """``think_ms`` > 0: each virtual client waits an exponentially distributed time (that mean) before
     each job — the turnaround a job has through the platform, without the platform (bench.jitter)."""
-    model, jobs, in_flight, max_tokens, time_limit_s = (
-        phase.model,
-        phase.jobs,
-        phase.in_flight,
-        phase.max_tokens,
-        phase.time_limit_s,
-    )
-    result = RunResult("direct", phase.scenario, model, in_flight, total)
-    client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(time_limit_s, 30.0))
+    result = RunResult("direct", phase.scenario, phase.model, phase.in_flight, total)
+    client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(phase.time_limit_s, 30.0))
     counter = itertools.count()
     run_tag = uuid.uuid4().hex[:8]
     start = time.monotonic()
-    deadline = start + time_limit_s
+    deadline = start + phase.time_limit_s
     last_done = start
     rng = random.Random(seed)
 
@@ -43,14 +36,14 @@ async def run_direct(
                 return
             if think_ms > 0:
                 await asyncio.sleep(rng.expovariate(1000 / think_ms))
-            job = jobs[i % len(jobs)]
+            job = phase.jobs[i % len(phase.jobs)]
             t0 = time.monotonic()
             try:
                 gen = await asyncio.wait_for(
                     client.generate(
-                        model,
+                        phase.model,
                         job.prompt,
-                        triton_params(max_tokens, job.seed),
+                        triton_params(phase.max_tokens, job.seed),
                         request_id=f"bench-{run_tag}-{i}",
                     ),
                     timeout=max(deadline - t0, 0.001),
@@ -67,11 +60,11 @@ async def run_direct(
             result.jobs_completed += 1
             result.job_latency_s.append(now - t0)
             result.tokens += gen.completion_tokens or 0
-            if gen.completion_tokens != max_tokens:
+            if gen.completion_tokens != phase.max_tokens:
                 result.wrong_length += 1
 
     try:
-        await asyncio.gather(*(virtual_client() for _ in range(in_flight)))
+        await asyncio.gather(*(virtual_client() for _ in range(phase.in_flight)))
     finally:
         await client.close()
     if time.monotonic() >= deadline:

@@ -83,30 +83,23 @@ async def run_platform(
     (normally one request); "interval": sleep ``poll_interval_s``, GET /results/{id}, repeat.
     ``polling.probe_every`` K > 0: every K-th job also does one plain GET /results/{id} (no wait) right after it
     completed, to measure the latency of a poll under load (not counted in polls per job)."""
-    model, jobs, in_flight, max_tokens, time_limit_s = (
-        phase.model,
-        phase.jobs,
-        phase.in_flight,
-        phase.max_tokens,
-        phase.time_limit_s,
-    )
     poll_mode, poll_interval_s, probe_every = polling.mode, polling.interval_s, polling.probe_every
     long_poll_wait_s = polling.long_poll_wait_s
-    result = RunResult("platform", phase.scenario, model, in_flight, total, poll_mode=poll_mode)
+    result = RunResult("platform", phase.scenario, phase.model, phase.in_flight, total, poll_mode=poll_mode)
     counter = itertools.count()
     loop = asyncio.get_running_loop()
     start = time.monotonic()
-    deadline = start + time_limit_s
+    deadline = start + phase.time_limit_s
     last_done = start
     long_poll = poll_mode == "long"
     poll_suffix = f"?wait={long_poll_wait_s:g}" if long_poll else ""
 
     async def one_job(i: int) -> None:
         nonlocal last_done
-        job = jobs[i % len(jobs)]
-        url = f"/models/send/{model}/{context_ids[job.prompt_index]}"
+        job = phase.jobs[i % len(phase.jobs)]
+        url = f"/models/send/{phase.model}/{context_ids[job.prompt_index]}"
         t0 = time.monotonic()
-        r = await client.post(url, api_params(max_tokens, job.seed))
+        r = await client.post(url, api_params(phase.max_tokens, job.seed))
         t1 = time.monotonic()
         if r.status_code != 202:
             result.note_error(f"POST {url}: {r.status_code} {r.text}")
@@ -139,7 +132,7 @@ async def run_platform(
                 result.job_latency_s.append(p1 - t0)
                 tokens = body.get("completion_tokens") or 0
                 result.tokens += tokens
-                if tokens != max_tokens:
+                if tokens != phase.max_tokens:
                     result.wrong_length += 1
             else:
                 result.jobs_failed += 1
@@ -166,6 +159,6 @@ async def run_platform(
         except TimeoutError:
             result.timed_out = True
 
-    await asyncio.gather(*(virtual_client() for _ in range(in_flight)))
+    await asyncio.gather(*(virtual_client() for _ in range(phase.in_flight)))
     result.wall_s = last_done - start
     return result

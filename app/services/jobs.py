@@ -82,10 +82,6 @@ def claim_many(
     }
 
 
-def claim(conn: Connection, result_id: uuid.UUID, stale_after_s: float) -> ClaimedJob | None:
-    return claim_many(conn, [result_id], stale_after_s).get(result_id)
-
-
 def release(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
     """Give the claim back before a retry; `error` tells pollers why it is taking longer."""
     updated = conn.execute(
@@ -116,20 +112,12 @@ def complete_many(conn: Connection, outcomes: dict[uuid.UUID, Outcome]) -> set[u
     return {row.id for row in rows}
 
 
-def complete(conn: Connection, result_id: uuid.UUID, outcome: Outcome) -> bool:
-    return result_id in complete_many(conn, {result_id: outcome})
-
-
 def fail_many(conn: Connection, errors: dict[uuid.UUID, str]) -> set[uuid.UUID]:
     if not errors:
         return set()
     ids = list(errors)
     rows = conn.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]})
     return {row.id for row in rows}
-
-
-def fail(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
-    return result_id in fail_many(conn, {result_id: error})
 
 
 def requeue_candidates(

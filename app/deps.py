@@ -8,15 +8,13 @@ from fastapi import Request
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings, get_settings
-from app.db import pop_after_commit
 from app.triton.admin import TritonAdmin
 
 
 async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
     """One session per request: committed at the end, rolled back on error.
 
-    Use with `scope="function"` so the commit (and the enqueues that wait for it) happens
-    before the response is sent: a client that gets 202 can poll the row at once."""
+    Use with `scope="function"` so the commit happens before the response is sent."""
     factory: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
     async with factory() as session:
         try:
@@ -24,11 +22,7 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
             await session.commit()
         except BaseException:
             await session.rollback()
-            pop_after_commit(session)
             raise
-    # Callbacks must not block (the enqueue hands the id to a publisher thread).
-    for callback in pop_after_commit(session):
-        callback()
 
 
 def settings_dep(request: Request) -> Settings:

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import psycopg
+import sqlalchemy.exc
+from starlette.responses import JSONResponse
+
 
 class AppError(Exception):
     status_code = 400
@@ -34,3 +38,18 @@ class InvalidInput(AppError):
 
 class ServiceUnavailable(AppError):
     status_code = 503
+
+
+DATABASE_DOWN = "the database is unavailable; nothing was changed, try again"
+# What a lost or refused database connection raises, through SQLAlchemy or from psycopg's pool.
+DATABASE_ERRORS = (
+    sqlalchemy.exc.OperationalError,
+    sqlalchemy.exc.InterfaceError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
+
+
+def error_response(status_code: int, message: str, detail: Any = None) -> JSONResponse:
+    """Every error answer of the API: {"error": ..., "detail": ...}."""
+    return JSONResponse(status_code=status_code, content={"error": message, "detail": detail})

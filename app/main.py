@@ -7,18 +7,21 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import psycopg
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import InterfaceError, OperationalError
+from psycopg_pool import AsyncConnectionPool
 from sqlalchemy.ext.asyncio import async_sessionmaker
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings, get_settings
-from app.db import make_async_engine
-from app.errors import AppError
+from app.db import Connect, make_async_engine, make_statement_pool
+from app.errors import DATABASE_DOWN, DATABASE_ERRORS, AppError
+from app.errors import error_response as _error
+from app.hotpaths import HotPaths
 from app.notify import ResultWaiter, done_channel
 from app.queue import JobQueue
 from app.routes import contexts, health, models, results
@@ -28,10 +31,6 @@ from app.triton.admin import ModelCatalog, TritonAdmin
 log = logging.getLogger(__name__)
 
 
-def _error(status_code: int, message: str, detail: Any = None) -> JSONResponse:
-    return JSONResponse(status_code=status_code, content={"error": message, "detail": detail})
-
-
 def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     problems = []
     for err in exc.errors():
@@ -39,6 +38,19 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[st
         problems.append({"field": loc, "message": err.get("msg", ""), "type": err.get("type", "")})
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
     return f"invalid request: {summary}", problems
+
+
+def _opening(pool: AsyncConnectionPool[psycopg.AsyncConnection[Any]]) -> Connect:
+    """`pool.connection`, opening the pool on first use (opening needs the running loop)."""
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        if pool.closed:
+            await pool.open()
+        async with pool.connection() as connection:
+            yield connection
+
+    return connect
 
 
 class BodySizeLimit:
@@ -60,17 +72,23 @@ class BodySizeLimit:
         await self.app(scope, receive, send)
 
 
-def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, enqueue: Enqueue | None = None, *, hot_paths: bool = True
+) -> FastAPI:
+    """The API. `hot_paths=False` leaves every request to the FastAPI routes (tests compare the two)."""
     settings = settings or get_settings()
 
     engine = make_async_engine(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if statement_pool.closed:
+            await statement_pool.open(wait=False)  # connects in the background: Postgres may be down
         yield
         await app.state.result_waiter.close()
         await app.state.triton_admin.close()
         await run_in_threadpool(job_queue.close)
+        await statement_pool.close()
         await engine.dispose()
 
     app = FastAPI(
@@ -83,6 +101,8 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = async_sessionmaker(bind=engine, expire_on_commit=False)
+    statement_pool = make_statement_pool(settings)
+    app.state.connect = _opening(statement_pool)
     admin = TritonAdmin(settings.TRITON_URL, settings.TRITON_CONNECT_TIMEOUT_S)
     app.state.triton_admin = admin
     app.state.model_catalog = ModelCatalog(admin, settings.MODEL_CACHE_TTL_S)
@@ -91,6 +111,9 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     app.state.enqueue = enqueue or job_queue.enqueue_later
     app.state.result_waiter = ResultWaiter(settings.REDIS_URL, done_channel(settings))
 
+    # Added first, so it runs inside the body limit (middleware added later wraps earlier ones).
+    if hot_paths:
+        app.add_middleware(HotPaths, state=app.state)
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodySizeLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
 
@@ -107,11 +130,12 @@ def create_app(settings: Settings | None = None, enqueue: Enqueue | None = None)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return _error(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(InterfaceError)
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database error on %s %s: %s", request.method, request.url.path, exc)
-        return _error(503, "the database is unavailable; nothing was changed, try again")
+        return _error(503, DATABASE_DOWN)
+
+    for error_type in DATABASE_ERRORS:
+        app.add_exception_handler(error_type, database_down)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

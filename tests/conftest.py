@@ -22,11 +22,15 @@ os.environ.update(
         "REDIS_URL": os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/0"),
         "CELERY_QUEUE": f"llmq-test-{_RUN}",
         "MODEL_CACHE_TTL_S": "0",
+        # Several apps, API servers and workers share one Postgres (max_connections 100) in a run,
+        # and the API keeps its statement pool full.
+        "DB_POOL_SIZE": "5",
     }
 )
 
 import shutil  # noqa: E402
 from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from contextlib import asynccontextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import httpx  # noqa: E402
@@ -106,7 +110,9 @@ async def db_connection(api_db_url: str) -> AsyncIterator[AsyncConnection]:
 @pytest.fixture
 async def db_session(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
     # Commits inside the code under test become savepoints; the outer transaction is rolled back.
-    session = AsyncSession(bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False)
+    session = AsyncSession(
+        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    )
     try:
         yield session
     finally:
@@ -126,21 +132,36 @@ def enqueued() -> EnqueueRecorder:
     return EnqueueRecorder()
 
 
-def make_api_app(db_connection: AsyncConnection, triton_url: str, enqueue: EnqueueRecorder | None) -> object:
+def make_api_app(
+    db_connection: AsyncConnection,
+    triton_url: str,
+    enqueue: EnqueueRecorder | None,
+    *,
+    hot_paths: bool = True,
+) -> object:
     from app.config import get_settings
     from app.main import create_app
 
     settings = get_settings().model_copy(update={"TRITON_URL": triton_url, "MAX_CONTENT_BYTES": 4096})
-    app = create_app(settings, enqueue=enqueue)
-    # Sessions of this test's transaction instead of the app's own pool.
+    app = create_app(settings, enqueue=enqueue, hot_paths=hot_paths)
+    # Sessions and statements of this test's transaction instead of the app's own pool.
     app.state.sessionmaker = async_sessionmaker(
         bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
     )
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[object]:
+        async with db_connection.begin_nested():  # released ("committed") when the block exits
+            yield (await db_connection.get_raw_connection()).driver_connection
+
+    app.state.connect = connect
     return app
 
 
 @pytest.fixture
-async def client(db_connection: AsyncConnection, triton: object, enqueued: EnqueueRecorder) -> AsyncIterator[httpx.AsyncClient]:
+async def client(
+    db_connection: AsyncConnection, triton: object, enqueued: EnqueueRecorder
+) -> AsyncIterator[httpx.AsyncClient]:
     app = make_api_app(db_connection, triton.http_url, enqueued)  # type: ignore[attr-defined]
     transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
     async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as http:
@@ -163,6 +184,7 @@ def e2e_env(e2e_db_url: str, triton: object) -> dict[str, str]:
         "DATABASE_URL": e2e_db_url,
         "REDIS_URL": os.environ["REDIS_URL"],
         "CELERY_QUEUE": os.environ["CELERY_QUEUE"],
+        "DB_POOL_SIZE": os.environ["DB_POOL_SIZE"],
         "TRITON_URL": triton.http_url,  # type: ignore[attr-defined]
         "TRITON_GRPC_URL": triton.grpc_url,  # type: ignore[attr-defined]
         "MODEL_CACHE_TTL_S": "1",

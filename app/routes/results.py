@@ -1,7 +1,5 @@
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import uuid
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -9,7 +7,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.deps import get_session
 from app.models import ResultStatus
-from app.notify import ResultWaiter
 from app.schemas import ErrorBody, Page, ResultOut
 from app.services import results as service
 
@@ -32,13 +29,6 @@ async def list_results(
     return Page[ResultOut](items=[ResultOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
-async def _read(session: AsyncSession, result_id: uuid.UUID) -> ResultOut:
-    try:
-        return ResultOut.model_validate(await service.get_result(session, result_id))
-    finally:
-        await session.commit()  # ends the transaction: no connection is held while waiting
-
-
 @router.get("/{result_id}", response_model=ResultOut, responses={404: {"model": ErrorBody}})
 async def get_result(
     request: Request,
@@ -50,19 +40,9 @@ async def get_result(
         description="Long poll: seconds to wait for a pending job to finish before answering. "
         "0 (the default) answers at once.",
     ),
-    session: AsyncSession = Depends(get_session, scope="function"),
 ) -> ResultOut:
     """Poll a job: `pending` (queued, or running once `started_at` is set), then `completed` with the
     text, finish reason and token counts, or `failed` with the reason in `error`. With `wait=N` the
     answer comes as soon as the job finishes, or after N seconds with the job still pending."""
-    if wait <= 0:
-        return await _read(session, result_id)
-    waiter: ResultWaiter = request.app.state.result_waiter
-    # Watch before reading, so that a notice sent between the read and the wait is not missed.
-    async with waiter.watch(result_id) as finished:
-        result = await _read(session, result_id)
-        if result.status != ResultStatus.PENDING:
-            return result
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished, wait)
-    return await _read(session, result_id)
+    # Well-formed polls are answered by app.hotpaths with the same service call.
+    return await service.poll(request.app.state.connect, request.app.state.result_waiter, result_id, wait)

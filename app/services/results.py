@@ -2,32 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, cast
+from typing import cast
 
-from sqlalchemy import Row, Table, bindparam, insert, select
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import run_after_commit
+from app.db import Connect
 from app.errors import InvalidInput, NotFound
 from app.models import Context, Result, ResultStatus
+from app.notify import ResultWaiter
 from app.pagination import encode_cursor, paginate
-from app.schemas import SamplingParams
+from app.schemas import ResultOut, SamplingParams, SendAccepted
 
 Enqueue = Callable[[uuid.UUID], None]
-
-
-@dataclass(frozen=True)
-class Submitted:
-    id: uuid.UUID
-    context_id: uuid.UUID
-    model: str
-    status: ResultStatus
-    created_at: datetime
 
 
 # The hot paths' statements are built once (Core, bound parameters): building and compiling an
@@ -49,49 +44,72 @@ _SUBMIT = (
     .returning(_result.c.created_at)
 )
 _GET_RESULT = select(*_result.c).where(_result.c.id == bindparam("id", type_=UUID(as_uuid=True)))
+# They run on psycopg directly (see app.db.make_statement_pool): compiled once to its SQL.
+_PSYCOPG = psycopg_dialect()  # type: ignore[no-untyped-call]
+_SUBMIT_SQL = str(_SUBMIT.compile(dialect=_PSYCOPG))
+_GET_RESULT_SQL = str(_GET_RESULT.compile(dialect=_PSYCOPG))
 
 
-async def submit_job(
-    session: AsyncSession,
+async def submit(
+    connect: Connect,
+    enqueue: Enqueue,
     *,
     model: str,
     context_id: uuid.UUID,
     params: SamplingParams,
     max_tokens_limit: int,
-    enqueue: Enqueue,
-) -> Submitted:
-    """Record a pending result; the job is enqueued only once the row is committed."""
+) -> SendAccepted:
+    """Record a pending result, then ring the doorbell: only once the row is committed."""
     if params.max_tokens > max_tokens_limit:
         raise InvalidInput(
             f"max_tokens must be at most {max_tokens_limit}, got {params.max_tokens}",
             detail={"field": "max_tokens", "limit": max_tokens_limit},
         )
     result_id = uuid.uuid4()
-    connection = await session.connection()
-    created_at = (
-        await connection.execute(
-            _SUBMIT,
-            {
-                "id": result_id,
-                "context_id": context_id,
-                "model": model,
-                "params": params.model_dump(exclude_none=True),
-            },
-        )
-    ).scalar_one_or_none()
-    if created_at is None:
+    values = {
+        "id": result_id,
+        "context_id": context_id,
+        "model": model,
+        "params": Jsonb(params.model_dump(exclude_none=True)),
+    }
+    async with connect() as connection:
+        inserted = await (await connection.execute(_SUBMIT_SQL, values)).fetchone()
+    if inserted is None:
         raise NotFound(f"context {context_id} not found")
-    run_after_commit(session, lambda: enqueue(result_id))
-    return Submitted(result_id, context_id, model, ResultStatus.PENDING, created_at)
+    enqueue(result_id)  # the block above has committed the row: the worker can see it
+    url = f"/results/{result_id}"
+    return SendAccepted(
+        result_id=result_id,
+        status=ResultStatus.PENDING,
+        model=model,
+        context_id=context_id,
+        created_at=inserted[0],
+        url=url,
+    )
 
 
-async def get_result(session: AsyncSession, result_id: uuid.UUID) -> Row[Any]:
-    """The row as it is now (a plain Core read: the long poll reads it more than once)."""
-    connection = await session.connection()
-    row = (await connection.execute(_GET_RESULT, {"id": result_id})).one_or_none()
+async def read(connect: Connect, result_id: uuid.UUID) -> ResultOut:
+    """The result as it is now (one Core read; no connection is held afterwards)."""
+    async with connect() as connection:
+        cursor = connection.cursor(row_factory=dict_row)
+        row = await (await cursor.execute(_GET_RESULT_SQL, {"id": result_id})).fetchone()
     if row is None:
         raise NotFound(f"result {result_id} not found")
-    return row
+    return ResultOut.model_validate(row)
+
+
+async def poll(connect: Connect, waiter: ResultWaiter, result_id: uuid.UUID, wait_s: float) -> ResultOut:
+    """The result now, or with `wait_s` > 0 as soon as it is final (at most `wait_s` later)."""
+    if wait_s <= 0:
+        return await read(connect, result_id)
+    # Watch before reading, so that a notice sent between the read and the wait is not missed.
+    async with waiter.watch(result_id) as finished:
+        result = await read(connect, result_id)
+        if result.status != ResultStatus.PENDING:
+            return result
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(finished, wait_s)
+    return await read(connect, result_id)
 
 
 async def list_results(

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
+import redis
 from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from app.main import create_app
-from app.queue import JobQueue
+from app.queue import RUN_JOB_TASK, JobQueue
 from app.stack import free_port
 from tests.conftest import FAST_MODEL
 from tests.e2e.helpers import wait_for_result
@@ -71,3 +73,27 @@ async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
         assert ready.json()["components"]["redis"]["ok"] is False
     # SWEEP_REQUEUE_AFTER_S=3 in the test worker.
     assert wait_for_result(api, result_id, timeout_s=30)["status"] == "completed"
+
+
+def test_doorbell_is_the_message_celery_itself_would_write(e2e_env: dict[str, str]) -> None:
+    # JobQueue writes Celery's message format itself (it is on the hot path); Celery's own
+    # send_task is the reference. Both go to a scratch queue in the real Redis and are compared.
+    settings = _settings(e2e_env, CELERY_QUEUE=f"doorbell-{uuid.uuid4().hex[:8]}")
+    queue = JobQueue(settings)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    try:
+        rid = uuid.uuid4()
+        queue.celery.send_task(
+            RUN_JOB_TASK, args=[str(rid)], queue=settings.CELERY_QUEUE, task_id=str(rid), ignore_result=True
+        )
+        assert queue.enqueue(rid)
+        ours, celerys = (json.loads(raw) for raw in client.lrange(settings.CELERY_QUEUE, 0, -1))
+    finally:
+        client.delete(settings.CELERY_QUEUE)
+        queue.close()
+        client.close()
+    for message in (ours, celerys):
+        assert uuid.UUID(message["properties"].pop("delivery_tag"))
+        message["headers"].pop("origin")  # the sending process
+        message["properties"].pop("reply_to")  # where results would go: no result backend here
+    assert ours == celerys

@@ -21,7 +21,7 @@ from bench.platform import CLIENTS, create_contexts, make_client, run_platform
 from bench.report import print_report, write_json
 from bench.stack import BENCH_BIN, BenchStack, CpuMeter, StackOptions
 from bench.stats import RunResult
-from bench.workload import Phase, Polling, choose_jobs
+from bench.workload import Phase, Polling, Warmup, choose_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {
@@ -109,15 +109,9 @@ async def run_scenario(
     phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s)
     polling = Polling(poll_mode, poll_interval_s, long_poll_wait_s, probe_every)
 
-    async def direct(total: int) -> RunResult:
-        return await run_direct(stack_grpc, phase, total)
-
-    console.print(f"direct: warm-up {warmup_jobs} jobs …")
-    await direct(warmup_jobs)
     meter = CpuMeter(pids)
-    meter.start()
-    console.print(f"direct: {jobs_total} jobs, {in_flight} in flight …")
-    d = await direct(jobs_total)
+    console.print(f"direct: {warmup_jobs} warm-up + {jobs_total} jobs, {in_flight} in flight …")
+    d = await run_direct(stack_grpc, phase, jobs_total, warmup=Warmup(warmup_jobs, meter.start))
     d.cpu_s = meter.stop()
     d.other_cpu_by_comm_s = {k: round(v, 2) for k, v in meter.others.items()}
     console.print(f"  direct: {d.jobs_completed} jobs in {d.wall_s:.2f} s = {d.jobs_per_s:.1f} jobs/s")
@@ -125,26 +119,30 @@ async def run_scenario(
     async with make_client(api_url, in_flight, client_kind) as client:
         context_ids = await create_contexts(client)
 
-        async def plat(total: int) -> RunResult:
-            return await run_platform(client, context_ids, phase, total, polling)
-
-        console.print(f"platform: warm-up {warmup_jobs} jobs …")
-        await plat(warmup_jobs)
-        await asyncio.sleep(1.0)
         meter = CpuMeter(pids)
-        profiler = Profiler(profile_dir, pids, name, profile_gil) if profile_dir is not None else None
-        connects0, retries0 = getattr(client, "connects", 0), getattr(client, "retries", 0)
-        meter.start()
+        profiler: Profiler | None = None
+        connects0 = retries0 = 0
+
+        def measure() -> None:
+            nonlocal profiler, connects0, retries0
+            if profile_dir is not None:
+                profiler = Profiler(profile_dir, pids, name, profile_gil)
+            connects0, retries0 = getattr(client, "connects", 0), getattr(client, "retries", 0)
+            meter.start()
+
         how = (
             f"long poll ?wait={long_poll_wait_s:g}"
             if poll_mode == "long"
             else f"poll every {poll_interval_s * 1000:.0f} ms"
         )
         console.print(
-            f"platform: {jobs_total} jobs, {in_flight} virtual clients, client {client_kind}, {how} …"
+            f"platform: {warmup_jobs} warm-up + {jobs_total} jobs, {in_flight} virtual clients, "
+            f"client {client_kind}, {how} …"
         )
         try:
-            p = await plat(jobs_total)
+            p = await run_platform(
+                client, context_ids, phase, jobs_total, polling, Warmup(warmup_jobs, measure)
+            )
         finally:
             p_cpu = meter.stop()
             if profiler is not None:

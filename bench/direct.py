@@ -11,14 +11,22 @@ import uuid
 
 from app.triton.inference import GenerationError, TritonInference
 from bench.stats import RunResult
-from bench.workload import Phase, triton_params
+from bench.workload import Phase, Warmup, triton_params
 
 
 async def run_direct(
-    grpc_url: str, phase: Phase, total: int, *, think_ms: float = 0.0, seed: int = 1
+    grpc_url: str,
+    phase: Phase,
+    total: int,
+    *,
+    warmup: Warmup | None = None,
+    think_ms: float = 0.0,
+    seed: int = 1,
 ) -> RunResult:
-    """``think_ms`` > 0: each virtual client waits an exponentially distributed time (that mean) before
+    """``total`` measured jobs after ``warmup.jobs`` unmeasured ones, in one continuous run (see Warmup).
+    ``think_ms`` > 0: each virtual client waits an exponentially distributed time (that mean) before
     each job — the turnaround a job has through the platform, without the platform (bench.jitter)."""
+    warmup = warmup or Warmup()
     result = RunResult("direct", phase.scenario, phase.model, phase.in_flight, total)
     client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(phase.time_limit_s, 30.0))
     counter = itertools.count()
@@ -29,11 +37,14 @@ async def run_direct(
     rng = random.Random(seed)
 
     async def virtual_client() -> None:
-        nonlocal last_done
+        nonlocal last_done, start
         while time.monotonic() < deadline:
-            i = next(counter)
+            i = next(counter) - warmup.jobs  # < 0: a warm-up job
             if i >= total:
                 return
+            if i == 0:
+                start = last_done = time.monotonic()
+                warmup.done()
             if think_ms > 0:
                 await asyncio.sleep(rng.expovariate(1000 / think_ms))
             job = phase.jobs[i % len(phase.jobs)]
@@ -52,8 +63,10 @@ async def run_direct(
                 result.timed_out = True
                 return
             except GenerationError as exc:
-                result.jobs_failed += 1
+                result.jobs_failed += i >= 0
                 result.note_error(exc.message)
+                continue
+            if i < 0:
                 continue
             now = time.monotonic()
             last_done = now

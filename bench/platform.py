@@ -16,7 +16,7 @@ import httpx
 
 from bench.httpclient import LeanClient, Reply
 from bench.stats import RunResult
-from bench.workload import PROMPTS, Phase, Polling, api_params
+from bench.workload import PROMPTS, Phase, Polling, Warmup, api_params
 
 
 class HttpxClient:
@@ -77,12 +77,18 @@ def _epoch(iso: str | None) -> float | None:
 
 
 async def run_platform(
-    client: Client, context_ids: list[str], phase: Phase, total: int, polling: Polling
+    client: Client,
+    context_ids: list[str],
+    phase: Phase,
+    total: int,
+    polling: Polling,
+    warmup: Warmup | None = None,
 ) -> RunResult:
     """``polling.mode`` "long": after the submit, GET /results/{id}?wait=<long_poll_wait_s> until terminal
     (normally one request); "interval": sleep ``poll_interval_s``, GET /results/{id}, repeat.
     ``polling.probe_every`` K > 0: every K-th job also does one plain GET /results/{id} (no wait) right after it
     completed, to measure the latency of a poll under load (not counted in polls per job)."""
+    warmup = warmup or Warmup()
     poll_mode, poll_interval_s, probe_every = polling.mode, polling.interval_s, polling.probe_every
     long_poll_wait_s = polling.long_poll_wait_s
     result = RunResult("platform", phase.scenario, phase.model, phase.in_flight, total, poll_mode=poll_mode)
@@ -95,6 +101,7 @@ async def run_platform(
     poll_suffix = f"?wait={long_poll_wait_s:g}" if long_poll else ""
 
     async def one_job(i: int) -> None:
+        """Job ``i`` < 0 is a warm-up job: only its submit latency is kept (``warmup_submit_latency_s``)."""
         nonlocal last_done
         job = phase.jobs[i % len(phase.jobs)]
         url = f"/models/send/{phase.model}/{context_ids[job.prompt_index]}"
@@ -104,7 +111,10 @@ async def run_platform(
         if r.status_code != 202:
             result.note_error(f"POST {url}: {r.status_code} {r.text}")
             return
-        result.submit_latency_s.append(t1 - t0)
+        (result.submit_latency_s if i >= 0 else result.warmup_submit_latency_s).append(t1 - t0)
+        if i < 0:
+            await _finish_warmup_job(r.json()["result_id"])
+            return
         rid = r.json()["result_id"]
         poll_url = f"/results/{rid}{poll_suffix}"
         while True:
@@ -145,13 +155,25 @@ async def run_platform(
             if q.status_code != 200:
                 result.note_error(f"GET /results/{rid} (probe): {q.status_code} {q.text}")
 
+    async def _finish_warmup_job(rid: str) -> None:
+        while True:
+            g = await client.get(f"/results/{rid}{poll_suffix}")
+            if g.status_code != 200 or g.json()["status"] != "pending":
+                return
+            if not long_poll:
+                await asyncio.sleep(poll_interval_s)
+
     async def virtual_client() -> None:
+        nonlocal start, last_done
         try:
             async with asyncio.timeout_at(deadline - time.monotonic() + loop.time()):
                 while True:
-                    i = next(counter)
+                    i = next(counter) - warmup.jobs  # < 0: a warm-up job
                     if i >= total:
                         return
+                    if i == 0:
+                        start = last_done = time.monotonic()
+                        warmup.done()
                     try:
                         await one_job(i)
                     except client.errors as exc:

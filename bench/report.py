@@ -22,6 +22,7 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
     d_job = summary_ms(direct.job_latency_s)
     p_job = summary_ms(platform.job_latency_s)
     sub = summary_ms(platform.submit_latency_s)
+    warm_sub = summary_ms(platform.warmup_submit_latency_s)
     plain = summary_ms(platform.plain_poll_latency_s)
     polls = summary_ms(platform.poll_latency_s)
     lag = summary_ms(platform.answer_lag_s)
@@ -43,6 +44,11 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
             f"{_f(p_job['p50'])} / {_f(p_job['p99'])}",
         ),
         ("submit POST p50 / p95 / p99 ms", "", f"{_f(sub['p50'])} / {_f(sub['p95'])} / {_f(sub['p99'])}"),
+        (
+            "warm-up submit p50 / p99 ms (N clients start at once)",
+            "",
+            f"{_f(warm_sub['p50'])} / {_f(warm_sub['p99'])} (n={warm_sub['n']})",
+        ),
         (
             f"poll GET (no wait) p50 / p99 ms{' [probes]' if long_poll else ''}",
             "",

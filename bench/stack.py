@@ -230,6 +230,8 @@ class CpuMeter:
         return sorted({*pids, *(d for p in pids[:1] for d in descendants(p))})
 
     def stop(self) -> dict[str, float]:
+        if not self._t0:  # never started (no measured job began): nothing measured
+            self.start()
         wall = time.monotonic() - self._t0
         used = {}
         ours: set[int] = set()

@@ -46,6 +46,8 @@ class RunResult:
     timed_out: bool = False
     job_latency_s: list[float] = field(default_factory=list)
     submit_latency_s: list[float] = field(default_factory=list)
+    # the warm-up's submits: its first N start at once on an idle stack (a cold burst, not steady state)
+    warmup_submit_latency_s: list[float] = field(default_factory=list)
     poll_latency_s: list[float] = field(default_factory=list)
     # long-poll mode: plain GET /results/{id} (no wait) of a just-finished job, every K-th job
     probe_latency_s: list[float] = field(default_factory=list)
@@ -81,13 +83,21 @@ class RunResult:
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
-        for key in ("job_latency_s", "submit_latency_s", "poll_latency_s", "probe_latency_s", "answer_lag_s"):
+        for key in (
+            "job_latency_s",
+            "submit_latency_s",
+            "warmup_submit_latency_s",
+            "poll_latency_s",
+            "probe_latency_s",
+            "answer_lag_s",
+        ):
             data.pop(key)
         data["jobs_per_s"] = round(self.jobs_per_s, 2)
         data["tokens_per_s"] = round(self.tokens_per_s, 1)
         data["job_latency_ms"] = summary_ms(self.job_latency_s)
         if self.mode == "platform":
             data["submit_latency_ms"] = summary_ms(self.submit_latency_s)
+            data["warmup_submit_latency_ms"] = summary_ms(self.warmup_submit_latency_s)
             data["poll_latency_ms"] = summary_ms(self.poll_latency_s)
             data["probe_latency_ms"] = summary_ms(self.probe_latency_s)
             data["plain_poll_latency_ms"] = summary_ms(self.plain_poll_latency_s)

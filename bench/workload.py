@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,21 @@ class Job:
     @property
     def prompt(self) -> str:
         return PROMPTS[self.prompt_index]
+
+
+@dataclass(frozen=True)
+class Warmup:
+    """Unmeasured jobs that the same N virtual clients run right before the measured ones, with no
+    pause in between: the measurement starts in the steady state of N in flight, not with N clients
+    starting at once on an idle stack (that cold burst's submit latency is reported separately).
+    ``on_measure`` runs when the first measured job starts (it starts the CPU meter, the profiler)."""
+
+    jobs: int = 0
+    on_measure: Callable[[], object] | None = None
+
+    def done(self) -> None:
+        if self.on_measure is not None:
+            self.on_measure()
 
 
 @dataclass(frozen=True)

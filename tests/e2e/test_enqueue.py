@@ -45,7 +45,10 @@ async def test_job_is_enqueued_only_after_its_row_is_committed(
         queue.enqueue(result_id)
 
     app = create_app(settings, enqueue=checking_enqueue)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+    async with (
+        app.router.lifespan_context(app),  # opens and closes the app's database pool
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client,
+    ):
         context_id = (await client.post("/contexts/", json={"content": "after commit"})).json()["id"]
         sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4})
     engine.dispose()
@@ -62,7 +65,10 @@ async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
     # This API's broker is a port nobody listens on; the worker (and its sweeper) use the real Redis.
     settings = _settings(e2e_env, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     app = create_app(settings)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client:
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client,
+    ):
         context_id = (await client.post("/contexts/", json={"content": "no doorbell"})).json()["id"]
         sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4, "seed": 1})
         assert sent.status_code == 202, sent.text

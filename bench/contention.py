@@ -9,7 +9,6 @@ for a share of every 10 ms) while N virtual clients drive Triton directly, as in
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing
 import time
 from pathlib import Path
@@ -17,7 +16,7 @@ from pathlib import Path
 import typer
 
 from bench.direct import run_direct
-from bench.stack import MODELS
+from bench.stack import triton_only, write_rows
 from bench.workload import Phase, Warmup, choose_jobs
 
 _PERIOD_S = 0.010
@@ -37,12 +36,8 @@ def main(
     burns: str = typer.Option("0,0.5,1.0,1.3", help="CPU cores to burn in the background, per case."),
     json_out: Path | None = typer.Option(None, help="Write the figures as JSON."),
 ) -> None:
-    from app.localtriton.launcher import LocalTriton
-
-    triton = LocalTriton(models=MODELS, log_file=Path("/dev/null"))
-    triton.start()
-    rows = []
-    try:
+    rows: list[dict[str, float]] = []
+    with triton_only() as triton:
         phase = Phase("latency", "sim-llm-slow", choose_jobs(max(in_flight, 256), 64), in_flight, 64, 90)
         print(f"N = {in_flight}; sim-llm-slow (20 ms prefill, 15 ms/token, 64 tokens); direct client")
         print(f"{'burn cores':>10} {'jobs/s':>8} {'vs 0':>6} {'job latency p50 ms':>19}")
@@ -74,10 +69,7 @@ def main(
                 }
             )
             print(f"{cores:10.1f} {r.jobs_per_s:8.1f} {r.jobs_per_s / base:6.3f} {p50:19.1f}")
-    finally:
-        triton.stop()
-    if json_out:
-        json_out.write_text(json.dumps({"in_flight": in_flight, "jobs": jobs, "rows": rows}, indent=2) + "\n")
+    write_rows(json_out, in_flight, jobs, rows)
 
 
 if __name__ == "__main__":

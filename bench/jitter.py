@@ -8,13 +8,12 @@ direct mode). Prints jobs/s, the engine time per job and the share lost to the t
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import typer
 
 from bench.direct import run_direct
-from bench.stack import MODELS
+from bench.stack import triton_only, write_rows
 from bench.workload import Phase, choose_jobs
 
 
@@ -24,12 +23,8 @@ def main(
     thinks: str = typer.Option("0,50,200,500", help="Mean think times (ms) to try."),
     json_out: Path | None = typer.Option(None, help="Write the figures as JSON."),
 ) -> None:
-    from app.localtriton.launcher import LocalTriton
-
-    triton = LocalTriton(models=MODELS, log_file=Path("/dev/null"))
-    triton.start()
-    rows = []
-    try:
+    rows: list[dict[str, float]] = []
+    with triton_only() as triton:
         work = choose_jobs(max(in_flight, 256), 64)
 
         async def run(think: float, total: int) -> tuple[float, float]:
@@ -57,10 +52,7 @@ def main(
                 }
             )
             print(f"{think:8.0f} {rate:8.1f} {rate / base:6.3f} {t50:17.2f} {bound:18.3f}")
-    finally:
-        triton.stop()
-    if json_out:
-        json_out.write_text(json.dumps({"in_flight": in_flight, "jobs": jobs, "rows": rows}, indent=2) + "\n")
+    write_rows(json_out, in_flight, jobs, rows)
 
 
 if __name__ == "__main__":

@@ -4,13 +4,16 @@ Everything is stopped by :meth:`BenchStack.stop`, also on Ctrl-C or error."""
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
@@ -19,7 +22,28 @@ from sqlalchemy import create_engine, text
 from app.stack import BIN, ManagedProcess, api_process, child_env, free_port, worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
+if TYPE_CHECKING:
+    from app.localtriton.launcher import LocalTriton
+
 MODELS = ["sim-llm", "sim-llm-slow"]
+
+
+@contextmanager
+def triton_only() -> Iterator[LocalTriton]:
+    """Just the local Triton with the benchmark's models (the direct-client experiments)."""
+    from app.localtriton.launcher import LocalTriton
+
+    triton = LocalTriton(models=MODELS, log_file=Path("/dev/null"))
+    triton.start()
+    try:
+        yield triton
+    finally:
+        triton.stop()
+
+
+def write_rows(json_out: Path | None, in_flight: int, jobs: int, rows: list[dict[str, float]]) -> None:
+    if json_out:
+        json_out.write_text(json.dumps({"in_flight": in_flight, "jobs": jobs, "rows": rows}, indent=2) + "\n")
 
 
 def recreate_database(base_url: str, name: str) -> str:

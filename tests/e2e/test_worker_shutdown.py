@@ -13,14 +13,18 @@ from sqlalchemy import create_engine, text
 
 from app.queue import RUN_JOB_TASK, get_celery
 from app.stack import worker_process
-from tests.conftest import SLOW_MODEL
+from tests.conftest import PG_BASE, SLOW_MODEL
+from tests.db_utils import recreate_database
 
 
 def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
     e2e_env: dict[str, str], logs_dir: Path, triton: object
 ) -> None:
     queue = e2e_env["CELERY_QUEUE"] + "-shutdown"
-    engine = create_engine(e2e_env["DATABASE_URL"])
+    # A database of its own: the session's worker runs the sweeper (every 1 s, re-sending rows left
+    # pending for 3 s) on the e2e database, and would run these rows itself while this worker starts.
+    database_url = recreate_database(PG_BASE, "llmq_shutdown")
+    engine = create_engine(database_url)
     with engine.begin() as conn:
         context_id = conn.execute(
             text("INSERT INTO context (id, content) VALUES (gen_random_uuid(), 'slowly') RETURNING id")
@@ -39,7 +43,7 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
         get_celery().send_task(RUN_JOB_TASK, args=[rid], queue=queue)
 
     # 2 threads, prefetch 2: 2 jobs running, 2 more reserved, 8 still in Redis.
-    env = {**e2e_env, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
+    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
     worker = worker_process(env, logs_dir / "shutdown-worker.log", beat=False).start()
     try:
         worker.wait_for_log("ready.", timeout_s=60)

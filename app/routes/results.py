@@ -18,7 +18,10 @@ async def list_results(
     limit: int = Query(50, ge=1, le=500, description="Page size."),
     cursor: str | None = Query(None, description="`next_cursor` of the previous page."),
     status: ResultStatus | None = Query(None, description="Only results in this state."),
-    model: str | None = Query(None, max_length=255, description="Only results of this model."),
+    # Postgres text cannot hold NUL: refuse it here (422) instead of failing the query.
+    model: str | None = Query(
+        None, max_length=255, pattern=r"^[^\x00]*$", description="Only results of this model."
+    ),
     context_id: uuid.UUID | None = Query(None, description="Only results of this context."),
     session: AsyncSession = Depends(get_session, scope="function"),
 ) -> Page[ResultOut]:

@@ -160,3 +160,10 @@ async def test_results_filters_and_pagination(client: httpx.AsyncClient, db_sess
     bad_status = await client.get("/results/", params={"status": "done"})
     assert bad_status.status_code == 422
     assert "query.status" in bad_status.json()["error"]
+
+
+async def test_results_filter_with_a_nul_character_is_422(client: httpx.AsyncClient) -> None:
+    # Found by the schemathesis fuzz test: Postgres text cannot hold NUL, and the query failed with 500.
+    response = await client.get("/results/", params={"model": "\x00"})
+    assert response.status_code == 422
+    assert "query.model" in [p["field"] for p in response.json()["detail"]]

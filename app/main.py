@@ -94,6 +94,7 @@ def create_app(
             yield
         finally:  # also when the server (or a test) leaves with an error: the pool's tasks must end
             await app.state.result_waiter.close()
+            await app.state.model_catalog.close()
             await app.state.triton_admin.close()
             await run_in_threadpool(job_queue.close)
             await statement_pool.close()

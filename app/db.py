@@ -60,6 +60,16 @@ def make_async_engine(settings: Settings) -> AsyncEngine:
 Connect = Callable[[], AbstractAsyncContextManager[psycopg.AsyncConnection[Any]]]
 
 
+# psycopg connections made outside SQLAlchemy (the API's statement pool, the worker's job store).
+PSYCOPG_OPTIONS: dict[str, Any] = {"options": "-c timezone=UTC", "prepare_threshold": 0}
+
+
+def psycopg_conninfo(settings: Settings) -> str:
+    """DATABASE_URL as libpq takes it (without SQLAlchemy's `+psycopg` driver suffix)."""
+    url = make_url(settings.DATABASE_URL).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
 def make_statement_pool(settings: Settings) -> AsyncConnectionPool[psycopg.AsyncConnection[Any]]:
     """psycopg's own pool, for the statements every job runs (submit, poll).
 
@@ -69,12 +79,11 @@ def make_statement_pool(settings: Settings) -> AsyncConnectionPool[psycopg.Async
     starting at once found a pool that grew one connection at a time (each a backend fork) and
     waited a second for it (bench: warm-up submits). `Connect` users open it on first use too
     (e.g. without a lifespan, in tests); opening needs the running loop."""
-    url = make_url(settings.DATABASE_URL).set(drivername="postgresql")
     return AsyncConnectionPool(
-        url.render_as_string(hide_password=False),
+        psycopg_conninfo(settings),
         min_size=settings.DB_POOL_SIZE,
         max_size=settings.DB_POOL_SIZE,
-        kwargs={"autocommit": True, "options": "-c timezone=UTC", "prepare_threshold": 0},
+        kwargs={"autocommit": True, **PSYCOPG_OPTIONS},
         open=False,
         name="statements",
     )

@@ -7,11 +7,18 @@ one statement per kind in one transaction, then publishes the completion notices
 pipeline. Nothing waits for a batch to fill: under light load a batch is a single job.
 A thread still returns only after its write is committed, so the Celery message is acked
 after the result is safely in Postgres.
+
+The writer thread has one psycopg connection of its own in autocommit, each kind of write one
+statement: through a SQLAlchemy transaction a batch cost BEGIN, the statements and COMMIT as
+separate round trips plus SQLAlchemy's per-execute work (measured: see bench/README.md, round 5).
+A connection that breaks fails its batch (the jobs are retried by the sweeper like any lost
+job) and is replaced on the next one.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import uuid
@@ -19,9 +26,10 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine
+import psycopg
 
 from app.config import Settings
+from app.db import PSYCOPG_OPTIONS, psycopg_conninfo
 from app.notify import publish_done
 from app.services import jobs
 from app.services.jobs import ClaimedJob, Outcome
@@ -44,9 +52,9 @@ class _Batch:
 
 
 class JobStore:
-    def __init__(self, engine: Engine, settings: Settings) -> None:
-        self.engine = engine
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self._conn: psycopg.Connection[Any] | None = None
         # A claim older than the longest possible call belongs to a dead worker.
         self.stale_after_s = settings.TRITON_REQUEST_TIMEOUT_S + 60
         self._queue: queue.SimpleQueue[tuple[str, uuid.UUID, Any, Future[Any]]] = queue.SimpleQueue()
@@ -86,6 +94,17 @@ class JobStore:
             self._queue.put(item)  # over the batch size: next round
         return batch
 
+    def _connection(self) -> psycopg.Connection[Any]:
+        if self._conn is None:
+            self._conn = psycopg.connect(
+                psycopg_conninfo(self.settings),
+                autocommit=True,
+                connect_timeout=5,
+                application_name=f"llmq-worker-store-{os.getpid()}",
+                **PSYCOPG_OPTIONS,
+            )
+        return self._conn
+
     def _run(self) -> None:
         while True:
             batch = self._collect()
@@ -106,10 +125,16 @@ class JobStore:
         errors: dict[uuid.UUID, str] = {}
         for rid, error, _ in batch.failures:
             errors.setdefault(rid, error)
-        with self.engine.begin() as conn:
+        conn = self._connection()
+        try:
             claimed = jobs.claim_many(conn, claim_ids, self.stale_after_s) if claim_ids else {}
             completed = jobs.complete_many(conn, outcomes)
             failed = jobs.fail_many(conn, errors)
+        except psycopg.Error:
+            if conn.broken or conn.closed:
+                self._conn = None
+                conn.close()
+            raise
         publish_done(self.settings, [*completed, *failed])
 
         first: set[uuid.UUID] = set()
@@ -134,11 +159,11 @@ _store: JobStore | None = None
 _store_lock = threading.Lock()
 
 
-def get_store(engine: Engine, settings: Settings) -> JobStore:
+def get_store(settings: Settings) -> JobStore:
     global _store
     with _store_lock:
         if _store is None:
-            _store = JobStore(engine, settings)
+            _store = JobStore(settings)
         return _store
 
 

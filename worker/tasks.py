@@ -9,7 +9,7 @@ import uuid
 from celery import Task
 
 from app.config import get_settings
-from app.db import get_engine, transaction
+from app.db import transaction
 from app.notify import publish_done
 from app.queue import RUN_JOB_TASK, SWEEP_TASK
 from app.services import jobs
@@ -40,7 +40,7 @@ def sampling_parameters(params: dict[str, object]) -> dict[str, object]:
 def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
     settings = get_settings()
     rid = uuid.UUID(result_id)
-    store = get_store(get_engine(), settings)
+    store = get_store(settings)
     job = store.claim(rid)
     if job is None:
         log.info("result %s is finished or held by another worker; skipping", rid)

@@ -1,5 +1,7 @@
-"""The job's life in the database: claim, release for a retry, and the terminal writes
-(plain Core statements on a connection: this is the worker's hot path).
+"""The job's life in the database: claim, release for a retry, and the terminal writes.
+
+The batched claim/complete/fail statements are the worker's per-job hot path and run on a
+psycopg connection; the rest (retries, the sweeper) are text statements on a SQLAlchemy one.
 
 Every write that ends a job is conditional on `status = 'pending'`, so a redelivered or
 duplicated task can never overwrite a finished result. `started_at` is the claim: a second
@@ -12,6 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg
 from sqlalchemy import Connection, text
 
 
@@ -35,50 +38,44 @@ class Outcome:
 
 
 # Each statement takes many jobs at once: the worker batches the writes of all its threads.
-_CLAIM = text(
-    """
+# They run on a plain psycopg connection in autocommit (worker/job_store.py): one round trip per
+# statement, no BEGIN/COMMIT, no SQLAlchemy statement handling (the worker's per-job hot path).
+_CLAIM = """
     UPDATE result AS r
        SET started_at = now(), attempts = r.attempts + 1, updated_at = now()
       FROM context AS c
-     WHERE r.id = ANY(CAST(:ids AS uuid[])) AND c.id = r.context_id AND r.status = 'pending'
-       AND (r.started_at IS NULL OR r.started_at < now() - make_interval(secs => :stale_after))
+     WHERE r.id = ANY(%(ids)s::uuid[]) AND c.id = r.context_id AND r.status = 'pending'
+       AND (r.started_at IS NULL OR r.started_at < now() - make_interval(secs => %(stale_after)s))
     RETURNING r.id, r.model, r.params, r.attempts, c.content
-    """
-)
-_COMPLETE = text(
-    """
+"""
+_COMPLETE = """
     UPDATE result AS r
        SET status = 'completed', output = v.output, error = NULL, finish_reason = v.finish_reason,
            prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
            finished_at = now(), updated_at = now()
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:outputs AS text[]), CAST(:reasons AS text[]),
-                  CAST(:prompt_tokens AS integer[]), CAST(:completion_tokens AS integer[]))
+      FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(reasons)s::text[],
+                  %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[])
            AS v(id, output, finish_reason, prompt_tokens, completion_tokens)
      WHERE r.id = v.id AND r.status = 'pending'
     RETURNING r.id
-    """
-)
-_FAIL = text(
-    """
+"""
+_FAIL = """
     UPDATE result AS r
        SET status = 'failed', error = v.error, finished_at = now(), updated_at = now()
-      FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error)
+      FROM unnest(%(ids)s::uuid[], %(errors)s::text[]) AS v(id, error)
      WHERE r.id = v.id AND r.status = 'pending'
     RETURNING r.id
-    """
-)
+"""
 
 
 def claim_many(
-    conn: Connection, result_ids: list[uuid.UUID], stale_after_s: float
+    conn: psycopg.Connection[Any], result_ids: list[uuid.UUID], stale_after_s: float
 ) -> dict[uuid.UUID, ClaimedJob]:
     """Take the jobs that are pending and that nobody holds a fresh claim on."""
-    rows = conn.execute(_CLAIM, {"ids": result_ids, "stale_after": stale_after_s})
+    rows = conn.execute(_CLAIM, {"ids": result_ids, "stale_after": stale_after_s}).fetchall()
     return {
-        row.id: ClaimedJob(
-            result_id=row.id, model=row.model, params=row.params, attempts=row.attempts, prompt=row.content
-        )
-        for row in rows
+        rid: ClaimedJob(result_id=rid, model=model, params=params, attempts=attempts, prompt=content)
+        for rid, model, params, attempts, content in rows
     }
 
 
@@ -94,7 +91,7 @@ def release(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
     return bool(updated.rowcount)
 
 
-def complete_many(conn: Connection, outcomes: dict[uuid.UUID, Outcome]) -> set[uuid.UUID]:
+def complete_many(conn: psycopg.Connection[Any], outcomes: dict[uuid.UUID, Outcome]) -> set[uuid.UUID]:
     """Write each outcome once; the ids returned are the rows that were still pending."""
     if not outcomes:
         return set()
@@ -108,16 +105,16 @@ def complete_many(conn: Connection, outcomes: dict[uuid.UUID, Outcome]) -> set[u
             "prompt_tokens": [outcomes[i].prompt_tokens for i in ids],
             "completion_tokens": [outcomes[i].completion_tokens for i in ids],
         },
-    )
-    return {row.id for row in rows}
+    ).fetchall()
+    return {row[0] for row in rows}
 
 
-def fail_many(conn: Connection, errors: dict[uuid.UUID, str]) -> set[uuid.UUID]:
+def fail_many(conn: psycopg.Connection[Any], errors: dict[uuid.UUID, str]) -> set[uuid.UUID]:
     if not errors:
         return set()
     ids = list(errors)
-    rows = conn.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]})
-    return {row.id for row in rows}
+    rows = conn.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]}).fetchall()
+    return {row[0] for row in rows}
 
 
 def requeue_candidates(

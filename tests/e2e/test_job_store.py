@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
+import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
@@ -39,7 +41,7 @@ def _pending(engine: Engine, n: int) -> list[uuid.UUID]:
 
 
 def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e2e_db_url: str) -> None:
-    store = JobStore(engine, Settings(DATABASE_URL=e2e_db_url))
+    store = JobStore(Settings(DATABASE_URL=e2e_db_url))
     ids = _pending(engine, 200)
     # Every job claimed by 4 threads at once (as if its message were delivered 4 times).
     with ThreadPoolExecutor(max_workers=64) as pool:
@@ -60,3 +62,29 @@ def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e
         assert (rows[rid].status, rows[rid].output, rows[rid].completion_tokens) == ("completed", f"out {rid}", 3)
     for rid in ids[half:]:
         assert (rows[rid].status, rows[rid].error) == ("failed", f"err {rid}")
+
+
+def test_a_broken_connection_fails_its_batch_and_is_replaced(engine: Engine, e2e_db_url: str) -> None:
+    """Postgres restarts or kills the store's backend: that batch's writers get the error (their
+    jobs are left pending for the sweeper), and the next batch runs on a new connection."""
+    store = JobStore(Settings(DATABASE_URL=e2e_db_url))
+    first, second, third = _pending(engine, 3)
+    assert store.claim(first) is not None
+    with engine.begin() as conn:
+        killed = conn.execute(
+            text(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = :name"
+            ),
+            {"name": f"llmq-worker-store-{os.getpid()}"},
+        ).scalar_one()
+    assert killed >= 1
+    with pytest.raises(psycopg.OperationalError):
+        store.claim(second)
+    claimed = store.claim(third)
+    assert claimed is not None and claimed.result_id == third
+    assert store.complete(third, Outcome("done", "stop", 1, 1))
+    with engine.connect() as conn:
+        rows = conn.execute(text("SELECT id, status FROM result WHERE id = ANY(:ids)"), {"ids": [second, third]})
+        states = {rid: status for rid, status in rows}
+    assert states == {second: "pending", third: "completed"}

@@ -1,8 +1,12 @@
 """Completion notices, so that a client can wait for a result instead of polling it.
 
-The worker publishes a result's id on a Redis channel once the result is final; each API
-process keeps one subscription and wakes the requests waiting on that id. Notices are only a
-hint: a waiter always re-reads Postgres, and a lost notice costs at most the wait timeout.
+The worker publishes a result's id on a Redis channel once the result is final, followed by the
+row as the API renders it (`ResultOut` JSON) when it has it: that row was returned by the
+committed statement that made the result final, and a final row never changes again, so a waiter
+answers with it instead of reading Postgres once more (one statement and one pool checkout less
+per job). Each API process keeps one subscription and wakes the requests waiting on that id.
+Notices are only a hint: a notice without the row (the sweeper's, or one too large) makes the
+waiter re-read Postgres, and a lost notice costs at most the wait timeout.
 """
 
 from __future__ import annotations
@@ -31,22 +35,40 @@ def _publisher(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
 
 
-def publish_done(settings: Settings, result_ids: list[uuid.UUID]) -> None:
-    """Best effort: a failure only means waiters notice at their timeout."""
-    if not result_ids:
+# A notice carries the row only up to this size: every API process receives every notice.
+MAX_NOTICE_ROW_BYTES = 64 * 1024
+
+
+def notice(result_id: uuid.UUID, row_json: bytes | None = None) -> bytes:
+    """`<id>` or `<id>\n<ResultOut JSON>`."""
+    head = str(result_id).encode()
+    if row_json is None or len(row_json) > MAX_NOTICE_ROW_BYTES:
+        return head
+    return head + b"\n" + row_json
+
+
+def parse_notice(data: bytes) -> tuple[str, bytes | None]:
+    key, sep, row_json = data.partition(b"\n")
+    return key.decode(), (row_json if sep and row_json else None)
+
+
+def publish_done(settings: Settings, notices: list[bytes] | list[uuid.UUID]) -> None:
+    """Best effort: a failure only means waiters notice at their timeout. Takes ids or `notice()`s."""
+    if not notices:
         return
+    messages = [n if isinstance(n, bytes) else notice(n) for n in notices]
     try:
         client = _publisher(settings.REDIS_URL)
         channel = done_channel(settings)
-        if len(result_ids) == 1:
-            client.publish(channel, str(result_ids[0]))
+        if len(messages) == 1:
+            client.publish(channel, messages[0])
         else:
             pipe = client.pipeline(transaction=False)
-            for rid in result_ids:
-                pipe.publish(channel, str(rid))
+            for message in messages:
+                pipe.publish(channel, message)
             pipe.execute()
     except redis.RedisError:
-        log.warning("could not publish completion of %d result(s)", len(result_ids), exc_info=True)
+        log.warning("could not publish completion of %d result(s)", len(messages), exc_info=True)
 
 
 class ResultWaiter:
@@ -55,7 +77,7 @@ class ResultWaiter:
     def __init__(self, redis_url: str, channel: str) -> None:
         self.redis_url = redis_url
         self.channel = channel
-        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[bytes | None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
 
@@ -69,7 +91,7 @@ class ResultWaiter:
                 self._subscribed.set()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
-                        self._wake(message["data"].decode())
+                        self._wake(*parse_notice(message["data"]))
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -83,10 +105,10 @@ class ResultWaiter:
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
                     await client.aclose()
 
-    def _wake(self, key: str) -> None:
+    def _wake(self, key: str, row_json: bytes | None = None) -> None:
         for future in self._waiters.pop(key, ()):
             if not future.done():
-                future.set_result(None)
+                future.set_result(row_json)
 
     async def _ensure_listening(self) -> None:
         if self._task is None or self._task.done():
@@ -98,11 +120,12 @@ class ResultWaiter:
             await asyncio.wait_for(self._subscribed.wait(), 1.0)
 
     @contextlib.asynccontextmanager
-    async def watch(self, result_id: uuid.UUID) -> AsyncIterator[asyncio.Future[None]]:
-        """Register interest before re-reading the row, so a notice in between is not lost."""
+    async def watch(self, result_id: uuid.UUID) -> AsyncIterator[asyncio.Future[bytes | None]]:
+        """Register interest before re-reading the row, so a notice in between is not lost.
+        The future's result is the final row's JSON if the notice carried it, else None."""
         await self._ensure_listening()
         key = str(result_id)
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(key, set()).add(future)
         try:
             yield future

@@ -3,8 +3,9 @@
 Each job thread needs two writes (claim, then the outcome). Done one by one, a worker with
 hundreds of jobs in flight spends more CPU on per-statement overhead than on the work; here
 the threads queue their requests and wait, and one thread executes whatever has queued up as
-one statement per kind in one transaction, then publishes the completion notices in one Redis
-pipeline. Nothing waits for a batch to fill: under light load a batch is a single job.
+one statement per kind, then publishes the completion notices (with the final rows, see
+app/notify.py) in one Redis pipeline. Nothing waits for a batch to fill: under light load a
+batch is a single job.
 A thread still returns only after its write is committed, so the Celery message is acked
 after the result is safely in Postgres.
 
@@ -30,7 +31,8 @@ import psycopg
 
 from app.config import Settings
 from app.db import PSYCOPG_OPTIONS, psycopg_conninfo
-from app.notify import publish_done
+from app.notify import notice, publish_done
+from app.schemas import ResultOut
 from app.services import jobs
 from app.services.jobs import ClaimedJob, Outcome
 
@@ -135,7 +137,13 @@ class JobStore:
                 self._conn = None
                 conn.close()
             raise
-        publish_done(self.settings, [*completed, *failed])
+        publish_done(
+            self.settings,
+            [
+                notice(rid, ResultOut.model_validate(row).model_dump_json().encode())
+                for rid, row in (completed | failed).items()
+            ],
+        )
 
         first: set[uuid.UUID] = set()
 

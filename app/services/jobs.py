@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import dict_row
 from sqlalchemy import Connection, text
 
 
@@ -57,15 +58,17 @@ _COMPLETE = """
                   %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[])
            AS v(id, output, finish_reason, prompt_tokens, completion_tokens)
      WHERE r.id = v.id AND r.status = 'pending'
-    RETURNING r.id
+    RETURNING r.*
 """
 _FAIL = """
     UPDATE result AS r
        SET status = 'failed', error = v.error, finished_at = now(), updated_at = now()
       FROM unnest(%(ids)s::uuid[], %(errors)s::text[]) AS v(id, error)
      WHERE r.id = v.id AND r.status = 'pending'
-    RETURNING r.id
+    RETURNING r.*
 """
+
+FinalRows = dict[uuid.UUID, dict[str, Any]]
 
 
 def claim_many(
@@ -91,12 +94,14 @@ def release(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
     return bool(updated.rowcount)
 
 
-def complete_many(conn: psycopg.Connection[Any], outcomes: dict[uuid.UUID, Outcome]) -> set[uuid.UUID]:
-    """Write each outcome once; the ids returned are the rows that were still pending."""
+def complete_many(conn: psycopg.Connection[Any], outcomes: dict[uuid.UUID, Outcome]) -> FinalRows:
+    """Write each outcome once. Returned: the rows that were still pending, as now written
+    (the completion notice carries them to the API's waiters)."""
     if not outcomes:
-        return set()
+        return {}
     ids = list(outcomes)
-    rows = conn.execute(
+    cursor = conn.cursor(row_factory=dict_row)
+    rows = cursor.execute(
         _COMPLETE,
         {
             "ids": ids,
@@ -106,15 +111,17 @@ def complete_many(conn: psycopg.Connection[Any], outcomes: dict[uuid.UUID, Outco
             "completion_tokens": [outcomes[i].completion_tokens for i in ids],
         },
     ).fetchall()
-    return {row[0] for row in rows}
+    return {row["id"]: row for row in rows}
 
 
-def fail_many(conn: psycopg.Connection[Any], errors: dict[uuid.UUID, str]) -> set[uuid.UUID]:
+def fail_many(conn: psycopg.Connection[Any], errors: dict[uuid.UUID, str]) -> FinalRows:
+    """Like `complete_many`, for jobs that end with an error."""
     if not errors:
-        return set()
+        return {}
     ids = list(errors)
-    rows = conn.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]}).fetchall()
-    return {row[0] for row in rows}
+    cursor = conn.cursor(row_factory=dict_row)
+    rows = cursor.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]}).fetchall()
+    return {row["id"]: row for row in rows}
 
 
 def requeue_candidates(

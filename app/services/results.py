@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import uuid
 from collections.abc import Callable
 from typing import cast
 
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
+from pydantic import ValidationError
 from sqlalchemy import Table, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.dialects.postgresql.psycopg import dialect as psycopg_dialect
@@ -21,6 +23,8 @@ from app.models import Context, Result, ResultStatus
 from app.notify import ResultWaiter
 from app.pagination import encode_cursor, paginate
 from app.schemas import ResultOut, SamplingParams, SendAccepted
+
+log = logging.getLogger(__name__)
 
 Enqueue = Callable[[uuid.UUID], None]
 
@@ -109,6 +113,12 @@ async def poll(connect: Connect, waiter: ResultWaiter, result_id: uuid.UUID, wai
             return result
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(finished, wait_s)
+    row_json = finished.result() if finished.done() and not finished.cancelled() else None
+    if row_json is not None:
+        try:
+            return ResultOut.model_validate_json(row_json)
+        except ValidationError:
+            log.warning("result %s: unreadable completion notice, reading the database", result_id)
     return await read(connect, result_id)
 
 

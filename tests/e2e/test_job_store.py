@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
+import redis
 from sqlalchemy import Engine, create_engine, text
 
 from app.config import Settings
+from app.notify import done_channel, parse_notice
+from app.schemas import ResultOut
 from app.services.jobs import Outcome
 from worker.job_store import JobStore
 
 
 @pytest.fixture
 def engine(e2e_db_url: str) -> Iterator[Engine]:
-    eng = create_engine(e2e_db_url, pool_size=20)
+    eng = create_engine(e2e_db_url, pool_size=20, connect_args={"options": "-c timezone=UTC"})
     yield eng
     eng.dispose()
 
@@ -88,3 +93,31 @@ def test_a_broken_connection_fails_its_batch_and_is_replaced(engine: Engine, e2e
         rows = conn.execute(text("SELECT id, status FROM result WHERE id = ANY(:ids)"), {"ids": [second, third]})
         states = {rid: status for rid, status in rows}
     assert states == {second: "pending", third: "completed"}
+
+
+def test_notices_carry_the_final_rows_as_the_api_renders_them(engine: Engine, e2e_db_url: str) -> None:
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings)
+    done, failed = _pending(engine, 2)
+    subscriber = redis.Redis.from_url(settings.REDIS_URL).pubsub(ignore_subscribe_messages=True)
+    subscriber.subscribe(done_channel(settings))
+    try:
+        assert store.claim(done) is not None and store.claim(failed) is not None
+        assert store.complete(done, Outcome("the text", "length", 5, 7))
+        assert store.fail(failed, "the reason")
+        notices = {}
+        deadline = time.monotonic() + 5
+        while len(notices) < 2 and time.monotonic() < deadline:
+            message = subscriber.get_message(timeout=0.5)
+            if message is not None:
+                key, row = parse_notice(message["data"])
+                notices[key] = row
+    finally:
+        subscriber.close()
+    with engine.connect() as conn:
+        rows = {r.id: r for r in conn.execute(text("SELECT * FROM result WHERE id = ANY(:ids)"), {"ids": [done, failed]})}
+    for rid in (done, failed):
+        expected = ResultOut.model_validate(rows[rid]).model_dump_json().encode()
+        assert notices[str(rid)] == expected  # byte for byte what GET /results/{id} answers
+    assert json.loads(notices[str(done)])["output"] == "the text"
+    assert json.loads(notices[str(failed)])["error"] == "the reason"

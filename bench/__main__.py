@@ -21,7 +21,7 @@ from bench.platform import CLIENTS, create_contexts, make_client, run_platform
 from bench.report import print_report, write_json
 from bench.stack import BENCH_BIN, BenchStack, CpuMeter, StackOptions
 from bench.stats import RunResult
-from bench.workload import Phase, Polling, Warmup, choose_jobs
+from bench.workload import Phase, Polling, Warmup, choose_jobs, nominal_job_s
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIOS = {
@@ -98,6 +98,7 @@ async def run_scenario(
     probe_every: int,
     time_limit_s: float,
     warmup_jobs: int,
+    ramp_s: float | None,
     profile_dir: Path | None,
     client_kind: str,
     profile_gil: bool = False,
@@ -106,7 +107,12 @@ async def run_scenario(
     jobs = choose_jobs(max(in_flight, 256), max_tokens)
     console.rule(f"scenario {name}: {description} (model {model})")
 
-    phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s)
+    # Independent clients are not synchronised: started all at once, the N jobs of the direct client
+    # stay in lockstep (one admission step, then decode-only steps), which the simulated engine runs
+    # faster than a steady stream, and the platform's jobs keep the bunching (phases persist in a
+    # closed loop), so it sees waves of completions and submits. bench/README.md, round 5.
+    ramp = nominal_job_s(model, max_tokens) if ramp_s is None else ramp_s
+    phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s, ramp)
     polling = Polling(poll_mode, poll_interval_s, long_poll_wait_s, probe_every)
 
     meter = CpuMeter(pids)
@@ -197,6 +203,13 @@ def main(
         60, help="Time limit of each measured phase (jobs/s counts the jobs done by then)."
     ),
     warmup_jobs: int | None = typer.Option(None, help="Unmeasured jobs before each phase (default: N)."),
+    ramp_s: float | None = typer.Option(
+        None,
+        min=0,
+        help="The N virtual clients start spread over this many seconds (client k at k x ramp / N), "
+        "in both modes. Default: one job's nominal duration on the scenario's model (prefill + "
+        "(tokens - 1) x decode: 0.97 s for latency, 0 for zero). 0: all at once (rounds 1-4).",
+    ),
     quick: bool = typer.Option(False, help="Smoke run: 300 jobs, N = 64."),
     profile: bool = typer.Option(False, help="py-spy record the API and worker during each platform phase."),
     profile_gil: bool = typer.Option(
@@ -243,6 +256,7 @@ def main(
         "jobs": jobs,
         "in_flight": in_flight,
         "max_tokens": max_tokens,
+        "ramp_s": "nominal job duration" if ramp_s is None else ramp_s,
         "poll_mode": poll_mode,
         "poll_interval_ms": poll_interval_ms if poll_mode == "interval" else None,
         "long_poll_wait_s": long_poll_wait_s if poll_mode == "long" else None,
@@ -290,6 +304,7 @@ def main(
                         probe_every=probe_every,
                         time_limit_s=time_limit_s,
                         warmup_jobs=warmup_jobs if warmup_jobs is not None else in_flight,
+                        ramp_s=ramp_s,
                         profile_dir=run_dir / "profile" if profile else None,
                         client_kind=client,
                         profile_gil=profile_gil,

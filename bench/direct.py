@@ -27,12 +27,14 @@ async def run_direct(
     each job — the turnaround a job has through the platform, without the platform (bench.jitter)."""
     result = RunResult("direct", phase.scenario, phase.model, phase.in_flight, total)
     client = TritonInference(grpc_url, connect_timeout_s=5.0, request_timeout_s=max(phase.time_limit_s, 30.0))
+    result.ramp_s = phase.ramp_s
     clock = JobClock(total, warmup)
     run_tag = uuid.uuid4().hex[:8]
     deadline = clock.start + phase.time_limit_s
     rng = random.Random(seed)
 
-    async def virtual_client() -> None:
+    async def virtual_client(k: int) -> None:
+        await phase.start_of(k)
         while time.monotonic() < deadline:
             i = clock.take()  # < 0: a warm-up job
             if i is None:
@@ -68,7 +70,7 @@ async def run_direct(
                 result.wrong_length += 1
 
     try:
-        await asyncio.gather(*(virtual_client() for _ in range(phase.in_flight)))
+        await asyncio.gather(*(virtual_client(k) for k in range(phase.in_flight)))
     finally:
         await client.close()
     if time.monotonic() >= deadline:

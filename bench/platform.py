@@ -90,6 +90,7 @@ async def run_platform(
     poll_mode, poll_interval_s, probe_every = polling.mode, polling.interval_s, polling.probe_every
     long_poll_wait_s = polling.long_poll_wait_s
     result = RunResult("platform", phase.scenario, phase.model, phase.in_flight, total, poll_mode=poll_mode)
+    result.ramp_s = phase.ramp_s
     clock = JobClock(total, warmup)
     loop = asyncio.get_running_loop()
     deadline = clock.start + phase.time_limit_s
@@ -158,9 +159,10 @@ async def run_platform(
             if not long_poll:
                 await asyncio.sleep(poll_interval_s)
 
-    async def virtual_client() -> None:
+    async def virtual_client(k: int) -> None:
         try:
             async with asyncio.timeout_at(deadline - time.monotonic() + loop.time()):
+                await phase.start_of(k)
                 while True:
                     i = clock.take()  # < 0: a warm-up job
                     if i is None:
@@ -172,6 +174,6 @@ async def run_platform(
         except TimeoutError:
             result.timed_out = True
 
-    await asyncio.gather(*(virtual_client() for _ in range(phase.in_flight)))
+    await asyncio.gather(*(virtual_client(k) for k in range(phase.in_flight)))
     result.wall_s = clock.wall_s
     return result

@@ -18,6 +18,10 @@ def _f(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:,.{digits}f}"
 
 
+def _start(ramp_s: float) -> str:
+    return f"spread over {ramp_s:.2f} s" if ramp_s > 0 else "all at once"
+
+
 def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str, str]]:
     d_job = summary_ms(direct.job_latency_s)
     p_job = summary_ms(platform.job_latency_s)
@@ -34,6 +38,7 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
             f"{direct.jobs_completed} ({direct.jobs_failed}/{direct.errors})",
             f"{platform.jobs_completed} ({platform.jobs_failed}/{platform.errors})",
         ),
+        ("start of the N clients", _start(direct.ramp_s), _start(platform.ramp_s)),
         ("wall time s", _f(direct.wall_s, 2), _f(platform.wall_s, 2)),
         ("jobs/s", _f(direct.jobs_per_s), _f(platform.jobs_per_s)),
         ("tokens/s", _f(direct.tokens_per_s, 0), _f(platform.tokens_per_s, 0)),
@@ -45,7 +50,7 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
         ),
         ("submit POST p50 / p95 / p99 ms", "", f"{_f(sub['p50'])} / {_f(sub['p95'])} / {_f(sub['p99'])}"),
         (
-            "warm-up submit p50 / p99 ms (N clients start at once)",
+            "warm-up submit p50 / p99 ms (the N clients' first jobs)",
             "",
             f"{_f(warm_sub['p50'])} / {_f(warm_sub['p99'])} (n={warm_sub['n']})",
         ),

@@ -46,7 +46,9 @@ class RunResult:
     timed_out: bool = False
     job_latency_s: list[float] = field(default_factory=list)
     submit_latency_s: list[float] = field(default_factory=list)
-    # the warm-up's submits: its first N start at once on an idle stack (a cold burst, not steady state)
+    # the N virtual clients start spread over this many seconds (0: all at once), the same in both modes
+    ramp_s: float = 0.0
+    # the warm-up's submits: the N clients' first jobs, on an idle stack (not steady state)
     warmup_submit_latency_s: list[float] = field(default_factory=list)
     poll_latency_s: list[float] = field(default_factory=list)
     # long-poll mode: plain GET /results/{id} (no wait) of a just-finished job, every K-th job

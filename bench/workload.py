@@ -3,15 +3,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from app.localtriton.engine import simulate
 
 MAX_MODEL_LEN = 512  # the built-in sim-llm / sim-llm-slow model.json
+SIM_MODELS = Path(__file__).resolve().parent.parent / "app" / "localtriton" / "models"
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who discovers a message in a bottle.",
@@ -76,9 +80,22 @@ class JobClock:
         return self.last_done - self.start
 
 
+def nominal_job_s(model: str, max_tokens: int) -> float:
+    """How long one job takes on an idle simulated engine: a prefill step, then a decode step per
+    further token (SIM_PREFILL_MS / SIM_DECODE_MS in the built-in model's config.pbtxt)."""
+    config = (SIM_MODELS / model / "config.pbtxt").read_text()
+
+    def ms(key: str) -> float:
+        found = re.search(rf'key: "{key}" value: {{ string_value: "([0-9.]+)" }}', config)
+        return float(found.group(1)) if found else 0.0
+
+    return (ms("SIM_PREFILL_MS") + (max_tokens - 1) * ms("SIM_DECODE_MS")) / 1000
+
+
 @dataclass(frozen=True)
 class Phase:
-    """What both modes of a scenario run: the same jobs, N in flight, the same limits."""
+    """What both modes of a scenario run: the same jobs, N in flight, the same limits, and the
+    same start: virtual client k of N begins at k x ``ramp_s`` / N (0: all at once)."""
 
     scenario: str
     model: str
@@ -86,6 +103,12 @@ class Phase:
     in_flight: int
     max_tokens: int
     time_limit_s: float
+    ramp_s: float = 0.0
+
+    async def start_of(self, k: int) -> None:
+        """Virtual client ``k`` waits for its turn to start."""
+        if self.ramp_s > 0:
+            await asyncio.sleep(k * self.ramp_s / self.in_flight)
 
 
 @dataclass(frozen=True)

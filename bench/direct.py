@@ -60,9 +60,11 @@ async def run_direct(
                 result.jobs_failed += i >= 0
                 result.note_error(exc.message)
                 continue
+            now = time.monotonic()
+            clock.finished(now)
             if i < 0:
                 continue
-            now = clock.last_done = time.monotonic()
+            clock.last_done = now
             result.jobs_completed += 1
             result.job_latency_s.append(now - t0)
             result.tokens += gen.completion_tokens or 0
@@ -76,4 +78,5 @@ async def run_direct(
     if time.monotonic() >= deadline:
         result.timed_out = True
     result.wall_s = clock.wall_s
+    result.steady_jobs_per_s = clock.steady_jobs_per_s()
     return result

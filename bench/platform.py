@@ -130,6 +130,7 @@ async def run_platform(
             if status == "pending":
                 continue
             clock.last_done = p1
+            clock.finished(p1)
             finished = _epoch(body.get("finished_at"))
             if finished is not None:
                 result.answer_lag_s.append(max(wall1 - finished, 0.0))
@@ -155,6 +156,7 @@ async def run_platform(
         while True:
             g = await client.get(f"/results/{rid}{poll_suffix}")
             if g.status_code != 200 or g.json()["status"] != "pending":
+                clock.finished(time.monotonic())
                 return
             if not long_poll:
                 await asyncio.sleep(poll_interval_s)
@@ -176,4 +178,5 @@ async def run_platform(
 
     await asyncio.gather(*(virtual_client(k) for k in range(phase.in_flight)))
     result.wall_s = clock.wall_s
+    result.steady_jobs_per_s = clock.steady_jobs_per_s()
     return result

@@ -41,6 +41,11 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
         ("start of the N clients", _start(direct.ramp_s), _start(platform.ramp_s)),
         ("wall time s", _f(direct.wall_s, 2), _f(platform.wall_s, 2)),
         ("jobs/s", _f(direct.jobs_per_s), _f(platform.jobs_per_s)),
+        (
+            "jobs/s while all N were busy (no ramp, no tail)",
+            _f(direct.steady_jobs_per_s),
+            _f(platform.steady_jobs_per_s),
+        ),
         ("tokens/s", _f(direct.tokens_per_s, 0), _f(platform.tokens_per_s, 0)),
         ("[bold]ratio platform/direct[/]", "", f"[bold]{_f(ratio, 3)}[/]"),
         (

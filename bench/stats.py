@@ -46,6 +46,8 @@ class RunResult:
     timed_out: bool = False
     job_latency_s: list[float] = field(default_factory=list)
     submit_latency_s: list[float] = field(default_factory=list)
+    # jobs/s while all N clients were busy (bench.workload.JobClock.steady_jobs_per_s)
+    steady_jobs_per_s: float | None = None
     # the N virtual clients start spread over this many seconds (0: all at once), the same in both modes
     ramp_s: float = 0.0
     # the warm-up's submits: the N clients' first jobs, on an idle stack (not steady state)

@@ -64,11 +64,15 @@ class JobClock:
         self.warmup = warmup or Warmup()
         self._indexes = itertools.count(-self.warmup.jobs)
         self.start = self.last_done = time.monotonic()
+        self.exhausted_at: float | None = None  # when a client first found no job left
+        self._finished: list[float] = []  # every job's end, warm-up ones too
 
     def take(self) -> int | None:
         """The next job's index, None when all are taken."""
         i = next(self._indexes)
         if i >= self.total:
+            if self.exhausted_at is None:
+                self.exhausted_at = time.monotonic()
             return None
         if i == 0:
             self.start = self.last_done = time.monotonic()
@@ -78,6 +82,17 @@ class JobClock:
     @property
     def wall_s(self) -> float:
         return self.last_done - self.start
+
+    def finished(self, at: float) -> None:
+        self._finished.append(at)
+
+    def steady_jobs_per_s(self) -> float | None:
+        """Jobs finished per second between the first measured job's start and the moment the jobs
+        ran out, i.e. while all N clients were busy (no ramp, no tail). None if that window is empty."""
+        end = self.exhausted_at
+        if end is None or end <= self.start:
+            return None
+        return sum(self.start <= t <= end for t in self._finished) / (end - self.start)
 
 
 def nominal_job_s(model: str, max_tokens: int) -> float:

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bench.workload import Phase, nominal_job_s
+from bench.workload import JobClock, Phase, Warmup, nominal_job_s
 
 pytestmark = pytest.mark.anyio
 
@@ -32,3 +32,14 @@ async def test_client_k_starts_at_k_times_ramp_over_n(ramp_s: float) -> None:
     await asyncio.gather(*(client(k) for k in range(8)))
     for k, at in started.items():
         assert at == pytest.approx(k * ramp_s / 8, abs=0.03)
+
+
+def test_steady_rate_counts_only_jobs_finished_while_all_clients_were_busy() -> None:
+    clock = JobClock(total=2, warmup=Warmup(jobs=1))
+    assert [clock.take(), clock.take(), clock.take()] == [-1, 0, 1]
+    assert clock.steady_jobs_per_s() is None  # jobs left: no window yet
+    assert clock.take() is None and clock.exhausted_at is not None
+    clock.start, clock.exhausted_at = 100.0, 102.0
+    for at in (99.0, 100.5, 101.0, 101.9, 103.0):  # a warm-up job before, a tail job after
+        clock.finished(at)
+    assert clock.steady_jobs_per_s() == pytest.approx(3 / 2.0)

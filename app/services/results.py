@@ -116,9 +116,12 @@ async def poll(connect: Connect, waiter: ResultWaiter, result_id: uuid.UUID, wai
     row_json = finished.result() if finished.done() and not finished.cancelled() else None
     if row_json is not None:
         try:
-            return ResultOut.model_validate_json(row_json)
+            final = ResultOut.model_validate_json(row_json)
+            if final.id == result_id:
+                return final
         except ValidationError:
-            log.warning("result %s: unreadable completion notice, reading the database", result_id)
+            pass
+        log.warning("result %s: unreadable completion notice, reading the database", result_id)
     return await read(connect, result_id)
 
 

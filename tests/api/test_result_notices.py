@@ -55,11 +55,14 @@ async def test_the_long_poll_answers_with_the_row_the_notice_carries(client: htt
     assert answer.json() == final
 
 
-@pytest.mark.parametrize("row", [None, b"{not json", b'{"id": "x"}'], ids=["id-only", "garbage", "invalid"])
+@pytest.mark.parametrize("row", [None, b"{not json", b'{"id": "x"}', "other"], ids=["id-only", "garbage", "invalid", "other-id"])
 async def test_a_notice_without_a_readable_row_makes_the_poll_read_the_database(
-    client: httpx.AsyncClient, row: bytes | None, caplog: pytest.LogCaptureFixture
+    client: httpx.AsyncClient, row: bytes | str | None, caplog: pytest.LogCaptureFixture
 ) -> None:
     pending = await _pending_result(client)
+    if row == "other":  # a well-formed row, but of another result
+        row = json.dumps({**pending, "id": str(uuid.uuid4()), "status": "completed", "output": "not yours"}).encode()
+    assert not isinstance(row, str)
     message = str(pending["id"]).encode() + (b"\n" + row if row else b"")
     with caplog.at_level(logging.WARNING, logger="app.services.results"):
         answer = await _long_poll_woken_by(client, str(pending["id"]), message)

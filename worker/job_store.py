@@ -137,13 +137,7 @@ class JobStore:
                 self._conn = None
                 conn.close()
             raise
-        publish_done(
-            self.settings,
-            [
-                notice(rid, ResultOut.model_validate(row).model_dump_json().encode())
-                for rid, row in (completed | failed).items()
-            ],
-        )
+        publish_done(self.settings, [_notice(rid, row) for rid, row in (completed | failed).items()])
 
         first: set[uuid.UUID] = set()
 
@@ -161,6 +155,16 @@ class JobStore:
         first.clear()
         for rid, _, future in batch.failures:
             future.set_result(once(rid, rid in failed))
+
+
+def _notice(result_id: uuid.UUID, row: dict[str, Any]) -> bytes:
+    """The notice with the row as the API renders it; without the row if it cannot be rendered
+    (the write is committed by now: the waiters then read it from the database)."""
+    try:
+        return notice(result_id, ResultOut.model_validate(row).model_dump_json().encode())
+    except ValueError:  # pydantic's ValidationError
+        log.exception("result %s: final row not renderable for its notice", result_id)
+        return notice(result_id)
 
 
 _store: JobStore | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 import uuid
@@ -18,7 +19,7 @@ from app.config import Settings
 from app.notify import done_channel, parse_notice
 from app.schemas import ResultOut
 from app.services.jobs import Outcome
-from worker.job_store import JobStore
+from worker.job_store import JobStore, _notice
 
 
 @pytest.fixture
@@ -121,3 +122,10 @@ def test_notices_carry_the_final_rows_as_the_api_renders_them(engine: Engine, e2
         assert notices[str(rid)] == expected  # byte for byte what GET /results/{id} answers
     assert json.loads(notices[str(done)])["output"] == "the text"
     assert json.loads(notices[str(failed)])["error"] == "the reason"
+
+
+def test_a_row_that_cannot_be_rendered_still_gets_an_id_notice(caplog: pytest.LogCaptureFixture) -> None:
+    rid = uuid.uuid4()
+    with caplog.at_level(logging.ERROR, logger="worker.job_store"):
+        assert parse_notice(_notice(rid, {"id": rid, "status": "completed"})) == (str(rid), None)
+    assert "not renderable" in caplog.text

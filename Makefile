@@ -14,19 +14,21 @@ help: ## List the commands
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev,local]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,tools,local]'
+	@# The tooling packages (nvidia_triton/: devstack, localtriton, gpuhost) are importable in the venv.
+	@echo "$(CURDIR)/nvidia_triton" > "$$($(BIN)/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/llmq-tools.pth"
 	@touch $(STAMP)
 
-install: $(STAMP) ## Create the virtualenv (.venv) and install the project with dev and local extras
+install: $(STAMP) ## Create the virtualenv (.venv) and install the project with its dev, tools and local extras
 
 dev: $(STAMP) ## Run everything locally: Postgres/Redis, migrations, local Triton, worker, API on :8887 (API_PORT)
-	$(BIN)/python -m app.dev up
+	$(BIN)/python -m devstack up
 
 services: $(STAMP) ## Make sure Postgres and Redis run, create and migrate the database
-	$(BIN)/python -m app.dev services
+	$(BIN)/python -m devstack services
 
 test: $(STAMP) ## Run the test suite (unit + integration against real Postgres, Redis, Celery, Triton)
-	$(BIN)/python -m app.dev services
+	$(BIN)/python -m devstack services
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 check: lint typecheck migrations-check ## Ruff, mypy (strict) and `alembic check`
@@ -39,7 +41,7 @@ typecheck: $(STAMP)
 	$(BIN)/mypy
 
 migrations-check: $(STAMP) ## Fail when the models changed without a migration
-	$(BIN)/python -m app.dev services
+	$(BIN)/python -m devstack services
 	$(BIN)/alembic check
 
 format: $(STAMP)

@@ -1,6 +1,6 @@
 """`python -m bench.schedsim`: why the latency scenario's platform throughput sits at ~half the direct
 ceiling although the CPU is not saturated — a discrete-event model of the simulated vLLM scheduler
-(``app/localtriton/scheduler.py``), no sleeping, runs in a second.
+(``nvidia_triton/localtriton/scheduler.py``), no sleeping, runs in a second.
 
 The scheduler does vLLM's (V0, no chunked prefill) thing: a step that admits new sequences is a
 *prefill* step of ``prefill_ms`` that only produces the new sequences' first token — every running

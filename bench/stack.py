@@ -19,11 +19,11 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
 
-from app.stack import BIN, ManagedProcess, api_process, child_env, free_port, worker_process
+from devstack.processes import BIN, ManagedProcess, api_process, child_env, free_port, worker_process
 
 ROOT = Path(__file__).resolve().parent.parent
 if TYPE_CHECKING:
-    from app.localtriton.launcher import LocalTriton
+    from localtriton.launcher import LocalTriton
 
 MODELS = ["sim-llm", "sim-llm-slow"]
 
@@ -31,7 +31,7 @@ MODELS = ["sim-llm", "sim-llm-slow"]
 @contextmanager
 def triton_only() -> Iterator[LocalTriton]:
     """Just the local Triton with the benchmark's models (the direct-client experiments)."""
-    from app.localtriton.launcher import LocalTriton
+    from localtriton.launcher import LocalTriton
 
     triton = LocalTriton(models=MODELS, log_file=Path("/dev/null"))
     triton.start()
@@ -99,7 +99,7 @@ class BenchStack:
         self.env: dict[str, str] = {}
 
     def start(self, log: Callable[[str], object] = print) -> BenchStack:
-        from app.localtriton.launcher import LocalTriton
+        from localtriton.launcher import LocalTriton
 
         o = self.options
         self.logs.mkdir(parents=True, exist_ok=True)

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from app.localtriton.engine import simulate
+from localtriton.engine import simulate
 
 MAX_MODEL_LEN = 512  # the built-in sim-llm / sim-llm-slow model.json
-SIM_MODELS = Path(__file__).resolve().parent.parent / "app" / "localtriton" / "models"
+SIM_MODELS = Path(__file__).resolve().parent.parent / "nvidia_triton" / "localtriton" / "models"
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who discovers a message in a bottle.",

@@ -44,7 +44,7 @@ from sqlalchemy.ext.asyncio import (  # noqa: E402
 
 from tests.db_utils import recreate_database  # noqa: E402
 
-SIM_MODELS = Path(__file__).resolve().parent.parent / "app" / "localtriton" / "models"
+SIM_MODELS = Path(__file__).resolve().parent.parent / "nvidia_triton" / "localtriton" / "models"
 FAST_MODEL = "sim-llm"
 SLOW_MODEL = "sim-llm-slow"
 UNLOADED_MODEL = "sim-llm-unloaded"
@@ -75,7 +75,7 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def triton(model_repository: Path, logs_dir: Path) -> Iterator[object]:
-    from app.localtriton.launcher import LocalTriton
+    from localtriton.launcher import LocalTriton
 
     server = LocalTriton(
         model_repository=model_repository,
@@ -199,7 +199,7 @@ def e2e_env(e2e_db_url: str, triton: object) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def worker(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[object]:
-    from app.stack import worker_process
+    from devstack.processes import worker_process
 
     proc = worker_process(e2e_env, logs_dir / "worker.log").start()
     try:
@@ -211,7 +211,7 @@ def worker(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[object]:
 
 @pytest.fixture(scope="session")
 def api_server(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
-    from app.stack import api_process, free_port
+    from devstack.processes import api_process, free_port
 
     port = free_port()
     proc = api_process(e2e_env, logs_dir / "api.log", port=port).start()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.dbadmin import recreate_database as _recreate
+from devstack.database import recreate_database as _recreate
 
 
 def recreate_database(base_url: str, name: str) -> str:

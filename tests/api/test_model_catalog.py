@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from app.stack import free_port
+from devstack.processes import free_port
 from app.triton.admin import ModelCatalog, ModelState, TritonAdmin, TritonUnavailable
 from tests.conftest import FAST_MODEL
 

@@ -6,7 +6,7 @@ import httpx
 import pytest
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from app.stack import free_port
+from devstack.processes import free_port
 from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, make_api_app
 
 pytestmark = pytest.mark.anyio

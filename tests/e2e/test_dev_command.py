@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sqlalchemy import create_engine, text
 
-from app.stack import free_port
+from devstack.processes import free_port
 from tests.conftest import PG_BASE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -83,7 +83,7 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
         assert result["completion_tokens"] and result["output"]
 
         children = _descendants(make.pid)
-        assert len(children) >= 4  # python -m app.dev, tritonserver, celery, uvicorn (and more)
+        assert len(children) >= 4  # python -m devstack, tritonserver, celery, uvicorn (and more)
     finally:
         os.killpg(make.pid, signal.SIGINT)
         try:

@@ -10,8 +10,8 @@ import pytest
 import redis
 
 from app.config import Settings
-from app.dev import ensure_services, reachable
-from app.stack import free_port
+from devstack.__main__ import ensure_services, reachable
+from devstack.processes import free_port
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

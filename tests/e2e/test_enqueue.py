@@ -14,7 +14,7 @@ from sqlalchemy import create_engine, text
 from app.config import Settings
 from app.main import create_app
 from app.queue import RUN_JOB_TASK, JobQueue
-from app.stack import free_port
+from devstack.processes import free_port
 from tests.conftest import FAST_MODEL
 from tests.e2e.helpers import wait_for_result
 

@@ -11,7 +11,7 @@ from datetime import datetime
 import httpx
 from sqlalchemy import create_engine, text
 
-from app.localtriton.engine import simulate
+from localtriton.engine import simulate
 from tests.conftest import FAST_MODEL, SLOW_MODEL
 from tests.e2e.helpers import create_context, send, wait_for_result
 

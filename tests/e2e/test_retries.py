@@ -11,8 +11,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, create_engine, text
 
-from app.localtriton.engine import simulate
-from app.stack import ManagedProcess, free_port, worker_process
+from localtriton.engine import simulate
+from devstack.processes import ManagedProcess, free_port, worker_process
 from tests.conftest import FAST_MODEL
 from tests.e2e.helpers import create_context, wait_for_result
 from tests.e2e.tcp_proxy import TcpProxy

@@ -12,7 +12,7 @@ import redis
 from sqlalchemy import create_engine, text
 
 from app.queue import RUN_JOB_TASK, get_celery
-from app.stack import worker_process
+from devstack.processes import worker_process
 from tests.conftest import PG_BASE, SLOW_MODEL
 from tests.db_utils import recreate_database
 

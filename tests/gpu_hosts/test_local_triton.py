@@ -17,7 +17,7 @@ import httpx
 import pytest
 from gpuhost_testlib import NVIDIA_TRITON, ROOT, TRITON_MODELS, assert_no_secrets, run_tool
 
-launcher = pytest.importorskip("app.localtriton.launcher")
+launcher = pytest.importorskip("localtriton.launcher")
 
 ALL = sorted(p.name for p in TRITON_MODELS.iterdir() if (p / "config.pbtxt").is_file())
 

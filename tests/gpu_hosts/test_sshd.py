@@ -93,7 +93,7 @@ def env_for(tmp_path: Path, sshd: Sshd, **overrides: object) -> dict[str, str]:
 
 
 def test_deploy_copies_over_scp_then_loads(sshd: Sshd, tmp_path: Path) -> None:
-    launcher = pytest.importorskip("app.localtriton.launcher")
+    launcher = pytest.importorskip("localtriton.launcher")
     remote_repo = tmp_path / "remote" / "triton_models"
     remote_repo.mkdir(parents=True)
     model = "Qwen2.5-1.5B-Instruct-AWQ"

@@ -34,7 +34,7 @@ def known_engine_args() -> frozenset[str]:
 
         return frozenset(f.name for f in dataclasses.fields(AsyncEngineArgs))
     except ImportError:
-        from app.localtriton.vllm_args import KNOWN_ENGINE_ARGS
+        from localtriton.vllm_args import KNOWN_ENGINE_ARGS
 
         return KNOWN_ENGINE_ARGS
 

@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from app.localtriton.launcher import BUILTIN_REPOSITORY, LocalTriton
+from localtriton.launcher import BUILTIN_REPOSITORY, LocalTriton
 
 PROD_MODEL_JSON = {
     "model": "Qwen/Qwen2.5-7B-Instruct-AWQ",

@@ -12,7 +12,7 @@ import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from app.localtriton.launcher import LocalTriton
+from localtriton.launcher import LocalTriton
 
 
 def bool_input(name: str, value: bool) -> grpcclient.InferInput:

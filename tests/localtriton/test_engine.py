@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from app.localtriton import engine
-from app.localtriton.engine import parse_sampling_params, plan, simulate, tokenize
-from app.localtriton.scheduler import BatchEngine, Sequence
-from app.localtriton.vllm_args import KNOWN_ENGINE_ARGS
+from localtriton import engine
+from localtriton.engine import parse_sampling_params, plan, simulate, tokenize
+from localtriton.scheduler import BatchEngine, Sequence
+from localtriton.vllm_args import KNOWN_ENGINE_ARGS
 
 
 def test_tokenize_words_and_punctuation() -> None:

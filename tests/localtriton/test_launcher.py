@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from localtriton_helpers import generate
 
-from app.localtriton.launcher import SHM_DIR, LocalTriton, LocalTritonError
+from localtriton.launcher import SHM_DIR, LocalTriton, LocalTritonError
 
 pytestmark = pytest.mark.integration
 
@@ -65,7 +65,7 @@ def test_cli_serve_stops_on_sigterm(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "app.localtriton",
+            "localtriton",
             "serve",
             "--http-port",
             "0",

@@ -16,7 +16,7 @@ import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
 from localtriton_helpers import Reply, build_inputs, generate, infer, read_metric, to_reply
 
-from app.localtriton import LocalTriton, simulate
+from localtriton import LocalTriton, simulate
 
 pytestmark = pytest.mark.integration
 SIM_LEN = 512  # max_model_len of sim-llm

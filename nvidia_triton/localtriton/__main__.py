@@ -1,4 +1,4 @@
-"""CLI: ``python -m app.localtriton serve`` / ``python -m app.localtriton cleanup``."""
+"""CLI: ``python -m localtriton serve`` / ``python -m localtriton cleanup``."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from types import FrameType
 
 import typer
 
-from app.localtriton.launcher import LocalTriton, LocalTritonError, cleanup_stale
+from localtriton.launcher import LocalTriton, LocalTritonError, cleanup_stale
 
 cli = typer.Typer(help="Run tritonserver with the simulated vLLM backend (no GPU).", no_args_is_help=True)
 

@@ -1,7 +1,7 @@
 """Pure-Python simulation of a vLLM engine: tokenizer, sampling parameters, deterministic text.
 
 Nothing here imports Triton, so the platform's tests can call :func:`simulate` to know the exact
-text the local Triton returns. The batching/latency loop is in :mod:`app.localtriton.scheduler`.
+text the local Triton returns. The batching/latency loop is in :mod:`localtriton.scheduler`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from app.localtriton.vllm_args import KNOWN_ENGINE_ARGS
+from localtriton.vllm_args import KNOWN_ENGINE_ARGS
 
 DEFAULT_MAX_MODEL_LEN = 2048
 DEFAULT_MAX_NUM_SEQS = 256

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from app.localtriton.engine import Plan
+from localtriton.engine import Plan
 
 log = logging.getLogger(__name__)
 

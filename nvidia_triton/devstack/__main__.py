@@ -23,10 +23,10 @@ from rich.console import Console
 from sqlalchemy.engine import make_url
 
 from app.config import Settings, get_settings
-from app.dbadmin import create_database_if_missing
-from app.stack import ManagedProcess, api_process, worker_process
+from devstack.database import create_database_if_missing
+from devstack.processes import ManagedProcess, api_process, worker_process
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run"
 LOCAL_HOSTS = {"127.0.0.1", "localhost", "::1"}
 
@@ -161,7 +161,7 @@ def up(
         triton_host = urlsplit(settings.TRITON_URL).hostname or "127.0.0.1"
         triton_http = _port(settings.TRITON_URL, 8000)
         if local_triton and triton_host in LOCAL_HOSTS and not reachable(triton_host, triton_http):
-            from app.localtriton.launcher import LocalTriton
+            from localtriton.launcher import LocalTriton
 
             console.print("starting the local Triton (simulated vLLM models) …")
             triton = LocalTriton(

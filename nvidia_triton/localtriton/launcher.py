@@ -21,7 +21,7 @@ from typing import IO
 import httpx
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-PROJECT_ROOT = PACKAGE_DIR.parent.parent
+TOOLS_DIR = PACKAGE_DIR.parent  # nvidia_triton/: where `localtriton` is importable from
 BUILTIN_REPOSITORY = PACKAGE_DIR / "models"
 BACKEND_SOURCE = PACKAGE_DIR / "backend" / "vllm" / "model.py"
 SHM_DIR = Path("/dev/shm")
@@ -78,7 +78,7 @@ def server_env(prefill_ms: float | None, decode_ms: float | None) -> dict[str, s
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_paths)
     # The stub finds site-packages (numpy, this project) through `python3` on PATH.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["LOCALTRITON_PROJECT_ROOT"] = str(PROJECT_ROOT)
+    env["LOCALTRITON_TOOLS_DIR"] = str(TOOLS_DIR)
     for name, value in (("SIM_PREFILL_MS", prefill_ms), ("SIM_DECODE_MS", decode_ms)):
         env.pop(name, None)  # only an explicit override may beat config.pbtxt
         if value is not None:

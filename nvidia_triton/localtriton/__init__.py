@@ -3,7 +3,7 @@
 ``LocalTriton`` starts it (tests, dev, benchmarks); ``simulate`` predicts the exact text it returns.
 """
 
-from app.localtriton.engine import SimResult, simulate
-from app.localtriton.launcher import LocalTriton, LocalTritonError
+from localtriton.engine import SimResult, simulate
+from localtriton.launcher import LocalTriton, LocalTritonError
 
 __all__ = ["LocalTriton", "LocalTritonError", "SimResult", "simulate"]

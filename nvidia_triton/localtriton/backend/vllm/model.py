@@ -1,8 +1,8 @@
 """CPU stand-in for Triton's vLLM backend (backend name ``vllm``): same inputs, outputs, behaviour.
 
 Loaded by tritonserver's Python backend stub as ``<backend-dir>/vllm/model.py``. Generation is
-simulated by :mod:`app.localtriton.engine` (deterministic text) and
-:mod:`app.localtriton.scheduler` (batching with vLLM-shaped latency); nothing is downloaded.
+simulated by :mod:`localtriton.engine` (deterministic text) and
+:mod:`localtriton.scheduler` (batching with vLLM-shaped latency); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
-    from app.localtriton import engine
+    from localtriton import engine
 except ImportError:  # stub interpreter without the project on sys.path: the launcher tells us where
-    sys.path.insert(0, os.environ["LOCALTRITON_PROJECT_ROOT"])
-    from app.localtriton import engine
-from app.localtriton.scheduler import BatchEngine, EngineStats, Sequence
+    sys.path.insert(0, os.environ["LOCALTRITON_TOOLS_DIR"])
+    from localtriton import engine
+from localtriton.scheduler import BatchEngine, EngineStats, Sequence
 
 _INPUTS: list[dict[str, Any]] = [
     {"name": "text_input", "data_type": "TYPE_STRING", "dims": [1]},

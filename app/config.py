@@ -25,8 +25,10 @@ class Settings(BaseSettings):
     LOG_LEVEL: str = "INFO"
 
     DATABASE_URL: str = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/llmq"
+    # The API's pool: fixed size, every connection opened at startup.
     DB_POOL_SIZE: int = Field(default=20, ge=1, le=500)
-    DB_MAX_OVERFLOW: int = Field(default=0, ge=0, le=500)
+    # Longest wait for a connection (new or from the pool): past it the request answers 503.
+    DB_CONNECT_TIMEOUT_S: float = Field(default=2.0, gt=0, le=60)
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # Queue name so several deployments (or the test suite) can share one Redis.

@@ -1,35 +1,30 @@
-"""FastAPI dependencies: the request's session, settings, Triton clients, the enqueuer."""
+"""What the routes depend on: the process's runtime objects, held by the app."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 from fastapi import Request
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.config import Settings, get_settings
-from app.triton.admin import TritonAdmin
-
-
-async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
-    """One session per request: committed at the end, rolled back on error.
-
-    Use with `scope="function"` so the commit happens before the response is sent."""
-    factory: async_sessionmaker[AsyncSession] = request.app.state.sessionmaker
-    async with factory() as session:
-        try:
-            yield session
-            await session.commit()
-        except BaseException:
-            await session.rollback()
-            raise
+from app.config import Settings
+from app.db import Database
+from app.notify import ResultWaiter
+from app.queue import JobQueue
+from app.services.results import Enqueue
+from app.triton.admin import ModelCatalog, TritonAdmin
 
 
-def settings_dep(request: Request) -> Settings:
-    settings: Settings = getattr(request.app.state, "settings", None) or get_settings()
-    return settings
+@dataclass
+class Runtime:
+    settings: Settings
+    db: Database
+    job_queue: JobQueue
+    enqueue: Enqueue
+    waiter: ResultWaiter
+    triton_admin: TritonAdmin
+    model_catalog: ModelCatalog
 
 
-def get_admin(request: Request) -> TritonAdmin:
-    admin: TritonAdmin = request.app.state.triton_admin
-    return admin
+async def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt

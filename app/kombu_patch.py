@@ -1,27 +1,41 @@
 """Reuse one Redis client per kombu channel.
 
-kombu's Redis transport (5.7) builds a new `redis.Redis` client for every queue operation it
-does without one (publish, the unacked-message bookkeeping of every delivery and ack). With
-redis-py 8 building a client costs more than the Redis command itself: profiles of the worker
-showed about a tenth of its CPU per job in `Redis.__init__`. A client is only a thin wrapper
-around the channel's connection pool and is thread-safe, so one per channel (rebuilt if the
-channel replaces its pool) is equivalent.
+kombu's Redis transport builds a new `redis.Redis` client for every queue operation it does
+without one; with redis-py 8 building a client costs more than the command itself (about a tenth
+of the worker's CPU per job). A client is a thin, thread-safe wrapper around the channel's
+connection pool, so one per channel (rebuilt if the channel replaces its pool) is equivalent.
+Written against kombu 5.7's `Channel.conn_or_acquire`; any other version keeps kombu's own.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+log = logging.getLogger(__name__)
+
+PATCHED_VERSIONS = ("5.7.",)
 _applied = False
 
 
-def reuse_redis_clients() -> None:
+def reuse_redis_clients() -> bool:
+    """Apply the patch once; False (with a warning) on a kombu it was not written for."""
     global _applied
     if _applied:
-        return
+        return True
     from kombu.transport import redis as kombu_redis
+
+    version = importlib.metadata.version("kombu")
+    if not version.startswith(PATCHED_VERSIONS):
+        log.warning(
+            "kombu %s: the Redis client reuse patch is for kombu %s only; not applied",
+            version,
+            "/".join(v + "x" for v in PATCHED_VERSIONS),
+        )
+        return False
 
     @contextmanager
     def conn_or_acquire(self: Any, client: Any = None) -> Iterator[Any]:
@@ -37,3 +51,4 @@ def reuse_redis_clients() -> None:
 
     kombu_redis.Channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
     _applied = True
+    return True

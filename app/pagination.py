@@ -6,10 +6,6 @@ import base64
 import binascii
 import uuid
 from datetime import datetime
-from typing import Any
-
-from sqlalchemy import Select, and_, or_
-from sqlalchemy.orm import InstrumentedAttribute
 
 from app.errors import InvalidInput
 
@@ -28,17 +24,3 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidInput(
             "invalid cursor: pass the next_cursor of a previous page", detail={"field": "cursor"}
         ) from exc
-
-
-def paginate(
-    stmt: Select[Any],
-    created_at: InstrumentedAttribute[datetime],
-    row_id: InstrumentedAttribute[uuid.UUID],
-    cursor: str | None,
-    limit: int,
-) -> Select[Any]:
-    """Newest first; rows strictly after the cursor; one extra row tells whether a next page exists."""
-    if cursor:
-        c_created, c_id = decode_cursor(cursor)
-        stmt = stmt.where(or_(created_at < c_created, and_(created_at == c_created, row_id < c_id)))
-    return stmt.order_by(created_at.desc(), row_id.desc()).limit(limit + 1)

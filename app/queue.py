@@ -1,27 +1,24 @@
-"""The Celery side shared by the API (producer) and the worker (consumer).
+"""The one producer of Celery messages, shared by the API (submits) and the worker (the sweeper).
 
-The API never imports `worker/`; it sends the job by task name. Only ids travel: the row in
-Postgres is the record, the message is only the doorbell.
+Only ids travel: the row in Postgres is the record, the message is only the doorbell. Messages are
+built by Celery (`amqp.as_task_v2`) and encoded and pushed by kombu (`Producer.publish` inside
+`Producer.batch()`: one Redis pipeline for whatever has queued up). That skips `send_task`'s
+per-call routing and option handling, so the settings that would change where a task goes are
+refused at start rather than silently ignored.
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import logging
-import os
 import queue
-import socket
 import threading
 import uuid
-from functools import lru_cache
+from typing import Any
 
-import redis
 from celery import Celery
-from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
+from kombu import Connection, Producer
 
-from app.config import Settings, get_settings
+from app.config import Settings
 from app.kombu_patch import reuse_redis_clients
 
 RUN_JOB_TASK = "llmq.run_job"
@@ -29,18 +26,20 @@ SWEEP_TASK = "llmq.sweep"
 
 log = logging.getLogger(__name__)
 
-_MAX_RING = 500  # doorbells per LPUSH
+_MAX_BATCH = 500  # messages per Redis pipeline
+
+
+class UnsupportedQueueSetting(RuntimeError):
+    """A Celery setting this producer cannot honour."""
 
 
 def celery_config(settings: Settings) -> dict[str, object]:
     return {
         "broker_url": settings.REDIS_URL,
-        # No ack emulation in Redis: kombu's per-message "unacked" bookkeeping (a hash and a sorted
-        # set written on every delivery and ack) cost ~45 % of the worker's CPU per job (measured:
-        # 4.4 -> 2.4 ms/job, 203 -> 350 jobs/s). Postgres is the record: a message lost with a
-        # crashed worker leaves a pending row that the sweeper sends again (sooner than a
-        # visibility timeout would), and a graceful stop still hands prefetched messages back.
-        "broker_transport_options": {"ack_emulation": False},
+        # No ack emulation in Redis: its per-message bookkeeping (a hash and a sorted set written on
+        # every delivery and ack) nearly doubled the worker's CPU per job. Postgres is the record: a
+        # message lost with a crashed worker is re-sent by the sweeper.
+        "broker_transport_options": {"ack_emulation": False, "socket_connect_timeout": 2},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.CELERY_QUEUE,
         "task_acks_late": True,
@@ -48,11 +47,25 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "task_ignore_result": True,  # Postgres holds results
         "task_serializer": "json",
         "accept_content": ["json"],
-        # A publish that cannot reach Redis gives up fast: the row is committed and the sweeper re-sends it.
-        "task_publish_retry_policy": {"max_retries": 2, "interval_start": 0.1, "interval_step": 0.2},
         "worker_prefetch_multiplier": 1,
         "worker_hijack_root_logger": False,
     }
+
+
+def check_publishable(celery: Celery) -> None:
+    """Refuse settings under which a job message would go somewhere no worker reads."""
+    conf = celery.conf
+    if conf.task_routes:
+        raise UnsupportedQueueSetting(
+            "task_routes is set, but jobs are published straight to CELERY_QUEUE: remove the routes "
+            "and run one stack per queue"
+        )
+    if conf.task_default_priority is not None or conf.task_queue_max_priority is not None:
+        raise UnsupportedQueueSetting(
+            "task priorities are not supported: jobs are published without a priority"
+        )
+    if conf.task_serializer != "json" or conf.task_protocol != 2:
+        raise UnsupportedQueueSetting("jobs are published as JSON with task protocol 2")
 
 
 def make_celery(settings: Settings) -> Celery:
@@ -62,96 +75,78 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-def doorbell_message(result_id: uuid.UUID, queue: str, origin: str) -> bytes:
-    """`run_job(result_id)` as Celery (protocol 2) and kombu's Redis transport would store it.
-
-    The API rings one doorbell per job; through `send_task` that cost ~280 us of CPU per job
-    (routing, options, signals, kombu's message object), here ~20 us. The format is what
-    `send_task` writes, field for field (tests/e2e/test_enqueue.py compares the two)."""
-    task_id = str(result_id)
-    args = [task_id]
-    body = json.dumps([args, {}, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}])
-    message = {
-        "body": base64.b64encode(body.encode()).decode(),
-        "content-encoding": "utf-8",
-        "content-type": "application/json",
-        "headers": {
-            "lang": "py",
-            "task": RUN_JOB_TASK,
-            "id": task_id,
-            "shadow": None,
-            "eta": None,
-            "expires": None,
-            "group": None,
-            "group_index": None,
-            "retries": 0,
-            "timelimit": [None, None],
-            "root_id": task_id,
-            "parent_id": None,
-            "argsrepr": repr(args),
-            "kwargsrepr": "{}",
-            "origin": origin,
-            "ignore_result": True,  # Postgres holds the results
-            "replaced_task_nesting": 0,
-            "stamped_headers": None,
-            "stamps": {},
-        },
-        "properties": {
-            "correlation_id": task_id,
-            "reply_to": "",
-            "delivery_mode": 2,
-            "delivery_info": {"exchange": "", "routing_key": queue},
-            "priority": 0,
-            "body_encoding": "base64",
-            "delivery_tag": str(uuid.uuid4()),
-        },
-    }
-    return json.dumps(message).encode()
-
-
 class JobQueue:
-    """Rings the doorbell for committed results."""
+    """Rings the doorbell for committed results: at once (`ring`) or from a publisher thread
+    (`enqueue_later`, which never blocks the caller)."""
 
-    def __init__(self, settings: Settings) -> None:
-        self.celery = make_celery(settings)
-        self.queue = settings.CELERY_QUEUE
-        # Priority 0 messages of a kombu Redis queue are a list named after the queue.
-        self._redis = redis.Redis.from_url(
-            settings.REDIS_URL,
-            socket_connect_timeout=1,
-            socket_timeout=1,
-            retry=Retry(ExponentialBackoff(cap=0.3, base=0.1), 2),
-        )
-        self._origin = f"gen{os.getpid()}@{socket.gethostname()}"
+    def __init__(self, celery: Celery, queue_name: str) -> None:
+        check_publishable(celery)
+        self.celery = celery
+        self.queue = queue_name
+        self._connection: Connection | None = None
+        self._producer: Producer | None = None
+        self._producer_lock = threading.Lock()
         self._later: queue.SimpleQueue[uuid.UUID | None] = queue.SimpleQueue()
         self._publisher: threading.Thread | None = None
         self._lock = threading.Lock()
 
-    def enqueue(self, result_id: uuid.UUID) -> bool:
-        return self.ring([result_id])
+    def _get_producer(self) -> Producer:
+        if self._producer is None:
+            connection = self.celery.connection_for_write()
+            # One quick try: a failed publish is re-sent by the sweeper, it must not hang here.
+            connection.ensure_connection(max_retries=1)
+            self._connection = connection
+            self._producer = Producer(connection.default_channel)
+        return self._producer
+
+    def _drop_producer(self) -> None:
+        if self._connection is not None:
+            try:
+                self._connection.release()
+            except Exception:  # already broken: nothing to release
+                log.debug("releasing a broken broker connection", exc_info=True)
+        self._connection = None
+        self._producer = None
 
     def ring(self, result_ids: list[uuid.UUID]) -> bool:
-        """One LPUSH for all of them. A failure is logged, not raised: the rows are committed
-        and the sweeper re-sends them."""
-        try:
-            self._redis.lpush(
-                self.queue, *(doorbell_message(rid, self.queue, self._origin) for rid in result_ids)
-            )
-            return True
-        except redis.RedisError:
-            log.warning(
-                "could not enqueue %d result(s); the sweeper will re-enqueue them",
-                len(result_ids),
-                exc_info=True,
-            )
-            return False
+        """Publish one `run_job(id)` message per id, in one pipeline. A failure is logged, not
+        raised: the rows are committed and the sweeper re-sends them."""
+        with self._producer_lock:
+            try:
+                producer: Any = self._get_producer()  # kombu 5.7's batch() is not in the stubs
+                with producer.batch(max_size=_MAX_BATCH):
+                    for result_id in result_ids:
+                        self._publish(producer, str(result_id))
+                return True
+            except Exception:
+                self._drop_producer()
+                log.warning(
+                    "could not enqueue %d result(s); the sweeper will re-enqueue them",
+                    len(result_ids),
+                    exc_info=True,
+                )
+                return False
+
+    def _publish(self, producer: Producer, task_id: str) -> None:
+        amqp: Any = self.celery.amqp  # args as a list, as send_task passes them (argsrepr shows it)
+        message = amqp.as_task_v2(task_id, RUN_JOB_TASK, args=[task_id], ignore_result=True)
+        producer.publish(
+            message.body,
+            exchange="",
+            routing_key=self.queue,
+            headers=message.headers,
+            serializer="json",
+            **message.properties,
+        )
+
+    def enqueue(self, result_id: uuid.UUID) -> bool:
+        return self.ring([result_id])
 
     def enqueue_later(self, result_id: uuid.UUID) -> None:
         """Hand the doorbell to this process's publisher thread and return at once.
 
-        The API calls this after the commit: the request does not wait for Redis (nor hops to
-        a thread pool per request). If the process dies before the publish, the sweeper finds
-        the pending row and sends it."""
+        Called after the commit: the request does not wait for Redis. If the process dies before
+        the publish, the sweeper finds the pending row and sends it."""
         if self._publisher is None:
             with self._lock:
                 if self._publisher is None:
@@ -165,7 +160,7 @@ class JobQueue:
         while True:
             batch = [self._later.get()]
             # Whatever has queued up meanwhile goes in the same round trip.
-            while len(batch) < _MAX_RING and not self._later.empty():
+            while len(batch) < _MAX_BATCH and not self._later.empty():
                 batch.append(self._later.get_nowait())
             ids = [rid for rid in batch if rid is not None]
             if ids:
@@ -179,17 +174,5 @@ class JobQueue:
             self._later.put(None)
             self._publisher.join(timeout_s)
             self._publisher = None
-        self._redis.close()
-
-
-@lru_cache
-def default_queue() -> JobQueue:
-    return JobQueue(get_settings())
-
-
-def get_celery() -> Celery:
-    return default_queue().celery
-
-
-def enqueue_job(result_id: uuid.UUID) -> bool:
-    return default_queue().enqueue(result_id)
+        with self._producer_lock:
+            self._drop_producer()

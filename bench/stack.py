@@ -17,9 +17,8 @@ from typing import TYPE_CHECKING
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, text
-
 from devstack.processes import BIN, ManagedProcess, api_process, child_env, free_port, worker_process
+from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 if TYPE_CHECKING:

@@ -29,18 +29,15 @@ os.environ.update(
 )
 
 import shutil  # noqa: E402
-from collections.abc import AsyncIterator, Iterator  # noqa: E402
+from collections.abc import AsyncIterator, Iterator, Sequence  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
+import psycopg  # noqa: E402
 import pytest  # noqa: E402
-from sqlalchemy.ext.asyncio import (  # noqa: E402
-    AsyncConnection,
-    AsyncSession,
-    async_sessionmaker,
-    create_async_engine,
-)
+from fastapi import FastAPI  # noqa: E402
 
 from tests.db_utils import recreate_database  # noqa: E402
 
@@ -86,7 +83,7 @@ def triton(model_repository: Path, logs_dir: Path) -> Iterator[object]:
         yield server
 
 
-# ---------------------------------------------------------------- API tests: rollback per test
+# ---------------------------------------------------------------- API tests: the app in process
 
 
 @pytest.fixture(scope="session")
@@ -95,28 +92,16 @@ def api_db_url() -> str:
 
 
 @pytest.fixture
-async def db_connection(api_db_url: str) -> AsyncIterator[AsyncConnection]:
-    engine = create_async_engine(api_db_url)
-    connection = await engine.connect()
-    transaction = await connection.begin()
-    try:
-        yield connection
-    finally:
-        await transaction.rollback()
-        await connection.close()
-        await engine.dispose()
-
-
-@pytest.fixture
-async def db_session(db_connection: AsyncConnection) -> AsyncIterator[AsyncSession]:
-    # Commits inside the code under test become savepoints; the outer transaction is rolled back.
-    session = AsyncSession(
-        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+async def db(api_db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+    """A connection to the API tests' database, emptied before each test (tests see only their rows)."""
+    conn = await psycopg.AsyncConnection.connect(
+        api_db_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
     )
+    await conn.execute("TRUNCATE result, context")
     try:
-        yield session
+        yield conn
     finally:
-        await session.close()
+        await conn.close()
 
 
 class EnqueueRecorder:
@@ -133,38 +118,34 @@ def enqueued() -> EnqueueRecorder:
 
 
 def make_api_app(
-    db_connection: AsyncConnection,
-    triton_url: str,
-    enqueue: EnqueueRecorder | None,
-    *,
-    hot_paths: bool = True,
-) -> object:
+    triton_url: str, enqueue: EnqueueRecorder | None, dependencies: Sequence[Any] = (), **overrides: Any
+) -> FastAPI:
     from app.config import get_settings
     from app.main import create_app
 
-    settings = get_settings().model_copy(update={"TRITON_URL": triton_url, "MAX_CONTENT_BYTES": 4096})
-    app = create_app(settings, enqueue=enqueue, hot_paths=hot_paths)
-    # Sessions and statements of this test's transaction instead of the app's own pool.
-    app.state.sessionmaker = async_sessionmaker(
-        bind=db_connection, join_transaction_mode="create_savepoint", expire_on_commit=False
+    settings = get_settings().model_copy(
+        update={"TRITON_URL": triton_url, "MAX_CONTENT_BYTES": 4096, **overrides}
     )
+    return create_app(settings, enqueue=enqueue, dependencies=dependencies)
 
-    @asynccontextmanager
-    async def connect() -> AsyncIterator[object]:
-        async with db_connection.begin_nested():  # released ("committed") when the block exits
-            yield (await db_connection.get_raw_connection()).driver_connection
 
-    app.state.connect = connect
-    return app
+@asynccontextmanager
+async def serve_in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan (pool opened and closed), reached over ASGI."""
+    transport = httpx.ASGITransport(app=app)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=transport, base_url="http://api.test") as http,
+    ):
+        yield http
 
 
 @pytest.fixture
 async def client(
-    db_connection: AsyncConnection, triton: object, enqueued: EnqueueRecorder
+    db: psycopg.AsyncConnection[Any], triton: object, enqueued: EnqueueRecorder
 ) -> AsyncIterator[httpx.AsyncClient]:
-    app = make_api_app(db_connection, triton.http_url, enqueued)  # type: ignore[attr-defined]
-    transport = httpx.ASGITransport(app=app)  # type: ignore[arg-type]
-    async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as http:
+    app = make_api_app(triton.http_url, enqueued)  # type: ignore[attr-defined]
+    async with serve_in_process(app) as http:
         yield http
 
 

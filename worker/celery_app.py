@@ -6,16 +6,16 @@ import gc
 import logging
 import os
 import tempfile
+from functools import cache
 from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init, worker_ready
 
 from app.config import get_settings
-from app.db import reset_engine
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
-from app.queue import SWEEP_TASK, celery_config
+from app.queue import SWEEP_TASK, JobQueue, celery_config, check_publishable
 from worker.job_store import reset_store
 from worker.runtime import reset_runtime
 
@@ -32,6 +32,13 @@ celery_app.conf.update(
     beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.SWEEP_INTERVAL_S}},
     beat_schedule_filename=os.path.join(tempfile.gettempdir(), f"llmq-beat-{settings.CELERY_QUEUE}"),
 )
+check_publishable(celery_app)  # refuse at start what the sweeper's producer cannot honour
+
+
+@cache
+def job_queue() -> JobQueue:
+    """The process's producer (the sweeper re-sends lost jobs through it)."""
+    return JobQueue(celery_app, settings.CELERY_QUEUE)
 
 
 @after_setup_logger.connect
@@ -54,6 +61,6 @@ def _freeze_startup_objects(**_: Any) -> None:
 @worker_process_init.connect
 def _after_fork(**_: Any) -> None:
     # Only with a forking pool: never share DB connections or the gRPC loop across a fork.
-    reset_engine()
+    job_queue.cache_clear()
     reset_runtime()
     reset_store()

@@ -9,17 +9,14 @@ batch is a single job.
 A thread still returns only after its write is committed, so the Celery message is acked
 after the result is safely in Postgres.
 
-The writer thread has one psycopg connection of its own in autocommit, each kind of write one
-statement: through a SQLAlchemy transaction a batch cost BEGIN, the statements and COMMIT as
-separate round trips plus SQLAlchemy's per-execute work (measured: see bench/README.md, round 5).
-A connection that breaks fails its batch (the jobs are retried by the sweeper like any lost
-job) and is replaced on the next one.
+Each kind of write is one autocommit statement on a connection of the process's pool (no
+BEGIN/COMMIT round trips). A connection that breaks fails its batch (the jobs are retried by the
+sweeper like any lost job) and the pool replaces it.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import uuid
@@ -27,18 +24,34 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
-
 from app.config import Settings
-from app.db import PSYCOPG_OPTIONS, psycopg_conninfo
+from app.db import SyncDatabase
 from app.notify import notice, publish_done
+from app.repositories import results as repo
 from app.schemas import ResultOut
-from app.services import jobs
-from app.services.jobs import ClaimedJob, Outcome
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    result_id: uuid.UUID
+    model: str
+    params: dict[str, Any]
+    attempts: int
+    prompt: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What a finished generation writes."""
+
+    output: str
+    finish_reason: str | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
 
 
 @dataclass
@@ -54,9 +67,9 @@ class _Batch:
 
 
 class JobStore:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, db: SyncDatabase) -> None:
         self.settings = settings
-        self._conn: psycopg.Connection[Any] | None = None
+        self.db = db
         # A claim older than the longest possible call belongs to a dead worker.
         self.stale_after_s = settings.TRITON_REQUEST_TIMEOUT_S + 60
         self._queue: queue.SimpleQueue[tuple[str, uuid.UUID, Any, Future[Any]]] = queue.SimpleQueue()
@@ -96,17 +109,6 @@ class JobStore:
             self._queue.put(item)  # over the batch size: next round
         return batch
 
-    def _connection(self) -> psycopg.Connection[Any]:
-        if self._conn is None:
-            self._conn = psycopg.connect(
-                psycopg_conninfo(self.settings),
-                autocommit=True,
-                connect_timeout=5,
-                application_name=f"llmq-worker-store-{os.getpid()}",
-                **PSYCOPG_OPTIONS,
-            )
-        return self._conn
-
     def _run(self) -> None:
         while True:
             batch = self._collect()
@@ -121,22 +123,20 @@ class JobStore:
     def _execute(self, batch: _Batch) -> None:
         # The same id twice in one batch (duplicate messages): only its first request can win.
         claim_ids = list(dict.fromkeys(rid for rid, _ in batch.claims))
-        outcomes: dict[uuid.UUID, Outcome] = {}
-        for rid, outcome, _ in batch.completions:
-            outcomes.setdefault(rid, outcome)
+        outcomes: dict[uuid.UUID, tuple[str, str | None, int | None, int | None]] = {}
+        for rid, o, _ in batch.completions:
+            outcomes.setdefault(rid, (o.output, o.finish_reason, o.prompt_tokens, o.completion_tokens))
         errors: dict[uuid.UUID, str] = {}
         for rid, error, _ in batch.failures:
             errors.setdefault(rid, error)
-        conn = self._connection()
-        try:
-            claimed = jobs.claim_many(conn, claim_ids, self.stale_after_s) if claim_ids else {}
-            completed = jobs.complete_many(conn, outcomes)
-            failed = jobs.fail_many(conn, errors)
-        except psycopg.Error:
-            if conn.broken or conn.closed:
-                self._conn = None
-                conn.close()
-            raise
+        with self.db.connection() as conn:
+            claimed_rows = repo.claim_many(conn, claim_ids, self.stale_after_s) if claim_ids else {}
+            completed = repo.complete_many(conn, outcomes)
+            failed = repo.fail_many(conn, errors)
+        claimed = {
+            rid: ClaimedJob(result_id=rid, model=model, params=params, attempts=attempts, prompt=prompt)
+            for rid, (model, params, attempts, prompt) in claimed_rows.items()
+        }
         publish_done(self.settings, [_notice(rid, row) for rid, row in (completed | failed).items()])
 
         first: set[uuid.UUID] = set()
@@ -167,19 +167,31 @@ def _notice(result_id: uuid.UUID, row: dict[str, Any]) -> bytes:
         return notice(result_id)
 
 
+_db: SyncDatabase | None = None
 _store: JobStore | None = None
-_store_lock = threading.Lock()
+_lock = threading.Lock()
+
+
+def get_database(settings: Settings) -> SyncDatabase:
+    """The process's one pool."""
+    global _db
+    with _lock:
+        if _db is None:
+            _db = SyncDatabase(settings)
+        return _db
 
 
 def get_store(settings: Settings) -> JobStore:
     global _store
-    with _store_lock:
+    db = get_database(settings)
+    with _lock:
         if _store is None:
-            _store = JobStore(settings)
+            _store = JobStore(settings, db)
         return _store
 
 
 def reset_store() -> None:
-    """After a fork the store's thread does not exist in the child."""
-    global _store
+    """After a fork the pool's connections and the store's thread belong to the parent."""
+    global _store, _db
     _store = None
+    _db = None

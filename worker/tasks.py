@@ -9,14 +9,12 @@ import uuid
 from celery import Task
 
 from app.config import get_settings
-from app.db import transaction
 from app.notify import publish_done
 from app.queue import RUN_JOB_TASK, SWEEP_TASK
-from app.services import jobs
-from app.services.jobs import Outcome
+from app.repositories import results as repo
 from app.triton.inference import GenerationError
-from worker.celery_app import celery_app
-from worker.job_store import get_store
+from worker.celery_app import celery_app, job_queue
+from worker.job_store import Outcome, get_database, get_store
 from worker.runtime import get_runtime
 
 log = logging.getLogger(__name__)
@@ -55,8 +53,8 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
             delay = backoff_s(job.attempts, settings.RETRY_BACKOFF_BASE_S, settings.RETRY_BACKOFF_MAX_S)
             note = f"attempt {job.attempts} failed, retrying in {delay:.1f}s: {exc.message}"
             log.warning("result %s: %s", rid, note)
-            with transaction() as conn:
-                jobs.release(conn, rid, note)
+            with get_database(settings).connection() as conn:
+                repo.release(conn, rid, note)
             raise self.retry(countdown=delay) from exc
         reason = exc.message if not exc.transient else f"gave up after {job.attempts} attempts: {exc.message}"
         store.fail(rid, reason)
@@ -82,17 +80,17 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
 def sweep() -> dict[str, int]:
     """Re-send jobs whose message was lost, and fail those past their deadline."""
     settings = get_settings()
-    with transaction() as conn:
-        expired = jobs.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S)
-        lost = jobs.requeue_candidates(
+    with get_database(settings).connection() as conn:
+        expired = repo.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S)
+        lost = repo.requeue_candidates(
             conn,
             requeue_after_s=settings.SWEEP_REQUEUE_AFTER_S,
             running_stale_after_s=settings.TRITON_REQUEST_TIMEOUT_S + 60,
             limit=1000,
         )
     publish_done(settings, expired)
-    for rid in lost:
-        run_job.apply_async(args=(str(rid),), queue=settings.CELERY_QUEUE)
+    if lost:
+        job_queue().ring(lost)
     if expired or lost:
         log.warning("sweep: re-enqueued %d lost jobs, failed %d past their deadline", len(lost), len(expired))
     return {"requeued": len(lost), "expired": len(expired)}

@@ -3,13 +3,11 @@ from __future__ import annotations
 import asyncio
 
 import redis.asyncio as aioredis
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from app.config import Settings
-from app.deps import get_admin, settings_dep
+from app.db import Database
+from app.deps import Runtime, runtime
 from app.schemas import ComponentHealth, Readiness
 from app.triton.admin import TritonAdmin, TritonUnavailable
 
@@ -18,14 +16,14 @@ router = APIRouter(prefix="/health", tags=["health"])
 CHECK_TIMEOUT_S = 3.0
 
 
-async def _ping_postgres(engine: AsyncEngine) -> None:
-    async with engine.connect() as connection:
-        await connection.execute(text("SELECT 1"))
+async def _ping_postgres(db: Database) -> None:
+    async with db.connection() as connection:
+        await connection.execute("SELECT 1")
 
 
-async def _check_postgres(engine: AsyncEngine) -> ComponentHealth:
+async def _check_postgres(db: Database) -> ComponentHealth:
     try:
-        await asyncio.wait_for(_ping_postgres(engine), CHECK_TIMEOUT_S)
+        await asyncio.wait_for(_ping_postgres(db), CHECK_TIMEOUT_S)
         return ComponentHealth(ok=True)
     except Exception as exc:
         return ComponentHealth(ok=False, detail=f"Postgres unreachable: {type(exc).__name__}: {exc}"[:300])
@@ -58,12 +56,10 @@ async def alive() -> dict[str, str]:
 
 
 @router.get("/ready", response_model=Readiness, responses={503: {"model": Readiness}})
-async def ready(
-    request: Request, settings: Settings = Depends(settings_dep), admin: TritonAdmin = Depends(get_admin)
-) -> JSONResponse:
+async def ready(rt: Runtime = Depends(runtime)) -> JSONResponse:
     """Readiness: Postgres, Redis and Triton each reported; 503 when any of them is down."""
     postgres, redis_health, triton = await asyncio.gather(
-        _check_postgres(request.app.state.engine), _check_redis(settings.REDIS_URL), _check_triton(admin)
+        _check_postgres(rt.db), _check_redis(rt.settings.REDIS_URL), _check_triton(rt.triton_admin)
     )
     components = {"postgres": postgres, "redis": redis_health, "triton": triton}
     ok = all(c.ok for c in components.values())

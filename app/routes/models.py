@@ -2,14 +2,13 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Body, Depends, Path, Request, Response
+from fastapi import APIRouter, Body, Depends, Path, Response
 
-from app.config import Settings
-from app.deps import get_admin
+from app.deps import Runtime, runtime
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
 from app.services import results as service
-from app.triton.admin import ModelCatalog, ModelState, TritonAdmin, TritonUnavailable
+from app.triton.admin import ModelState, TritonUnavailable
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -20,11 +19,11 @@ def _names(models: dict[str, ModelState], *, ready_only: bool) -> str:
 
 
 async def ready_model(
-    request: Request,
     model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
+    rt: Runtime = Depends(runtime),
 ) -> str:
     """Check the model against Triton's repository (cached briefly) before a job is accepted."""
-    catalog: ModelCatalog = request.app.state.model_catalog
+    catalog = rt.model_catalog
     try:
         models = await catalog.get()
         if model_name not in models or not models[model_name].ready:
@@ -47,10 +46,10 @@ async def ready_model(
 
 
 @router.get("/", response_model=list[ModelInfo], responses={503: {"model": ErrorBody}})
-async def list_models(admin: TritonAdmin = Depends(get_admin)) -> list[ModelInfo]:
+async def list_models(rt: Runtime = Depends(runtime)) -> list[ModelInfo]:
     """The models in Triton's repository, read live, with their state and readiness."""
     try:
-        models = await admin.list_models()
+        models = await rt.triton_admin.list_models()
     except TritonUnavailable as exc:
         raise ServiceUnavailable(str(exc)) from exc
     return [
@@ -71,24 +70,21 @@ async def list_models(admin: TritonAdmin = Depends(get_admin)) -> list[ModelInfo
     },
 )
 async def send(
-    request: Request,
     response: Response,
     context_id: uuid.UUID,
     params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
     model_name: str = Depends(ready_model),
+    rt: Runtime = Depends(runtime),
 ) -> SendAccepted:
     """Send a stored context to a model. Answers at once with the result id; poll
     `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
-    # Well-formed sends are answered by app.hotpaths with the same service call; this route
-    # serves the rest (and the OpenAPI description).
-    settings: Settings = request.app.state.settings
     accepted = await service.submit(
-        request.app.state.connect,
-        request.app.state.enqueue,
+        rt.db,
+        rt.enqueue,
         model=model_name,
         context_id=context_id,
         params=params or SamplingParams(),
-        max_tokens_limit=settings.MAX_TOKENS_LIMIT,
+        max_tokens_limit=rt.settings.MAX_TOKENS_LIMIT,
     )
     response.headers["Location"] = accepted.url
     return accepted

@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy.ext.asyncio import AsyncSession
+from fastapi import APIRouter, Depends, Query
 
-from app.deps import get_session
+from app.deps import Runtime, runtime
 from app.models import ResultStatus
 from app.schemas import ErrorBody, Page, ResultOut
 from app.services import results as service
@@ -16,25 +15,23 @@ router = APIRouter(prefix="/results", tags=["results"])
 @router.get("/", response_model=Page[ResultOut])
 async def list_results(
     limit: int = Query(50, ge=1, le=500, description="Page size."),
-    cursor: str | None = Query(None, description="`next_cursor` of the previous page."),
+    cursor: str | None = Query(None, max_length=512, description="`next_cursor` of the previous page."),
     status: ResultStatus | None = Query(None, description="Only results in this state."),
     # Postgres text cannot hold NUL: refuse it here (422) instead of failing the query.
     model: str | None = Query(
         None, max_length=255, pattern=r"^[^\x00]*$", description="Only results of this model."
     ),
     context_id: uuid.UUID | None = Query(None, description="Only results of this context."),
-    session: AsyncSession = Depends(get_session, scope="function"),
+    rt: Runtime = Depends(runtime),
 ) -> Page[ResultOut]:
     """Results, newest first, filtered by status, model and context (admin listing)."""
-    rows, next_cursor = await service.list_results(
-        session, limit=limit, cursor=cursor, status=status, model=model, context_id=context_id
+    return await service.list_results(
+        rt.db, limit=limit, cursor=cursor, status=status, model=model, context_id=context_id
     )
-    return Page[ResultOut](items=[ResultOut.model_validate(r) for r in rows], next_cursor=next_cursor)
 
 
 @router.get("/{result_id}", response_model=ResultOut, responses={404: {"model": ErrorBody}})
 async def get_result(
-    request: Request,
     result_id: uuid.UUID,
     wait: float = Query(
         0,
@@ -43,9 +40,9 @@ async def get_result(
         description="Long poll: seconds to wait for a pending job to finish before answering. "
         "0 (the default) answers at once.",
     ),
+    rt: Runtime = Depends(runtime),
 ) -> ResultOut:
     """Poll a job: `pending` (queued, or running once `started_at` is set), then `completed` with the
     text, finish reason and token counts, or `failed` with the reason in `error`. With `wait=N` the
     answer comes as soon as the job finishes, or after N seconds with the job still pending."""
-    # Well-formed polls are answered by app.hotpaths with the same service call.
-    return await service.poll(request.app.state.connect, request.app.state.result_waiter, result_id, wait)
+    return await service.poll(rt.db, rt.waiter, result_id, wait)

@@ -19,12 +19,12 @@ from types import FrameType
 from urllib.parse import urlsplit
 
 import typer
+from devstack.database import create_database_if_missing
+from devstack.processes import ManagedProcess, api_process, worker_process
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
 from app.config import Settings, get_settings
-from devstack.database import create_database_if_missing
-from devstack.processes import ManagedProcess, api_process, worker_process
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run"

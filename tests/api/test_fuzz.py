@@ -23,7 +23,7 @@ from tests.db_utils import recreate_database
 
 def test_no_input_makes_the_api_fail(triton: object) -> None:
     # Its own database: schemathesis drives the app from its own event loop, so the app keeps
-    # its own engine here instead of sharing a test transaction.
+    # its own database here.
     url = recreate_database(PG_BASE, "llmq_fuzz")
     app_settings = get_settings().model_copy(
         update={"DATABASE_URL": url, "TRITON_URL": triton.http_url, "MAX_CONTENT_BYTES": 4096}  # type: ignore[attr-defined]
@@ -33,12 +33,13 @@ def test_no_input_makes_the_api_fail(triton: object) -> None:
     # per statement instead of the app's pool, whose background tasks would outlive those loops.
     conninfo = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
-    @asynccontextmanager
-    async def connect() -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
-            yield connection
+    class OneConnectionPerUse:
+        @asynccontextmanager
+        async def connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+            async with await psycopg.AsyncConnection.connect(conninfo, autocommit=True) as connection:
+                yield connection
 
-    app.state.connect = connect
+    app.state.runtime.db = OneConnectionPerUse()
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)
     checked = []
     for result, mode in ((r, m) for r in schema.get_all_operations() for m in GenerationMode):

@@ -8,8 +8,8 @@ import logging
 import time
 
 import pytest
-
 from devstack.processes import free_port
+
 from app.triton.admin import ModelCatalog, ModelState, TritonAdmin, TritonUnavailable
 from tests.conftest import FAST_MODEL
 

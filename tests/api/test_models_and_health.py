@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
-from sqlalchemy.ext.asyncio import AsyncConnection
-
 from devstack.processes import free_port
-from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, make_api_app
+
+from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, make_api_app, serve_in_process
 
 pytestmark = pytest.mark.anyio
 
@@ -36,14 +37,14 @@ async def test_health_and_readiness_with_everything_up(client: httpx.AsyncClient
 
 
 @pytest.fixture
-async def client_without_triton(db_connection: AsyncConnection) -> httpx.AsyncClient:
-    app = make_api_app(db_connection, f"http://127.0.0.1:{free_port()}", None)
-    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test")  # type: ignore[arg-type]
+async def client_without_triton(db: object) -> AsyncIterator[httpx.AsyncClient]:
+    async with serve_in_process(make_api_app(f"http://127.0.0.1:{free_port()}", None)) as client:
+        yield client
 
 
 async def test_readiness_reports_triton_down(client_without_triton: httpx.AsyncClient) -> None:
-    async with client_without_triton as client:
-        ready = await client.get("/health/ready")
+    client = client_without_triton
+    ready = await client.get("/health/ready")
     assert ready.status_code == 503
     body = ready.json()
     assert body["status"] == "unavailable"
@@ -54,19 +55,19 @@ async def test_readiness_reports_triton_down(client_without_triton: httpx.AsyncC
 
 
 async def test_listing_models_with_triton_down_is_503(client_without_triton: httpx.AsyncClient) -> None:
-    async with client_without_triton as client:
-        response = await client.get("/models/")
+    client = client_without_triton
+    response = await client.get("/models/")
     assert response.status_code == 503
     assert "is unreachable" in response.json()["error"]
 
 
 async def test_send_with_triton_down_is_503_and_stores_nothing(client_without_triton: httpx.AsyncClient) -> None:
-    async with client_without_triton as client:
-        context_id = (await client.post("/contexts/", json={"content": "hi"})).json()["id"]
-        response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}")
-        assert response.status_code == 503
-        assert f"cannot check model '{FAST_MODEL}'" in response.json()["error"]
-        assert (await client.get("/results/")).json()["items"] == []
+    client = client_without_triton
+    context_id = (await client.post("/contexts/", json={"content": "hi"})).json()["id"]
+    response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}")
+    assert response.status_code == 503
+    assert f"cannot check model '{FAST_MODEL}'" in response.json()["error"]
+    assert (await client.get("/results/")).json()["items"] == []
 
 
 async def test_openapi_describes_the_endpoints(client: httpx.AsyncClient) -> None:

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, EnqueueRecorder
 
@@ -125,16 +125,15 @@ async def test_unknown_result_is_404(client: httpx.AsyncClient) -> None:
     assert response.json() == {"error": f"result {missing} not found", "detail": None}
 
 
-async def test_results_filters_and_pagination(client: httpx.AsyncClient, db_session: AsyncSession) -> None:
+async def test_results_filters_and_pagination(client: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]) -> None:
     ctx_a = await _context(client, "first")
     ctx_b = await _context(client, "second")
     ids = []
     for ctx, model in [(ctx_a, FAST_MODEL), (ctx_a, SLOW_MODEL), (ctx_b, FAST_MODEL), (ctx_b, FAST_MODEL)]:
         response = await client.post(f"/models/send/{model}/{ctx}", json={"max_tokens": 4})
         ids.append(response.json()["result_id"])
-    await db_session.execute(text("UPDATE result SET status = 'completed' WHERE id = :id"), {"id": ids[0]})
-    await db_session.execute(text("UPDATE result SET status = 'failed', error = 'x' WHERE id = :id"), {"id": ids[3]})
-    await db_session.flush()
+    await db.execute("UPDATE result SET status = 'completed' WHERE id = %s", (ids[0],))
+    await db.execute("UPDATE result SET status = 'failed', error = 'x' WHERE id = %s", (ids[3],))
 
     async def listing(**params: object) -> list[str]:
         collected: list[str] = []

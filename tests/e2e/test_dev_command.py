@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -10,9 +11,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from devstack.processes import free_port
 from sqlalchemy import create_engine, text
 
-from devstack.processes import free_port
 from tests.conftest import PG_BASE
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,7 +86,8 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
         children = _descendants(make.pid)
         assert len(children) >= 4  # python -m devstack, tritonserver, celery, uvicorn (and more)
     finally:
-        os.killpg(make.pid, signal.SIGINT)
+        with contextlib.suppress(ProcessLookupError):  # already gone: the assertion above says why
+            os.killpg(make.pid, signal.SIGINT)
         try:
             make.wait(timeout=60)
         except subprocess.TimeoutExpired:

@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 import redis
-
-from app.config import Settings
 from devstack.__main__ import ensure_services, reachable
 from devstack.processes import free_port
+
+from app.config import Settings
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

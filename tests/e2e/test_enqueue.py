@@ -9,12 +9,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import redis
+from devstack.processes import free_port
 from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from app.main import create_app
-from app.queue import RUN_JOB_TASK, JobQueue
-from devstack.processes import free_port
+from app.queue import RUN_JOB_TASK, JobQueue, make_celery
 from tests.conftest import FAST_MODEL
 from tests.e2e.helpers import wait_for_result
 
@@ -35,7 +35,7 @@ async def test_job_is_enqueued_only_after_its_row_is_committed(
 ) -> None:
     settings = _settings(e2e_env)
     engine = create_engine(settings.DATABASE_URL)
-    queue = JobQueue(settings)
+    queue = JobQueue(make_celery(settings), settings.CELERY_QUEUE)
 
     def checking_enqueue(result_id: uuid.UUID) -> None:
         # Another connection, as the worker would see it at the moment the doorbell rings.
@@ -82,10 +82,10 @@ async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
 
 
 def test_doorbell_is_the_message_celery_itself_would_write(e2e_env: dict[str, str]) -> None:
-    # JobQueue writes Celery's message format itself (it is on the hot path); Celery's own
-    # send_task is the reference. Both go to a scratch queue in the real Redis and are compared.
+    # JobQueue builds the message with Celery's as_task_v2 and kombu's publish (no send_task per job);
+    # Celery's own send_task is the reference. Both go to a scratch queue in the real Redis.
     settings = _settings(e2e_env, CELERY_QUEUE=f"doorbell-{uuid.uuid4().hex[:8]}")
-    queue = JobQueue(settings)
+    queue = JobQueue(make_celery(settings), settings.CELERY_QUEUE)
     client = redis.Redis.from_url(settings.REDIS_URL)
     try:
         rid = uuid.uuid4()

@@ -5,15 +5,14 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from datetime import datetime
 
 import httpx
+from localtriton.engine import simulate
 from sqlalchemy import create_engine, text
 
-from localtriton.engine import simulate
 from tests.conftest import FAST_MODEL, SLOW_MODEL
-from tests.e2e.helpers import create_context, send, wait_for_result
+from tests.e2e.helpers import create_context, ring, send, wait_for_result
 
 SIM_MAX_MODEL_LEN = 512
 
@@ -88,7 +87,6 @@ def test_completion_too_long_for_context_fails_clearly(api: httpx.Client) -> Non
 
 
 def test_redelivered_task_after_completion_changes_nothing(api: httpx.Client, e2e_env: dict[str, str], worker: object) -> None:
-    from app.queue import RUN_JOB_TASK, get_celery
 
     context_id = create_context(api, "Say something once.")
     result_id = send(api, FAST_MODEL, context_id, {"max_tokens": 8, "seed": 5})
@@ -97,7 +95,7 @@ def test_redelivered_task_after_completion_changes_nothing(api: httpx.Client, e2
 
     log_path = worker.log_path  # type: ignore[attr-defined]
     for _ in range(3):  # as if Redis redelivered the message
-        get_celery().send_task(RUN_JOB_TASK, args=[result_id], queue=e2e_env["CELERY_QUEUE"])
+        ring(e2e_env["CELERY_QUEUE"], result_id)
     deadline = time.monotonic() + 20
     while log_path.read_text().count(f"result {result_id} is finished or held by another worker") < 3:
         assert time.monotonic() < deadline, "the worker did not process the redelivered messages"
@@ -106,7 +104,6 @@ def test_redelivered_task_after_completion_changes_nothing(api: httpx.Client, e2
 
 
 def test_duplicate_messages_for_one_job_call_the_model_once(api: httpx.Client, e2e_env: dict[str, str]) -> None:
-    from app.queue import RUN_JOB_TASK, get_celery
 
     engine = create_engine(e2e_env["DATABASE_URL"])
     context_id = create_context(api, "Only one of you may answer.")
@@ -123,7 +120,7 @@ def test_duplicate_messages_for_one_job_call_the_model_once(api: httpx.Client, e
         )
     engine.dispose()
     for _ in range(5):
-        get_celery().send_task(RUN_JOB_TASK, args=[result_id], queue=e2e_env["CELERY_QUEUE"])
+        ring(e2e_env["CELERY_QUEUE"], result_id)
     result = wait_for_result(api, result_id)
     assert result["status"] == "completed"
     assert result["attempts"] == 1  # one claim won; the other four skipped the running job
@@ -151,8 +148,6 @@ def test_lost_message_is_recovered_by_the_sweeper(api: httpx.Client, e2e_env: di
 
 
 def test_worker_keeps_many_requests_in_flight(api: httpx.Client, e2e_env: dict[str, str], triton: object) -> None:
-    from app.queue import enqueue_job
-
     # 64 jobs on the slow model (20 ms prefill, 15 ms per token): one at a time would take ~30 s.
     # Rows and doorbells are written directly so that the submit rate cannot be what limits the peak.
     prompt = "Keep the GPU busy."
@@ -174,7 +169,7 @@ def test_worker_keeps_many_requests_in_flight(api: httpx.Client, e2e_env: dict[s
     engine.dispose()
     started = time.monotonic()
     for rid in ids:
-        assert enqueue_job(uuid.UUID(rid))
+        ring(e2e_env["CELERY_QUEUE"], rid)
     results = [wait_for_result(api, rid, timeout_s=60) for rid in ids]
     elapsed = time.monotonic() - started
     assert all(r["status"] == "completed" for r in results), [r["error"] for r in results if r["error"]]

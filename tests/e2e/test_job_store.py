@@ -16,10 +16,10 @@ import redis
 from sqlalchemy import Engine, create_engine, text
 
 from app.config import Settings
+from app.db import SyncDatabase
 from app.notify import done_channel, parse_notice
 from app.schemas import ResultOut
-from app.services.jobs import Outcome
-from worker.job_store import JobStore, _notice
+from worker.job_store import JobStore, Outcome, _notice
 
 
 @pytest.fixture
@@ -47,7 +47,8 @@ def _pending(engine: Engine, n: int) -> list[uuid.UUID]:
 
 
 def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e2e_db_url: str) -> None:
-    store = JobStore(Settings(DATABASE_URL=e2e_db_url))
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
     ids = _pending(engine, 200)
     # Every job claimed by 4 threads at once (as if its message were delivered 4 times).
     with ThreadPoolExecutor(max_workers=64) as pool:
@@ -73,7 +74,8 @@ def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e
 def test_a_broken_connection_fails_its_batch_and_is_replaced(engine: Engine, e2e_db_url: str) -> None:
     """Postgres restarts or kills the store's backend: that batch's writers get the error (their
     jobs are left pending for the sweeper), and the next batch runs on a new connection."""
-    store = JobStore(Settings(DATABASE_URL=e2e_db_url))
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
     first, second, third = _pending(engine, 3)
     assert store.claim(first) is not None
     with engine.begin() as conn:
@@ -82,7 +84,7 @@ def test_a_broken_connection_fails_its_batch_and_is_replaced(engine: Engine, e2e
                 "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
                 "WHERE application_name = :name"
             ),
-            {"name": f"llmq-worker-store-{os.getpid()}"},
+            {"name": f"llmq-worker-{os.getpid()}"},
         ).scalar_one()
     assert killed >= 1
     with pytest.raises(psycopg.OperationalError):
@@ -98,7 +100,7 @@ def test_a_broken_connection_fails_its_batch_and_is_replaced(engine: Engine, e2e
 
 def test_notices_carry_the_final_rows_as_the_api_renders_them(engine: Engine, e2e_db_url: str) -> None:
     settings = Settings(DATABASE_URL=e2e_db_url)
-    store = JobStore(settings)
+    store = JobStore(settings, SyncDatabase(settings))
     done, failed = _pending(engine, 2)
     subscriber = redis.Redis.from_url(settings.REDIS_URL).pubsub(ignore_subscribe_messages=True)
     subscriber.subscribe(done_channel(settings))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import time
 
 import httpx
+from localtriton.engine import simulate
 from sqlalchemy import create_engine, text
 
-from localtriton.engine import simulate
 from tests.conftest import FAST_MODEL, SLOW_MODEL
 from tests.e2e.helpers import create_context, send
 

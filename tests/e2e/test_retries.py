@@ -9,12 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
+from devstack.processes import ManagedProcess, free_port, worker_process
+from localtriton.engine import simulate
 from sqlalchemy import Engine, create_engine, text
 
-from localtriton.engine import simulate
-from devstack.processes import ManagedProcess, free_port, worker_process
 from tests.conftest import FAST_MODEL
-from tests.e2e.helpers import create_context, wait_for_result
+from tests.e2e.helpers import create_context, ring, wait_for_result
 from tests.e2e.tcp_proxy import TcpProxy
 
 
@@ -56,7 +56,6 @@ def engine(e2e_env: dict[str, str]) -> Iterator[Engine]:
 
 def _submit_directly(engine: Engine, context_id: str, params: str, queue: str) -> str:
     """Commit a pending row and ring the retry worker's doorbell (its own queue)."""
-    from app.queue import RUN_JOB_TASK, get_celery
 
     with engine.begin() as conn:
         result_id = str(
@@ -68,7 +67,7 @@ def _submit_directly(engine: Engine, context_id: str, params: str, queue: str) -
                 {"c": context_id, "m": FAST_MODEL, "p": params},
             ).scalar_one()
         )
-    get_celery().send_task(RUN_JOB_TASK, args=[result_id], queue=queue)
+    ring(queue, result_id)
     return result_id
 
 

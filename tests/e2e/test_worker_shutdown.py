@@ -9,12 +9,12 @@ import time
 from pathlib import Path
 
 import redis
+from devstack.processes import worker_process
 from sqlalchemy import create_engine, text
 
-from app.queue import RUN_JOB_TASK, get_celery
-from devstack.processes import worker_process
 from tests.conftest import PG_BASE, SLOW_MODEL
 from tests.db_utils import recreate_database
+from tests.e2e.helpers import ring
 
 
 def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
@@ -40,7 +40,7 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
             )
         ]
     for rid in ids:
-        get_celery().send_task(RUN_JOB_TASK, args=[rid], queue=queue)
+        ring(queue, rid)
 
     # 2 threads, prefetch 2: 2 jobs running, 2 more reserved, 8 still in Redis.
     env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}

@@ -1,0 +1,80 @@
+"""Request bodies are bounded while they are read, and a refused body still gets its answer.
+
+A client that is still sending when the server answers and closes sees a broken pipe or a reset
+instead of the 413 (urllib, requests): the rest of the body, up to `drain_bytes`, is read and
+discarded before the answer is sent, and the connection is closed only after it.
+"""
+
+from __future__ import annotations
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.errors import error_response
+
+
+class BodyLimit:
+    def __init__(self, app: ASGIApp, max_bytes: int, drain_bytes: int = 64 * 1024 * 1024) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.drain_bytes = drain_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await self._drain(receive, 0)
+            await self._refuse(scope, receive, send, f"request body is {declared} bytes")
+            return
+
+        received = 0
+        refused = False
+
+        async def bounded_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    if message.get("more_body", False):
+                        await self._drain(receive, received)
+                    # What the app sees: the end of the body; the 413 below replaces its answer.
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        started = False
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal started
+            if refused:
+                return  # the app answered a truncated body: drop it, the 413 goes out instead
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        await self.app(scope, bounded_receive, guarded_send)
+        if refused and not started:
+            await self._refuse(scope, receive, send, f"request body is over {self.max_bytes} bytes")
+
+    async def _drain(self, receive: Receive, seen: int) -> None:
+        while seen <= self.drain_bytes:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                return
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
+        response = error_response(
+            413, f"{what}; the limit is {self.max_bytes} bytes", headers={"connection": "close"}
+        )
+        await response(scope, receive, send)
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            return int(value) if value.isdigit() else None
+    return None

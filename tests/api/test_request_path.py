@@ -1,0 +1,77 @@
+"""One request path: whatever is added to the application applies to every operation it serves,
+the two per-job requests (submit, poll) included."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import Depends, Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.errors import AppError, error_response
+from tests.conftest import FAST_MODEL, EnqueueRecorder, make_api_app, serve_in_process
+
+pytestmark = pytest.mark.anyio
+
+MARKER = "x-test-pass"
+
+
+class RefuseWithoutHeader:
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not any(k == MARKER.encode() for k, _ in scope["headers"]):
+            await error_response(418, "refused by the test middleware")(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+async def refuse_without_header(request: Request) -> None:
+    if MARKER not in request.headers:
+        raise AppError("refused by the test dependency", status_code=418)
+
+
+def _operations(spec: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(method.upper(), path) for path, item in spec["paths"].items() for method in item]
+
+
+async def _call_each(client: httpx.AsyncClient, ops: list[tuple[str, str]], context_id: str, **kw: Any) -> dict[str, int]:
+    statuses = {}
+    for method, template in ops:
+        path = template.replace("{model_name}", FAST_MODEL).replace("{context_id}", context_id)
+        path = re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), path)
+        body = {"content": "x"} if path == "/contexts/" and method == "POST" else None
+        response = await client.request(method, path, json=body, **kw)
+        statuses[f"{method} {template}"] = response.status_code
+    return statuses
+
+
+@pytest.mark.parametrize("how", ["middleware", "dependency"])
+async def test_what_the_app_adds_applies_to_every_operation(
+    how: str, db: object, triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    app = make_api_app(triton.http_url, enqueued)
+    if how == "dependency":
+        app = make_api_app(triton.http_url, enqueued, dependencies=[Depends(refuse_without_header)])
+    else:
+        app.add_middleware(RefuseWithoutHeader)
+    async with serve_in_process(app) as client:
+        spec = (await client.get("/openapi.json", headers={MARKER: "1"})).json()
+        ops = _operations(spec)
+        assert ("POST", "/models/send/{model_name}/{context_id}") in ops
+        assert ("GET", "/results/{result_id}") in ops
+        context_id = (await client.post("/contexts/", json={"content": "hi"}, headers={MARKER: "1"})).json()["id"]
+
+        refused = await _call_each(client, ops, context_id)
+        assert refused == {op: 418 for op in refused}
+        assert enqueued.calls == []  # the refused submit created nothing
+
+        allowed = await _call_each(client, ops, context_id, headers={MARKER: "1"})
+        assert all(status != 418 for status in allowed.values()), allowed
+        assert allowed["POST /models/send/{model_name}/{context_id}"] == 202
+        assert len(enqueued.calls) == 1

@@ -1,0 +1,49 @@
+"""Bodies over the limit are answered 413 with the JSON message, to ordinary clients that are still
+sending (urllib, raw sockets, chunked uploads), through the real server."""
+
+from __future__ import annotations
+
+import json
+import socket
+import urllib.error
+import urllib.request
+from urllib.parse import urlsplit
+
+import pytest
+
+
+def test_urllib_client_receives_the_413_for_a_body_of_several_mib(api_server: str) -> None:
+    body = b'{"content": "' + b"x" * (8 * 1024 * 1024) + b'"}'
+    request = urllib.request.Request(
+        f"{api_server}/contexts/", data=body, headers={"content-type": "application/json"}, method="POST"
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    message = json.loads(refused.value.read())
+    assert f"request body is {len(body)} bytes; the limit is" in message["error"]
+
+
+def _raw_request(api_server: str, head: bytes, chunks: list[bytes]) -> bytes:
+    url = urlsplit(api_server)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head)
+        for chunk in chunks:
+            sock.sendall(chunk)
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+        return answer
+
+
+def test_a_chunked_body_is_bounded_while_it_is_read(api_server: str) -> None:
+    piece = b'{"content": "' + b"y" * (1024 * 1024)
+    chunks = [b"%x\r\n%s\r\n" % (len(piece), piece)] * 6 + [b"0\r\n\r\n"]
+    head = (
+        b"POST /contexts/ HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"transfer-encoding: chunked\r\n\r\n"
+    )
+    answer = _raw_request(api_server, head, chunks)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 413 Request Entity Too Large", answer[:300]
+    assert b'"request body is over ' in rest

@@ -9,8 +9,9 @@ from typing import Literal
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Values that only make sense on a developer machine; refused anywhere else.
+# Values that only make sense on a developer machine; refused in production.
 DEV_DB_PASSWORDS = frozenset({"postgres", "dev", "devpassword", "changeme"})
+DEV_ADMIN_API_KEY = "llmq_dev-admin-key-for-this-machine-only"
 
 
 class Settings(BaseSettings):
@@ -59,6 +60,15 @@ class Settings(BaseSettings):
     # A job still pending this long after it was created fails with a clear error.
     JOB_DEADLINE_S: float = Field(default=3600.0, gt=0)
 
+    # Keys and quotas. ADMIN_API_KEY is the first admin key (tenant "default"); more keys are made
+    # with POST /admin/keys or `python -m app.cli keys create`.
+    ADMIN_API_KEY: str | None = Field(default=None, min_length=32)
+    # How long an API process trusts what it read about a key (a revocation takes effect within it).
+    KEY_CACHE_TTL_S: float = Field(default=5.0, ge=0, le=60)
+    # Per tenant: jobs pending at once; per key: submits per second. Overridable per tenant or key.
+    MAX_PENDING_PER_TENANT: int = Field(default=10_000, ge=1)
+    SUBMIT_RATE_PER_KEY: int = Field(default=1_000, ge=1)
+
     # Limits on input
     MAX_CONTENT_BYTES: int = Field(default=256 * 1024, ge=1)
     MAX_TOKENS_LIMIT: int = Field(default=8192, ge=1)
@@ -73,6 +83,11 @@ class Settings(BaseSettings):
                 raise ValueError(
                     "DATABASE_URL uses a development password (or none) while APP_ENV=production; "
                     "set a real secret"
+                )
+            if self.ADMIN_API_KEY == DEV_ADMIN_API_KEY:
+                raise ValueError(
+                    "ADMIN_API_KEY is the development key while APP_ENV=production; set a real secret "
+                    "(at least 32 random characters) or leave it unset"
                 )
         return self
 

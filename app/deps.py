@@ -6,10 +6,12 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from app.auth import KeyRing
 from app.config import Settings
 from app.db import Database
 from app.notify import ResultWaiter
 from app.queue import JobQueue
+from app.quotas import SubmitRate
 from app.services.results import Enqueue
 from app.triton.admin import ModelCatalog, TritonAdmin
 
@@ -23,6 +25,8 @@ class Runtime:
     waiter: ResultWaiter
     triton_admin: TritonAdmin
     model_catalog: ModelCatalog
+    keyring: KeyRing
+    submit_rate: SubmitRate
 
 
 async def runtime(request: Request) -> Runtime:

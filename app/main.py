@@ -6,9 +6,10 @@ import gc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, params
+from fastapi import Depends, FastAPI, params
 from fastapi.concurrency import run_in_threadpool
 
+from app.auth import Authentication, KeyRing, authenticated
 from app.bodylimit import BodyLimit
 from app.config import Settings, get_settings
 from app.db import Database
@@ -16,6 +17,8 @@ from app.deps import Runtime
 from app.errors import install_error_handlers
 from app.notify import ResultWaiter, done_channel
 from app.queue import JobQueue, make_celery
+from app.quotas import SubmitRate
+from app.routes import admin as admin_routes
 from app.routes import contexts, health, models, results
 from app.services.results import Enqueue
 from app.triton.admin import ModelCatalog, TritonAdmin
@@ -40,6 +43,8 @@ def create_app(
         waiter=ResultWaiter(settings.REDIS_URL, done_channel(settings)),
         triton_admin=admin,
         model_catalog=ModelCatalog(admin, settings.MODEL_CACHE_TTL_S),
+        keyring=KeyRing(settings, db),
+        submit_rate=SubmitRate(settings.REDIS_URL, settings.CELERY_QUEUE),
     )
 
     @asynccontextmanager
@@ -52,6 +57,7 @@ def create_app(
             yield
         finally:  # also when the server (or a test) leaves with an error: the pool's tasks must end
             await rt.waiter.close()
+            await rt.submit_rate.close()
             await rt.model_catalog.close()
             await admin.close()
             await run_in_threadpool(job_queue.close)
@@ -66,9 +72,13 @@ def create_app(
         dependencies=list(dependencies),
     )
     app.state.runtime = rt
+    # Middleware added last runs first: the body limit, then authentication, then routing.
+    app.add_middleware(Authentication, keyring=rt.keyring)
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
     install_error_handlers(app)
-    for router in (contexts.router, models.router, results.router, health.router):
-        app.include_router(router)
+    for router in (contexts.router, models.router, results.router, admin_routes.router):
+        # Protected routes also declare the key in the API description (the middleware enforces it).
+        app.include_router(router, dependencies=[Depends(authenticated)])
+    app.include_router(health.router)
     return app

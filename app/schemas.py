@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import datetime
-from typing import Annotated, Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -32,6 +32,7 @@ class ContextOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
+    tenant: str
     content: str
     created_at: datetime
 
@@ -44,9 +45,10 @@ class SamplingParams(BaseModel):
     max_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    stop: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]], Field(max_length=16)] = Field(
-        default_factory=list, description="Strings that end generation (not included in the output)."
-    )
+    # NUL cannot be stored in Postgres (text or JSONB): refused here with the field named.
+    stop: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]], Field(max_length=16)
+    ] = Field(default_factory=list, description="Strings that end generation (not included in the output).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
 
     @field_validator("stop", mode="before")
@@ -68,6 +70,7 @@ class ResultOut(BaseModel):
     model_config = ConfigDict(from_attributes=True)
 
     id: uuid.UUID
+    tenant: str
     context_id: uuid.UUID
     model: str
     params: dict[str, Any]
@@ -107,6 +110,58 @@ class ComponentHealth(BaseModel):
 class Readiness(BaseModel):
     status: str
     components: dict[str, ComponentHealth]
+
+
+TenantName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+
+
+class ApiKeyCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tenant: TenantName
+    name: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00]*$")
+    scope: Literal["user", "admin"] = "user"
+    max_pending: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Overrides the tenant's cap."
+    )
+    submit_rate_per_s: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="Overrides the default rate."
+    )
+
+
+class ApiKeyOut(BaseModel):
+    """A key as listed: never the key itself."""
+
+    id: uuid.UUID
+    tenant: str
+    name: str
+    scope: str
+    prefix: str = Field(description="The key's first characters, to recognise it.")
+    max_pending: int | None
+    submit_rate_per_s: int | None
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ApiKeyCreated(ApiKeyOut):
+    key: str = Field(description="The key itself: shown this once, stored only as a hash.")
+
+
+class TenantLimitsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_pending: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="null: the MAX_PENDING_PER_TENANT setting"
+    )
+    submit_rate_per_s: int | None = Field(
+        default=None, ge=1, le=1_000_000_000, description="null: the SUBMIT_RATE_PER_KEY setting"
+    )
+
+
+class TenantLimitsOut(TenantLimitsIn):
+    tenant: str
+    updated_at: datetime
 
 
 class ErrorBody(BaseModel):

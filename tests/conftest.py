@@ -10,6 +10,8 @@ import os
 import uuid
 
 _RUN = uuid.uuid4().hex[:8]
+# The bootstrap admin key of every app and server the tests start (never a development value).
+ADMIN_KEY = f"llmq_test-admin-{uuid.uuid4().hex}"
 PG_BASE = os.environ.get("TEST_PG_BASE", "postgresql+psycopg://postgres:postgres@127.0.0.1:5432")
 API_DB = os.environ.get("TEST_API_DB", "llmq_test")
 E2E_DB = os.environ.get("TEST_E2E_DB", "llmq_e2e")
@@ -25,12 +27,14 @@ os.environ.update(
         # Several apps, API servers and workers share one Postgres (max_connections 100) in a run,
         # and the API keeps its statement pool full.
         "DB_POOL_SIZE": "5",
+        "ADMIN_API_KEY": ADMIN_KEY,
     }
 )
 
 import shutil  # noqa: E402
 from collections.abc import AsyncIterator, Iterator, Sequence  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Any  # noqa: E402
 
@@ -41,6 +45,7 @@ from fastapi import FastAPI  # noqa: E402
 
 from tests.db_utils import recreate_database  # noqa: E402
 
+ROOT = Path(__file__).resolve().parent.parent
 SIM_MODELS = Path(__file__).resolve().parent.parent / "nvidia_triton" / "localtriton" / "models"
 FAST_MODEL = "sim-llm"
 SLOW_MODEL = "sim-llm-slow"
@@ -97,7 +102,7 @@ async def db(api_db_url: str) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
     conn = await psycopg.AsyncConnection.connect(
         api_db_url.replace("postgresql+psycopg://", "postgresql://"), autocommit=True
     )
-    await conn.execute("TRUNCATE result, context")
+    await conn.execute("TRUNCATE result, context, api_key, tenant_limits, idempotency_key")
     try:
         yield conn
     finally:
@@ -140,13 +145,66 @@ async def serve_in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+async def make_key(
+    admin: httpx.AsyncClient | httpx.Client, tenant: str, scope: str = "user", **limits: int
+) -> str:
+    """A new key of `tenant`, made through the admin API (sync or async client)."""
+    payload = {"tenant": tenant, "name": f"test key of {tenant}", "scope": scope, **limits}
+    response = admin.post("/admin/keys", json=payload, headers=bearer(ADMIN_KEY))
+    if not isinstance(response, httpx.Response):
+        response = await response
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
+@dataclass
+class InProcessApi:
+    """The app of one test, in process: one tenant's client (`user`) and the admin's."""
+
+    app: FastAPI
+    http: httpx.AsyncClient
+    user: httpx.AsyncClient
+    admin: httpx.AsyncClient
+    tenant: str
+
+    async def client_of(self, tenant: str, **limits: int) -> httpx.AsyncClient:
+        key = await make_key(self.http, tenant, **limits)
+        return httpx.AsyncClient(
+            transport=self.http._transport, base_url="http://api.test", headers=bearer(key)
+        )
+
+
 @pytest.fixture
-async def client(
+async def api_app(
     db: psycopg.AsyncConnection[Any], triton: object, enqueued: EnqueueRecorder
-) -> AsyncIterator[httpx.AsyncClient]:
+) -> AsyncIterator[InProcessApi]:
     app = make_api_app(triton.http_url, enqueued)  # type: ignore[attr-defined]
     async with serve_in_process(app) as http:
-        yield http
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        key = await make_key(http, tenant)
+        transport = http._transport
+        async with (
+            httpx.AsyncClient(transport=transport, base_url="http://api.test", headers=bearer(key)) as user,
+            httpx.AsyncClient(
+                transport=transport, base_url="http://api.test", headers=bearer(ADMIN_KEY)
+            ) as admin,
+        ):
+            yield InProcessApi(app, http, user, admin, tenant)
+
+
+@pytest.fixture
+async def client(api_app: InProcessApi) -> httpx.AsyncClient:
+    """A user key's client (one tenant of its own per test)."""
+    return api_app.user
+
+
+@pytest.fixture
+async def admin_client(api_app: InProcessApi) -> httpx.AsyncClient:
+    return api_app.admin
 
 
 # ---------------------------------------------------------------- end to end: real processes
@@ -175,6 +233,8 @@ def e2e_env(e2e_db_url: str, triton: object) -> dict[str, str]:
         "SWEEP_REQUEUE_AFTER_S": "3",
         "RETRY_BACKOFF_BASE_S": "0.2",
         "RETRY_BACKOFF_MAX_S": "1",
+        "ADMIN_API_KEY": ADMIN_KEY,
+        "KEY_CACHE_TTL_S": "1",
     }
 
 
@@ -204,7 +264,18 @@ def api_server(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[str]:
         proc.stop()
 
 
-@pytest.fixture
-def api(api_server: str, worker: object) -> Iterator[httpx.Client]:
+@pytest.fixture(scope="session")
+def e2e_user_key(api_server: str) -> str:
     with httpx.Client(base_url=api_server, timeout=30) as http:
+        response = http.post(
+            "/admin/keys", json={"tenant": "e2e", "name": "e2e tests"}, headers=bearer(ADMIN_KEY)
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["key"])
+
+
+@pytest.fixture
+def api(api_server: str, worker: object, e2e_user_key: str) -> Iterator[httpx.Client]:
+    """The real API server, with a user key of the tenant `e2e`."""
+    with httpx.Client(base_url=api_server, timeout=30, headers=bearer(e2e_user_key)) as http:
         yield http

@@ -11,7 +11,9 @@ from celery import Task
 from app.config import get_settings
 from app.notify import publish_done
 from app.queue import RUN_JOB_TASK, SWEEP_TASK
+from app.repositories import idempotency
 from app.repositories import results as repo
+from app.services.idempotency import RETENTION_S
 from app.triton.inference import GenerationError
 from worker.celery_app import celery_app, job_queue
 from worker.job_store import Outcome, get_database, get_store
@@ -88,6 +90,7 @@ def sweep() -> dict[str, int]:
             running_stale_after_s=settings.TRITON_REQUEST_TIMEOUT_S + 60,
             limit=1000,
         )
+        idempotency.forget_old(conn, RETENTION_S)
     publish_done(settings, expired)
     if lost:
         job_queue().ring(lost)

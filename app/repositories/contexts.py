@@ -11,25 +11,32 @@ from psycopg.rows import dict_row
 from app.db import AsyncConnection
 from app.repositories.listing import newest_first
 
-_COLUMNS = "id, content, created_at"
+_COLUMNS = "id, tenant, content, created_at"
 
-_INSERT = f"INSERT INTO context (id, content) VALUES (%(id)s, %(content)s) RETURNING {_COLUMNS}"
-_GET = f"SELECT {_COLUMNS} FROM context WHERE id = %(id)s"
+_INSERT = (
+    f"INSERT INTO context (id, tenant, content) VALUES (%(id)s, %(tenant)s, %(content)s) RETURNING {_COLUMNS}"
+)
+# `tenant` NULL: any tenant's (an admin's read).
+_GET = (
+    f"SELECT {_COLUMNS} FROM context WHERE id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
+)
 
 
-async def insert(conn: AsyncConnection, content: str) -> dict[str, Any]:
+async def insert(conn: AsyncConnection, tenant: str, content: str) -> dict[str, Any]:
     cur = conn.cursor(row_factory=dict_row)
-    row = await (await cur.execute(_INSERT, {"id": uuid.uuid4(), "content": content})).fetchone()
+    params = {"id": uuid.uuid4(), "tenant": tenant, "content": content}
+    row = await (await cur.execute(_INSERT, params)).fetchone()
     assert row is not None  # INSERT … RETURNING returns its row
     return row
 
 
-async def get(conn: AsyncConnection, context_id: uuid.UUID) -> dict[str, Any] | None:
+async def get(conn: AsyncConnection, context_id: uuid.UUID, tenant: str | None) -> dict[str, Any] | None:
     cur = conn.cursor(row_factory=dict_row)
-    return await (await cur.execute(_GET, {"id": context_id})).fetchone()
+    return await (await cur.execute(_GET, {"id": context_id, "tenant": tenant})).fetchone()
 
 
 async def page(
-    conn: AsyncConnection, *, cursor: str | None, limit: int
+    conn: AsyncConnection, *, tenant: str | None, cursor: str | None, limit: int
 ) -> tuple[list[dict[str, Any]], str | None]:
-    return await newest_first(conn, "context", sql.SQL(_COLUMNS), {}, cursor=cursor, limit=limit)
+    filters = {"tenant": tenant}
+    return await newest_first(conn, "context", sql.SQL(_COLUMNS), filters, cursor=cursor, limit=limit)

@@ -1,14 +1,24 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Header, Query
+from fastapi.responses import JSONResponse
 
+from app.auth import Principal, authenticated
+from app.db import AsyncConnection
 from app.deps import Runtime, runtime
-from app.schemas import ContextCreate, ContextOut, ErrorBody, Page
+from app.schemas import ContextCreate, ContextOut, ErrorBody, Page, TenantName
 from app.services import contexts as service
+from app.services import idempotency
 
 router = APIRouter(prefix="/contexts", tags=["contexts"])
+
+IDEMPOTENCY_KEY_DOC = (
+    "Send the same key again with the same request (within 24 hours) to get the first answer again: "
+    "nothing new is created. The same key with another request is refused (422)."
+)
 
 
 @router.post(
@@ -17,22 +27,45 @@ router = APIRouter(prefix="/contexts", tags=["contexts"])
     response_model=ContextOut,
     responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
 )
-async def create_context(body: ContextCreate, rt: Runtime = Depends(runtime)) -> ContextOut:
+async def create_context(
+    body: ContextCreate,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
+    principal: Principal = Depends(authenticated),
+    rt: Runtime = Depends(runtime),
+) -> Any:
     """Store a prompt. Its id is what `POST /models/send/{model}/{context_id}` takes."""
-    return await service.create_context(rt.db, body.content, rt.settings.MAX_CONTENT_BYTES)
+    service.check_size(body.content, rt.settings.MAX_CONTENT_BYTES)
+    if idempotency_key is None:
+        return await service.create_context(rt.db, principal, body.content)
+
+    async def create(conn: AsyncConnection) -> tuple[int, ContextOut]:
+        return 201, await service.insert(conn, principal, body.content)
+
+    status, answer, _ = await idempotency.first_answer(
+        rt.db,
+        principal,
+        idempotency.check_key(idempotency_key),
+        idempotency.fingerprint("POST /contexts/", body.model_dump_json()),
+        create,
+    )
+    return JSONResponse(answer, status_code=status)
 
 
 @router.get("/", response_model=Page[ContextOut])
 async def list_contexts(
     limit: int = Query(50, ge=1, le=500, description="Page size."),
     cursor: str | None = Query(None, max_length=512, description="`next_cursor` of the previous page."),
+    tenant: TenantName | None = Query(None, description="Admin keys: only this tenant's contexts."),
+    principal: Principal = Depends(authenticated),
     rt: Runtime = Depends(runtime),
 ) -> Page[ContextOut]:
-    """Stored contexts, newest first, one page at a time."""
-    return await service.list_contexts(rt.db, limit=limit, cursor=cursor)
+    """Your tenant's contexts (an admin key: every tenant's), newest first, one page at a time."""
+    return await service.list_contexts(rt.db, principal, tenant=tenant, limit=limit, cursor=cursor)
 
 
 @router.get("/{context_id}", response_model=ContextOut, responses={404: {"model": ErrorBody}})
-async def get_context(context_id: uuid.UUID, rt: Runtime = Depends(runtime)) -> ContextOut:
+async def get_context(
+    context_id: uuid.UUID, principal: Principal = Depends(authenticated), rt: Runtime = Depends(runtime)
+) -> ContextOut:
     """One stored context."""
-    return await service.get_context(rt.db, context_id)
+    return await service.get_context(rt.db, principal, context_id)

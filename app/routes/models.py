@@ -1,12 +1,18 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
-from fastapi import APIRouter, Body, Depends, Path, Response
+from fastapi import APIRouter, Body, Depends, Header, Path, Response
+from fastapi.responses import JSONResponse
 
+from app.auth import Principal, authenticated
+from app.db import AsyncConnection
 from app.deps import Runtime, runtime
 from app.errors import Conflict, NotFound, ServiceUnavailable
+from app.routes.contexts import IDEMPOTENCY_KEY_DOC
 from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
+from app.services import idempotency
 from app.services import results as service
 from app.triton.admin import ModelState, TritonUnavailable
 
@@ -66,6 +72,7 @@ async def list_models(rt: Runtime = Depends(runtime)) -> list[ModelInfo]:
         404: {"model": ErrorBody, "description": "Unknown context or model"},
         409: {"model": ErrorBody, "description": "Model not ready"},
         422: {"model": ErrorBody},
+        429: {"model": ErrorBody, "description": "Over the tenant's pending jobs or the key's submit rate"},
         503: {"model": ErrorBody, "description": "Triton unreachable"},
     },
 )
@@ -74,17 +81,35 @@ async def send(
     context_id: uuid.UUID,
     params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
     model_name: str = Depends(ready_model),
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
+    principal: Principal = Depends(authenticated),
     rt: Runtime = Depends(runtime),
-) -> SendAccepted:
+) -> Any:
     """Send a stored context to a model. Answers at once with the result id; poll
     `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
-    accepted = await service.submit(
+    params = params or SamplingParams()
+    service.check_params(params, rt.settings.MAX_TOKENS_LIMIT)
+    await rt.submit_rate.check(principal)
+    if idempotency_key is None:
+        accepted = await service.submit(
+            rt.db, rt.enqueue, principal, model=model_name, context_id=context_id, params=params
+        )
+        response.headers["Location"] = accepted.url
+        return accepted
+
+    async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
+        job = await service.insert_job(
+            conn, principal, model=model_name, context_id=context_id, params=params
+        )
+        return 202, job
+
+    status, answer, created = await idempotency.first_answer(
         rt.db,
-        rt.enqueue,
-        model=model_name,
-        context_id=context_id,
-        params=params or SamplingParams(),
-        max_tokens_limit=rt.settings.MAX_TOKENS_LIMIT,
+        principal,
+        idempotency.check_key(idempotency_key),
+        idempotency.fingerprint(f"POST /models/send/{model_name}/{context_id}", params.model_dump_json()),
+        create,
     )
-    response.headers["Location"] = accepted.url
-    return accepted
+    if created:  # committed by now
+        rt.enqueue(uuid.UUID(answer["result_id"]))
+    return JSONResponse(answer, status_code=status, headers={"Location": answer["url"]})

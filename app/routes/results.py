@@ -4,9 +4,10 @@ import uuid
 
 from fastapi import APIRouter, Depends, Query
 
+from app.auth import Principal, authenticated
 from app.deps import Runtime, runtime
 from app.models import ResultStatus
-from app.schemas import ErrorBody, Page, ResultOut
+from app.schemas import ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
 
 router = APIRouter(prefix="/results", tags=["results"])
@@ -22,11 +23,21 @@ async def list_results(
         None, max_length=255, pattern=r"^[^\x00]*$", description="Only results of this model."
     ),
     context_id: uuid.UUID | None = Query(None, description="Only results of this context."),
+    tenant: TenantName | None = Query(None, description="Admin keys: only this tenant's results."),
+    principal: Principal = Depends(authenticated),
     rt: Runtime = Depends(runtime),
 ) -> Page[ResultOut]:
-    """Results, newest first, filtered by status, model and context (admin listing)."""
+    """Your tenant's results (an admin key: every tenant's), newest first, filtered by status, model,
+    context and (admin) tenant."""
     return await service.list_results(
-        rt.db, limit=limit, cursor=cursor, status=status, model=model, context_id=context_id
+        rt.db,
+        principal,
+        tenant=tenant,
+        limit=limit,
+        cursor=cursor,
+        status=status,
+        model=model,
+        context_id=context_id,
     )
 
 
@@ -40,9 +51,10 @@ async def get_result(
         description="Long poll: seconds to wait for a pending job to finish before answering. "
         "0 (the default) answers at once.",
     ),
+    principal: Principal = Depends(authenticated),
     rt: Runtime = Depends(runtime),
 ) -> ResultOut:
     """Poll a job: `pending` (queued, or running once `started_at` is set), then `completed` with the
     text, finish reason and token counts, or `failed` with the reason in `error`. With `wait=N` the
     answer comes as soon as the job finishes, or after N seconds with the job still pending."""
-    return await service.poll(rt.db, rt.waiter, result_id, wait)
+    return await service.poll(rt.db, rt.waiter, principal, result_id, wait)

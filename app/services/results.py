@@ -10,10 +10,12 @@ from collections.abc import Callable
 
 from pydantic import ValidationError
 
-from app.db import Database
+from app.auth import Principal
+from app.db import AsyncConnection, Database
 from app.errors import InvalidInput, NotFound
 from app.models import ResultStatus
 from app.notify import ResultWaiter
+from app.quotas import OverQuota
 from app.repositories import results as repo
 from app.schemas import Page, ResultOut, SamplingParams, SendAccepted
 
@@ -22,58 +24,81 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[uuid.UUID], None]
 
 
-async def submit(
-    db: Database,
-    enqueue: Enqueue,
-    *,
-    model: str,
-    context_id: uuid.UUID,
-    params: SamplingParams,
-    max_tokens_limit: int,
-) -> SendAccepted:
-    """Record a pending result, then ring the doorbell: only once the row is committed."""
+def check_params(params: SamplingParams, max_tokens_limit: int) -> None:
     if params.max_tokens > max_tokens_limit:
         raise InvalidInput(
             f"max_tokens must be at most {max_tokens_limit}, got {params.max_tokens}",
             detail={"field": "max_tokens", "limit": max_tokens_limit},
         )
+
+
+async def insert_job(
+    conn: AsyncConnection, principal: Principal, *, model: str, context_id: uuid.UUID, params: SamplingParams
+) -> SendAccepted:
+    """Record a pending result for one of the tenant's contexts. The caller rings the doorbell once
+    this has committed."""
     result_id = uuid.uuid4()
-    async with db.connection() as conn:
-        created_at = await repo.insert_for_context(
-            conn,
-            result_id=result_id,
-            context_id=context_id,
-            model=model,
-            params=params.model_dump(exclude_none=True),
-        )
-    if created_at is None:
+    inserted = await repo.insert_for_context(
+        conn,
+        result_id=result_id,
+        tenant=principal.tenant,
+        context_id=context_id,
+        model=model,
+        params=params.model_dump(exclude_none=True),
+        max_pending=principal.max_pending,
+    )
+    if not inserted.context_found:
         raise NotFound(f"context {context_id} not found")
-    enqueue(result_id)  # the statement above has committed: the worker can see the row
+    if inserted.created_at is None:
+        raise OverQuota(
+            f"pending job limit reached: tenant '{principal.tenant}' has {inserted.pending} jobs pending "
+            f"(the limit is {principal.max_pending}); retry when some have finished",
+            retry_after_s=5,
+            detail={"limit": "max_pending", "value": principal.max_pending},
+        )
     return SendAccepted(
         result_id=result_id,
         status=ResultStatus.PENDING,
         model=model,
         context_id=context_id,
-        created_at=created_at,
+        created_at=inserted.created_at,
         url=f"/results/{result_id}",
     )
 
 
-async def read(db: Database, result_id: uuid.UUID) -> ResultOut:
+async def submit(
+    db: Database,
+    enqueue: Enqueue,
+    principal: Principal,
+    *,
+    model: str,
+    context_id: uuid.UUID,
+    params: SamplingParams,
+) -> SendAccepted:
+    """Record a pending result, then ring the doorbell: only once the row is committed."""
     async with db.connection() as conn:
-        row = await repo.get(conn, result_id)
-    if row is None:
+        accepted = await insert_job(conn, principal, model=model, context_id=context_id, params=params)
+    enqueue(accepted.result_id)  # the statement above has committed: the worker can see the row
+    return accepted
+
+
+async def read(db: Database, principal: Principal, result_id: uuid.UUID) -> ResultOut:
+    async with db.connection() as conn:
+        row = await repo.get(conn, result_id, principal.tenant_filter)
+    if row is None:  # another tenant's result is as unknown as a missing one
         raise NotFound(f"result {result_id} not found")
     return ResultOut.model_validate(row)
 
 
-async def poll(db: Database, waiter: ResultWaiter, result_id: uuid.UUID, wait_s: float) -> ResultOut:
+async def poll(
+    db: Database, waiter: ResultWaiter, principal: Principal, result_id: uuid.UUID, wait_s: float
+) -> ResultOut:
     """The result now, or with `wait_s` > 0 as soon as it is final (at most `wait_s` later)."""
     if wait_s <= 0:
-        return await read(db, result_id)
+        return await read(db, principal, result_id)
     # Watch before reading, so that a notice sent between the read and the wait is not missed.
     async with waiter.watch(result_id) as finished:
-        result = await read(db, result_id)
+        result = await read(db, principal, result_id)  # the tenant check
         if result.status != ResultStatus.PENDING:
             return result
         with contextlib.suppress(TimeoutError):
@@ -87,19 +112,26 @@ async def poll(db: Database, waiter: ResultWaiter, result_id: uuid.UUID, wait_s:
         except ValidationError:
             pass
         log.warning("result %s: unreadable completion notice, reading the database", result_id)
-    return await read(db, result_id)
+    return await read(db, principal, result_id)
 
 
 async def list_results(
     db: Database,
+    principal: Principal,
     *,
+    tenant: str | None,
     limit: int,
     cursor: str | None,
     status: ResultStatus | None = None,
     model: str | None = None,
     context_id: uuid.UUID | None = None,
 ) -> Page[ResultOut]:
-    filters = {"status": status.value if status else None, "model": model, "context_id": context_id}
+    filters = {
+        "tenant": principal.tenant_filter or tenant,
+        "status": status.value if status else None,
+        "model": model,
+        "context_id": context_id,
+    }
     async with db.connection() as conn:
         rows, next_cursor = await repo.page(conn, filters=filters, cursor=cursor, limit=limit)
     return Page[ResultOut](items=[ResultOut.model_validate(r) for r in rows], next_cursor=next_cursor)

@@ -19,12 +19,12 @@ from types import FrameType
 from urllib.parse import urlsplit
 
 import typer
-from devstack.database import create_database_if_missing
-from devstack.processes import ManagedProcess, api_process, worker_process
 from rich.console import Console
 from sqlalchemy.engine import make_url
 
 from app.config import Settings, get_settings
+from devstack.database import create_database_if_missing
+from devstack.processes import ManagedProcess, api_process, worker_process
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run"
@@ -109,13 +109,14 @@ def migrate() -> None:
     subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT, check=True)
 
 
-def example(api_url: str) -> str:
+def example(api_url: str, admin_key: str) -> str:
     return f"""  API=${{API:-{api_url}}}
-  CTX=$(curl -s -X POST $API/contexts/ -H 'content-type: application/json' \\
+  AUTH="Authorization: Bearer ${{KEY:-{admin_key}}}"
+  CTX=$(curl -s -X POST $API/contexts/ -H "$AUTH" -H 'content-type: application/json' \\
         -d '{{"content": "Write a haiku about GPUs."}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-  RID=$(curl -s -X POST $API/models/send/sim-llm/$CTX -H 'content-type: application/json' \\
+  RID=$(curl -s -X POST $API/models/send/sim-llm/$CTX -H "$AUTH" -H 'content-type: application/json' \\
         -d '{{"max_tokens": 32, "seed": 1}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["result_id"])')
-  curl -s "$API/results/$RID?wait=30"
+  curl -s -H "$AUTH" "$API/results/$RID?wait=30"
 """
 
 
@@ -186,7 +187,11 @@ def up(
 
         console.print(f"\n[bold green]Ready.[/] API on [bold]{api_url}[/]  (docs: {api_url}/docs)")
         console.print(f"logs: {logs}/{{api,worker,triton}}.log   Ctrl-C stops everything.\n")
-        console.print("Try it:\n" + example(api_url), soft_wrap=True, markup=False)
+        if settings.ADMIN_API_KEY:
+            console.print(f"admin key: {settings.ADMIN_API_KEY}  (ADMIN_API_KEY; development only)", markup=False)
+            console.print("Try it:\n" + example(api_url, settings.ADMIN_API_KEY), soft_wrap=True, markup=False)
+        else:
+            console.print("[yellow]ADMIN_API_KEY is not set: make a key with `python -m app.cli keys create`[/]")
         while True:
             for proc in stack.processes:
                 if not proc.running:

@@ -17,7 +17,7 @@ from sqlalchemy import make_url
 
 from app.config import get_settings
 from app.main import create_app
-from tests.conftest import PG_BASE
+from tests.conftest import ADMIN_KEY, PG_BASE, bearer
 from tests.db_utils import recreate_database
 
 
@@ -49,7 +49,7 @@ def test_no_input_makes_the_api_fail(triton: object) -> None:
         @given(case=operation.as_strategy(generation_mode=mode))
         @settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck), database=None)
         def check(case: schemathesis.Case) -> None:
-            response = case.call()
+            response = case.call(headers=bearer(ADMIN_KEY))
             assert response.status_code < 500, (case.method, case.formatted_path, case.body, response.text)
             if response.status_code >= 400:
                 body = response.json()

@@ -8,7 +8,15 @@ import httpx
 import pytest
 from devstack.processes import free_port
 
-from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, make_api_app, serve_in_process
+from tests.conftest import (
+    ADMIN_KEY,
+    FAST_MODEL,
+    SLOW_MODEL,
+    UNLOADED_MODEL,
+    bearer,
+    make_api_app,
+    serve_in_process,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -39,6 +47,7 @@ async def test_health_and_readiness_with_everything_up(client: httpx.AsyncClient
 @pytest.fixture
 async def client_without_triton(db: object) -> AsyncIterator[httpx.AsyncClient]:
     async with serve_in_process(make_api_app(f"http://127.0.0.1:{free_port()}", None)) as client:
+        client.headers.update(bearer(ADMIN_KEY))
         yield client
 
 

@@ -13,7 +13,7 @@ from fastapi import Depends, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.errors import AppError, error_response
-from tests.conftest import FAST_MODEL, EnqueueRecorder, make_api_app, serve_in_process
+from tests.conftest import ADMIN_KEY, FAST_MODEL, EnqueueRecorder, bearer, make_api_app, serve_in_process
 
 pytestmark = pytest.mark.anyio
 
@@ -40,13 +40,19 @@ def _operations(spec: dict[str, Any]) -> list[tuple[str, str]]:
     return [(method.upper(), path) for path, item in spec["paths"].items() for method in item]
 
 
-async def _call_each(client: httpx.AsyncClient, ops: list[tuple[str, str]], context_id: str, **kw: Any) -> dict[str, int]:
+async def _call_each(
+    client: httpx.AsyncClient,
+    ops: list[tuple[str, str]],
+    context_id: str,
+    headers: dict[str, str] | None = None,
+) -> dict[str, int]:
+    headers = headers or {}
     statuses = {}
     for method, template in ops:
         path = template.replace("{model_name}", FAST_MODEL).replace("{context_id}", context_id)
         path = re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), path)
         body = {"content": "x"} if path == "/contexts/" and method == "POST" else None
-        response = await client.request(method, path, json=body, **kw)
+        response = await client.request(method, path, json=body, headers={**bearer(ADMIN_KEY), **headers})
         statuses[f"{method} {template}"] = response.status_code
     return statuses
 
@@ -65,7 +71,11 @@ async def test_what_the_app_adds_applies_to_every_operation(
         ops = _operations(spec)
         assert ("POST", "/models/send/{model_name}/{context_id}") in ops
         assert ("GET", "/results/{result_id}") in ops
-        context_id = (await client.post("/contexts/", json={"content": "hi"}, headers={MARKER: "1"})).json()["id"]
+        context_id = (
+            await client.post(
+                "/contexts/", json={"content": "hi"}, headers={MARKER: "1", **bearer(ADMIN_KEY)}
+            )
+        ).json()["id"]
 
         refused = await _call_each(client, ops, context_id)
         assert refused == {op: 418 for op in refused}

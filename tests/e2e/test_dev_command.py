@@ -69,10 +69,12 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
         printed = (tmp_path / "make-dev.out").read_text()
         assert f"API on http://127.0.0.1:{api_port}" in printed
         assert "curl" in printed  # a copy-paste example
+        key = re.search(r"admin key: (llmq_\S+)", printed)
+        assert key, printed
 
         example = subprocess.run(
             ["bash", "-c", _readme_example()],
-            env={**os.environ, "API": f"http://127.0.0.1:{api_port}"},
+            env={**os.environ, "API": f"http://127.0.0.1:{api_port}", "KEY": key.group(1)},
             capture_output=True,
             text=True,
             timeout=60,

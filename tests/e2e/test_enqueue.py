@@ -15,7 +15,7 @@ from sqlalchemy import create_engine, text
 from app.config import Settings
 from app.main import create_app
 from app.queue import RUN_JOB_TASK, JobQueue, make_celery
-from tests.conftest import FAST_MODEL
+from tests.conftest import FAST_MODEL, bearer
 from tests.e2e.helpers import wait_for_result
 
 pytestmark = pytest.mark.anyio
@@ -31,7 +31,7 @@ async def visibility_log(e2e_env: dict[str, str]) -> AsyncIterator[list[tuple[uu
 
 
 async def test_job_is_enqueued_only_after_its_row_is_committed(
-    e2e_env: dict[str, str], api: httpx.Client, visibility_log: list[tuple[uuid.UUID, bool]]
+    e2e_env: dict[str, str], api: httpx.Client, visibility_log: list[tuple[uuid.UUID, bool]], e2e_user_key: str
 ) -> None:
     settings = _settings(e2e_env)
     engine = create_engine(settings.DATABASE_URL)
@@ -47,7 +47,9 @@ async def test_job_is_enqueued_only_after_its_row_is_committed(
     app = create_app(settings, enqueue=checking_enqueue)
     async with (
         app.router.lifespan_context(app),  # opens and closes the app's database pool
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api.test", headers=bearer(e2e_user_key)
+        ) as client,
     ):
         context_id = (await client.post("/contexts/", json={"content": "after commit"})).json()["id"]
         sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4})
@@ -60,14 +62,16 @@ async def test_job_is_enqueued_only_after_its_row_is_committed(
 
 
 async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
-    e2e_env: dict[str, str], api: httpx.Client
+    e2e_env: dict[str, str], api: httpx.Client, e2e_user_key: str
 ) -> None:
     # This API's broker is a port nobody listens on; the worker (and its sweeper) use the real Redis.
     settings = _settings(e2e_env, REDIS_URL=f"redis://127.0.0.1:{free_port()}/0")
     app = create_app(settings)
     async with (
         app.router.lifespan_context(app),
-        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://api.test") as client,
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://api.test", headers=bearer(e2e_user_key)
+        ) as client,
     ):
         context_id = (await client.post("/contexts/", json={"content": "no doorbell"})).json()["id"]
         sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4, "seed": 1})

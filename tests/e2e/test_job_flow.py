@@ -112,7 +112,7 @@ def test_duplicate_messages_for_one_job_call_the_model_once(api: httpx.Client, e
         result_id = str(
             conn.execute(
                 text(
-                    "INSERT INTO result (id, context_id, model, params) VALUES (gen_random_uuid(), :c, :m, "
+                    "INSERT INTO result (id, tenant, context_id, model, params) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
                     "'{\"max_tokens\": 16, \"seed\": 2, \"temperature\": 1}') RETURNING id"
                 ),
                 {"c": context_id, "m": SLOW_MODEL},
@@ -134,7 +134,7 @@ def test_lost_message_is_recovered_by_the_sweeper(api: httpx.Client, e2e_env: di
         result_id = str(
             conn.execute(
                 text(
-                    "INSERT INTO result (id, context_id, model, params) VALUES (gen_random_uuid(), :c, :m, "
+                    "INSERT INTO result (id, tenant, context_id, model, params) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
                     "'{\"max_tokens\": 5, \"temperature\": 0}') RETURNING id"
                 ),
                 {"c": context_id, "m": FAST_MODEL},
@@ -158,7 +158,7 @@ def test_worker_keeps_many_requests_in_flight(api: httpx.Client, e2e_env: dict[s
             str(
                 conn.execute(
                     text(
-                        "INSERT INTO result (id, context_id, model, params) VALUES (gen_random_uuid(), :c, :m, "
+                        "INSERT INTO result (id, tenant, context_id, model, params) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
                         "CAST(:p AS jsonb)) RETURNING id"
                     ),
                     {"c": context_id, "m": SLOW_MODEL, "p": f'{{"max_tokens": 64, "seed": {i}, "temperature": 1}}'},

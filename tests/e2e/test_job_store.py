@@ -32,14 +32,14 @@ def engine(e2e_db_url: str) -> Iterator[Engine]:
 def _pending(engine: Engine, n: int) -> list[uuid.UUID]:
     with engine.begin() as conn:
         context_id = conn.execute(
-            text("INSERT INTO context (id, content) VALUES (gen_random_uuid(), 'store test') RETURNING id")
+            text("INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'store test') RETURNING id")
         ).scalar_one()
         return [
             row[0]
             for row in conn.execute(
                 text(
-                    "INSERT INTO result (id, context_id, model) "
-                    "SELECT gen_random_uuid(), :c, 'sim-llm' FROM generate_series(1, :n) RETURNING id"
+                    "INSERT INTO result (id, tenant, context_id, model) "
+                    "SELECT gen_random_uuid(), 'default', :c, 'sim-llm' FROM generate_series(1, :n) RETURNING id"
                 ),
                 {"c": context_id, "n": n},
             )

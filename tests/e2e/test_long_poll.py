@@ -36,7 +36,7 @@ def test_wait_gives_up_with_the_job_still_pending(api: httpx.Client, e2e_env: di
         result_id = str(
             conn.execute(
                 text(
-                    "INSERT INTO result (id, context_id, model) VALUES (gen_random_uuid(), :c, :m) RETURNING id"
+                    "INSERT INTO result (id, tenant, context_id, model) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m) RETURNING id"
                 ),
                 {"c": context_id, "m": FAST_MODEL},
             ).scalar_one()

@@ -61,8 +61,9 @@ def _submit_directly(engine: Engine, context_id: str, params: str, queue: str) -
         result_id = str(
             conn.execute(
                 text(
-                    "INSERT INTO result (id, context_id, model, params) "
-                    "VALUES (gen_random_uuid(), :c, :m, CAST(:p AS jsonb)) RETURNING id"
+                    "INSERT INTO result (id, tenant, context_id, model, params) VALUES "
+                    "(gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, CAST(:p AS jsonb)) "
+                    "RETURNING id"
                 ),
                 {"c": context_id, "m": FAST_MODEL, "p": params},
             ).scalar_one()

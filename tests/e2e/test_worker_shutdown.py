@@ -27,13 +27,13 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
     engine = create_engine(database_url)
     with engine.begin() as conn:
         context_id = conn.execute(
-            text("INSERT INTO context (id, content) VALUES (gen_random_uuid(), 'slowly') RETURNING id")
+            text("INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'slowly') RETURNING id")
         ).scalar_one()
         ids = [
             str(row[0])
             for row in conn.execute(
                 text(
-                    "INSERT INTO result (id, context_id, model, params) SELECT gen_random_uuid(), :c, :m, "
+                    "INSERT INTO result (id, tenant, context_id, model, params) SELECT gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
                     "'{\"max_tokens\": 40, \"seed\": 1, \"temperature\": 1}' FROM generate_series(1, 12) RETURNING id"
                 ),
                 {"c": context_id, "m": SLOW_MODEL},

@@ -1,0 +1,233 @@
+"""API keys: who is calling, for which tenant, with which scope and limits.
+
+Every request but health and the API docs passes the `Authentication` middleware, in front of
+routing and body parsing, so no operation can be served without a key. Keys are `llmq_` + 256 random bits; only
+their SHA-256 is stored. An API process keeps what it read about a key for KEY_CACHE_TTL_S, so a
+request costs no database round trip; a revocation is seen by every process within that time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Literal
+
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.config import Settings
+from app.db import DATABASE_ERRORS, Database
+from app.errors import DATABASE_DOWN, AppError, error_response
+from app.models import DEFAULT_TENANT
+from app.repositories import api_keys as repo
+
+log = logging.getLogger(__name__)
+
+KEY_PREFIX = "llmq_"
+KeyScope = Literal["user", "admin"]
+_KEY_SHAPE = re.compile(r"llmq_[A-Za-z0-9_\-]{20,200}")
+_TOUCH_EVERY_S = 60.0  # last_used_at is a hint, written at most once a minute per key and process
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller. `key_id` is None for the bootstrap ADMIN_API_KEY."""
+
+    key_id: uuid.UUID | None
+    tenant: str
+    scope: KeyScope
+    max_pending: int
+    submit_rate_per_s: int
+
+    @property
+    def is_admin(self) -> bool:
+        return self.scope == "admin"
+
+    @property
+    def tenant_filter(self) -> str | None:
+        """The tenant a read is confined to; None for an admin (every tenant)."""
+        return None if self.is_admin else self.tenant
+
+    @property
+    def rate_key(self) -> str:
+        return str(self.key_id) if self.key_id else "bootstrap-admin"
+
+
+class Unauthenticated(AppError):
+    status_code = 401
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(AppError):
+    status_code = 403
+
+
+def new_key() -> str:
+    return KEY_PREFIX + secrets.token_urlsafe(32)
+
+
+def key_hash(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def display_prefix(key: str) -> str:
+    return key[: len(KEY_PREFIX) + 6]
+
+
+class KeyRing:
+    """What this process knows about keys: the bootstrap key, and a short-lived cache of the table."""
+
+    def __init__(self, settings: Settings, db: Database) -> None:
+        self.settings = settings
+        self.db = db
+        self._bootstrap_hash = key_hash(settings.ADMIN_API_KEY) if settings.ADMIN_API_KEY else None
+        self._cache: dict[bytes, tuple[Principal | None, float]] = {}
+        self._touched: dict[uuid.UUID, float] = {}
+        self._lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def principal(self, key: str) -> Principal | None:
+        digest = key_hash(key)
+        if self._bootstrap_hash is not None and hmac.compare_digest(digest, self._bootstrap_hash):
+            return Principal(
+                key_id=None,
+                tenant=DEFAULT_TENANT,
+                scope="admin",
+                max_pending=self.settings.MAX_PENDING_PER_TENANT,
+                submit_rate_per_s=self.settings.SUBMIT_RATE_PER_KEY,
+            )
+        now = time.monotonic()
+        cached = self._cache.get(digest)
+        if cached is None or cached[1] < now:
+            cached = (await self._load(digest), now + self.settings.KEY_CACHE_TTL_S)
+            if len(self._cache) > 100_000:  # unknown keys are cached too: bound the memory
+                self._cache.clear()
+            self._cache[digest] = cached
+        principal = cached[0]
+        if principal is not None and principal.key_id is not None:
+            self._touch(principal.key_id, now)
+        return principal
+
+    async def _load(self, digest: bytes) -> Principal | None:
+        async with self.db.connection() as conn:
+            row = await repo.by_hash(conn, digest)
+        if (
+            row is None
+            or row["revoked_at"] is not None
+            or not hmac.compare_digest(bytes(row["hash"]), digest)
+        ):
+            return None
+        return Principal(
+            key_id=row["id"],
+            tenant=row["tenant"],
+            scope=row["scope"],
+            max_pending=row["max_pending"] or self.settings.MAX_PENDING_PER_TENANT,
+            submit_rate_per_s=row["submit_rate_per_s"] or self.settings.SUBMIT_RATE_PER_KEY,
+        )
+
+    def forget(self, key_id: uuid.UUID) -> None:
+        """This process sees a revocation at once (the others within KEY_CACHE_TTL_S)."""
+        for digest, (principal, _) in list(self._cache.items()):
+            if principal is not None and principal.key_id == key_id:
+                del self._cache[digest]
+
+    def forget_all(self) -> None:
+        self._cache.clear()
+
+    def _touch(self, key_id: uuid.UUID, now: float) -> None:
+        if now - self._touched.get(key_id, float("-inf")) < _TOUCH_EVERY_S:
+            return
+        self._touched[key_id] = now
+        task = asyncio.create_task(self._write_touch(key_id))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write_touch(self, key_id: uuid.UUID) -> None:
+        try:
+            async with self.db.connection() as conn:
+                await repo.touch(conn, [key_id])
+        except Exception as exc:  # a hint only: never fail a request for it
+            log.warning("could not record the last use of key %s: %s", key_id, exc)
+
+
+# Open to anyone: liveness, readiness and the API description.
+PUBLIC_PATHS = frozenset(
+    {"/health", "/health/ready", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+)
+
+
+class Authentication:
+    """The one authentication step, in front of routing and body parsing: every request but the
+    public paths carries a valid key, or is answered 401 before anything else happens."""
+
+    def __init__(self, app: ASGIApp, keyring: KeyRing) -> None:
+        self.app = app
+        self.keyring = keyring
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
+            await self.app(scope, receive, send)
+            return
+        try:
+            principal = await self._principal(scope)
+        except AppError as exc:
+            await _discard_body(receive)  # a client still sending must receive the answer
+            await error_response(exc.status_code, exc.message, exc.detail, exc.headers)(scope, receive, send)
+            return
+        scope.setdefault("state", {})["principal"] = principal
+        await self.app(scope, receive, send)
+
+    async def _principal(self, scope: Scope) -> Principal:
+        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
+        if header is None:
+            raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <API key>'")
+        scheme, _, token = header.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            raise Unauthenticated("malformed Authorization header: expected 'Bearer <API key>'")
+        if not _KEY_SHAPE.fullmatch(token):
+            raise Unauthenticated(f"malformed API key: keys look like '{KEY_PREFIX}…'")
+        try:
+            principal = await self.keyring.principal(token)
+        except DATABASE_ERRORS as exc:
+            log.warning("API key lookup failed: %s", exc)
+            raise AppError(DATABASE_DOWN, status_code=503) from exc
+        if principal is None:
+            raise Unauthenticated("unknown or revoked API key")
+        return principal
+
+
+async def _discard_body(receive: Receive) -> None:
+    more = True
+    while more:
+        message = await receive()
+        more = message["type"] == "http.request" and message.get("more_body", False)
+
+
+_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer llmq_…`")
+
+
+async def authenticated(
+    request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)
+) -> Principal:
+    """The caller, as the Authentication middleware found it (the parameter documents the scheme)."""
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):  # only if the middleware is missing: refuse, never skip
+        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <API key>'")
+    return principal
+
+
+async def require_admin(principal: Principal = Depends(authenticated)) -> Principal:
+    if not principal.is_admin:
+        raise Forbidden("this operation needs an admin key")
+    return principal

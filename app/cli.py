@@ -1,0 +1,76 @@
+"""Operator commands (need database access): `python -m app.cli keys create --tenant acme --name ci`."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+import typer
+
+from app.config import get_settings
+from app.db import AsyncConnection, connection_kwargs, conninfo
+from app.schemas import ApiKeyCreate
+from app.services import keys as service
+
+T = TypeVar("T")
+
+cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+keys = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
+cli.add_typer(keys, name="keys")
+
+
+def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
+    settings = get_settings()
+
+    async def run() -> T:
+        async with await psycopg.AsyncConnection.connect(
+            conninfo(settings), **connection_kwargs(settings, "llmq-cli")
+        ) as conn:
+            return await action(conn)
+
+    return asyncio.run(run())
+
+
+@keys.command("create")
+def create(
+    tenant: str = typer.Option(..., help="The tenant the key acts for."),
+    name: str = typer.Option(..., help="What the key is for (shown in listings)."),
+    scope: str = typer.Option("user", help="user (its tenant only) or admin (every tenant)."),
+    max_pending: int | None = typer.Option(None, help="Override the tenant's pending-jobs cap."),
+    submit_rate_per_s: int | None = typer.Option(None, help="Override the submit rate."),
+) -> None:
+    """Create a key and print it: it is shown this once, only its hash is stored."""
+    spec = ApiKeyCreate.model_validate(
+        {
+            "tenant": tenant,
+            "name": name,
+            "scope": scope,
+            "max_pending": max_pending,
+            "submit_rate_per_s": submit_rate_per_s,
+        }
+    )
+    created = _run(lambda conn: service.create_key(conn, spec))
+    typer.echo(f"id:     {created.id}\ntenant: {created.tenant}\nscope:  {created.scope}")
+    typer.echo(f"key:    {created.key}\n(shown once: store it now)")
+
+
+@keys.command("list")
+def list_keys() -> None:
+    """Every key, without secrets."""
+    for key in _run(service.list_keys):
+        state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
+        typer.echo(f"{key.id}  {key.prefix}…  {key.tenant:<20} {key.scope:<5} {state:<24} {key.name}")
+
+
+@keys.command("revoke")
+def revoke(key_id: uuid.UUID) -> None:
+    """Revoke a key (every API process refuses it within KEY_CACHE_TTL_S)."""
+    revoked = _run(lambda conn: service.revoke_key(conn, key_id))
+    typer.echo(f"revoked {revoked.id} ({revoked.tenant}, {revoked.name})")
+
+
+if __name__ == "__main__":
+    cli()

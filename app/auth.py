@@ -19,8 +19,6 @@ import uuid
 from dataclasses import dataclass
 from typing import Literal
 
-from fastapi import Depends, Request, Security
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.config import Settings
@@ -214,20 +212,6 @@ async def _discard_body(receive: Receive) -> None:
         more = message["type"] == "http.request" and message.get("more_body", False)
 
 
-_bearer = HTTPBearer(auto_error=False, description="An API key: `Authorization: Bearer llmq_…`")
-
-
-async def authenticated(
-    request: Request, _: HTTPAuthorizationCredentials | None = Security(_bearer)
-) -> Principal:
-    """The caller, as the Authentication middleware found it (the parameter documents the scheme)."""
-    principal = request.scope.get("state", {}).get("principal")
-    if not isinstance(principal, Principal):  # only if the middleware is missing: refuse, never skip
-        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <API key>'")
-    return principal
-
-
-async def require_admin(principal: Principal = Depends(authenticated)) -> Principal:
+def check_admin(principal: Principal) -> None:
     if not principal.is_admin:
         raise Forbidden("this operation needs an admin key")
-    return principal

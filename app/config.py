@@ -68,6 +68,8 @@ class Settings(BaseSettings):
     # Per tenant: jobs pending at once; per key: submits per second. Overridable per tenant or key.
     MAX_PENDING_PER_TENANT: int = Field(default=10_000, ge=1)
     SUBMIT_RATE_PER_KEY: int = Field(default=1_000, ge=1)
+    # How often an API process re-reads a tenant's count of pending jobs (0: on every submit).
+    QUOTA_PENDING_REFRESH_S: float = Field(default=1.0, ge=0, le=60)
 
     # Limits on input
     MAX_CONTENT_BYTES: int = Field(default=256 * 1024, ge=1)

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
-from app.auth import KeyRing
+from app.auth import KeyRing, Principal, Unauthenticated
 from app.config import Settings
 from app.db import Database
 from app.notify import ResultWaiter
 from app.queue import JobQueue
-from app.quotas import SubmitRate
+from app.quotas import PendingJobs, SubmitRate
 from app.services.results import Enqueue
 from app.triton.admin import ModelCatalog, TritonAdmin
 
@@ -27,8 +27,26 @@ class Runtime:
     model_catalog: ModelCatalog
     keyring: KeyRing
     submit_rate: SubmitRate
+    pending: PendingJobs
 
 
 async def runtime(request: Request) -> Runtime:
     rt: Runtime = request.app.state.runtime
     return rt
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who calls (found by the Authentication middleware) and the process's runtime: the one
+    dependency of every protected operation."""
+
+    principal: Principal
+    rt: Runtime
+
+
+async def caller(request: Request) -> Caller:
+    principal = request.scope.get("state", {}).get("principal")
+    if not isinstance(principal, Principal):  # only if the middleware is missing: refuse, never skip
+        raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <API key>'")
+    rt: Runtime = request.app.state.runtime
+    return Caller(principal, rt)

@@ -5,11 +5,13 @@ from __future__ import annotations
 import gc
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import Any
 
-from fastapi import Depends, FastAPI, params
+from fastapi import FastAPI, params
 from fastapi.concurrency import run_in_threadpool
+from fastapi.openapi.utils import get_openapi
 
-from app.auth import Authentication, KeyRing, authenticated
+from app.auth import PUBLIC_PATHS, Authentication, KeyRing
 from app.bodylimit import BodyLimit
 from app.config import Settings, get_settings
 from app.db import Database
@@ -17,7 +19,7 @@ from app.deps import Runtime
 from app.errors import install_error_handlers
 from app.notify import ResultWaiter, done_channel
 from app.queue import JobQueue, make_celery
-from app.quotas import SubmitRate
+from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, health, models, results
 from app.services.results import Enqueue
@@ -45,6 +47,7 @@ def create_app(
         model_catalog=ModelCatalog(admin, settings.MODEL_CACHE_TTL_S),
         keyring=KeyRing(settings, db),
         submit_rate=SubmitRate(settings.REDIS_URL, settings.CELERY_QUEUE),
+        pending=PendingJobs(db, settings.QUOTA_PENDING_REFRESH_S),
     )
 
     @asynccontextmanager
@@ -77,8 +80,39 @@ def create_app(
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
     install_error_handlers(app)
-    for router in (contexts.router, models.router, results.router, admin_routes.router):
-        # Protected routes also declare the key in the API description (the middleware enforces it).
-        app.include_router(router, dependencies=[Depends(authenticated)])
-    app.include_router(health.router)
+    for router in (contexts.router, models.router, results.router, admin_routes.router, health.router):
+        app.include_router(router)
+    document_bearer_keys(app)
     return app
+
+
+def document_bearer_keys(app: FastAPI) -> None:
+    """The API description names the key every operation but the public ones needs (the
+    Authentication middleware enforces it; a dependency per route would cost every request)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, description=app.description, routes=app.routes
+            )
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "apiKey": {
+                    "type": "http",
+                    "scheme": "bearer",
+                    "description": "`Authorization: Bearer llmq_…`",
+                }
+            }
+            for path, item in schema["paths"].items():
+                for operation in item.values():
+                    if path not in PUBLIC_PATHS:
+                        operation["security"] = [{"apiKey": []}]
+                        operation.setdefault("responses", {})["401"] = {
+                            "description": "Missing, malformed, unknown or revoked API key",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                            },
+                        }
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,15 +1,26 @@
-"""Submit rate per key: a one-second window counted in Redis, shared by every API process."""
+"""Quotas: submits per second per key, and jobs pending at once per tenant.
+
+Neither costs a round trip per request. The rate is counted in Redis (shared by every API process)
+in chunks: a process takes up to 1/8 of a key's per-second allowance at once and spends it locally.
+The pending count is read from Postgres at most every QUOTA_PENDING_REFRESH_S per tenant and
+process, plus this process's submits since; across processes the cap may be passed by the submits
+of one refresh interval.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import math
 import time
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.auth import Principal
+from app.db import Database
 from app.errors import AppError
+from app.repositories import results as results_repo
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +36,80 @@ class SubmitRate:
     def __init__(self, redis_url: str, namespace: str) -> None:
         self._redis = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
         self._namespace = namespace
+        self._allowance: dict[str, tuple[int, int]] = {}  # key -> (second, submits still allowed)
+        self._locks: dict[str, asyncio.Lock] = {}
 
     async def check(self, principal: Principal) -> None:
         """Count this submit; refuse it (nothing created) past the key's rate. Redis down: allowed."""
-        second = int(time.time())
-        key = f"{self._namespace}:rate:{principal.rate_key}:{second}"
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.incr(key)
-                pipe.expire(key, 2)
-                count, _ = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            log.warning("submit rate not checked (Redis: %s)", exc)
+        key = principal.rate_key
+        if self._take(key, int(time.time())):
             return
-        if int(count) > principal.submit_rate_per_s:
-            raise OverQuota(
-                f"submit rate limit reached: at most {principal.submit_rate_per_s} submits per second "
-                "for this API key; retry after the time in Retry-After",
-                retry_after_s=1,
-                detail={"limit": "submit_rate_per_s", "value": principal.submit_rate_per_s},
-            )
+        # One chunk request per key at a time: the submits arriving meanwhile share its answer.
+        async with self._locks.setdefault(key, asyncio.Lock()):
+            second = int(time.time())
+            if self._take(key, second):
+                return
+            limit = principal.submit_rate_per_s
+            chunk = max(1, math.ceil(limit / 8))
+            counter = f"{self._namespace}:rate:{key}:{second}"
+            try:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.incrby(counter, chunk)
+                    pipe.expire(counter, 2)
+                    total, _ = await pipe.execute()
+            except (RedisError, OSError) as exc:
+                log.warning("submit rate not checked (Redis: %s)", exc)
+                return
+            granted = min(chunk, limit - (int(total) - chunk))
+            self._allowance[key] = (second, max(0, granted - 1))
+            if granted <= 0:
+                raise OverQuota(
+                    f"submit rate limit reached: at most {limit} submits per second for this API key; "
+                    "retry after the time in Retry-After",
+                    retry_after_s=1,
+                    detail={"limit": "submit_rate_per_s", "value": limit},
+                )
+
+    def _take(self, key: str, second: int) -> bool:
+        window, left = self._allowance.get(key, (second, 0))
+        if window == second and left > 0:
+            self._allowance[key] = (second, left - 1)
+            return True
+        return False
 
     async def close(self) -> None:
         await self._redis.aclose()
+
+
+class PendingJobs:
+    def __init__(self, db: Database, refresh_s: float) -> None:
+        self._db = db
+        self._refresh_s = refresh_s
+        self._known: dict[str, tuple[float, int]] = {}  # tenant -> (read at, pending then + submitted since)
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def check(self, principal: Principal) -> None:
+        """Refuse a submit (429) while the tenant has `max_pending` jobs pending."""
+        tenant, cap = principal.tenant, principal.max_pending
+        known = self._known.get(tenant)
+        if known is None or time.monotonic() - known[0] >= self._refresh_s:
+            lock = self._locks.setdefault(tenant, asyncio.Lock())
+            async with lock:  # one read per tenant at a time; the others use its answer
+                known = self._known.get(tenant)
+                if known is None or time.monotonic() - known[0] >= self._refresh_s:
+                    read_at = time.monotonic()
+                    async with self._db.connection() as conn:
+                        known = (read_at, await results_repo.count_pending(conn, tenant, cap))
+                    self._known[tenant] = known
+        if known[1] >= cap:
+            raise OverQuota(
+                f"pending job limit reached: tenant '{tenant}' has {known[1]} jobs pending "
+                f"(the limit is {cap}); retry when some have finished",
+                retry_after_s=max(1, math.ceil(self._refresh_s)),
+                detail={"limit": "max_pending", "value": cap},
+            )
+
+    def submitted(self, tenant: str) -> None:
+        known = self._known.get(tenant)
+        if known is not None:
+            self._known[tenant] = (known[0], known[1] + 1)

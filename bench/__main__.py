@@ -101,6 +101,7 @@ async def run_scenario(
     ramp_s: float | None,
     profile_dir: Path | None,
     client_kind: str,
+    api_key: str | None,
     profile_gil: bool = False,
 ) -> tuple[RunResult, RunResult]:
     model, description = SCENARIOS[name]
@@ -122,7 +123,7 @@ async def run_scenario(
     d.other_cpu_by_comm_s = {k: round(v, 2) for k, v in meter.others.items()}
     console.print(f"  direct: {d.jobs_completed} jobs in {d.wall_s:.2f} s = {d.jobs_per_s:.1f} jobs/s")
 
-    async with make_client(api_url, in_flight, client_kind) as client:
+    async with make_client(api_url, in_flight, client_kind, api_key) as client:
         context_ids = await create_contexts(client)
 
         meter = CpuMeter(pids)
@@ -187,15 +188,14 @@ def main(
     db_pool_size: int | None = typer.Option(
         None, help="DB_POOL_SIZE of API and worker (default: the app's)."
     ),
-    db_max_overflow: int | None = typer.Option(
-        None, help="DB_MAX_OVERFLOW of API and worker (default: the app's)."
-    ),
     api_workers: int = typer.Option(1, help="uvicorn --workers for the API."),
     worker_processes: int = typer.Option(
         1, help="Celery worker processes (each with WORKER_IN_FLIGHT / this threads)."
     ),
     worker_loglevel: str = typer.Option("INFO", help="Celery worker --loglevel."),
-    api_url: str | None = typer.Option(None, help="Use a running stack's API instead of starting one."),
+    api_url: str | None = typer.Option(
+        None, help="Use a running stack's API (its key in LLMQ_API_KEY) instead of starting one."
+    ),
     triton_grpc_url: str = typer.Option(
         "127.0.0.1:8001", help="With --api-url: that stack's Triton gRPC address."
     ),
@@ -242,7 +242,6 @@ def main(
     options = StackOptions(
         worker_in_flight=worker_in_flight or in_flight,
         db_pool_size=db_pool_size,
-        db_max_overflow=db_max_overflow,
         api_workers=api_workers,
         worker_processes=worker_processes,
         worker_loglevel=worker_loglevel,
@@ -263,7 +262,6 @@ def main(
         "probe_every": probe_every,
         "worker_in_flight": options.worker_in_flight if api_url is None else None,
         "db_pool_size": db_pool_size,
-        "db_max_overflow": db_max_overflow,
         "api_workers": api_workers,
         "worker_processes": worker_processes,
         "worker_loglevel": worker_loglevel,
@@ -285,8 +283,10 @@ def main(
             stack = BenchStack(options, run_dir / "logs")  # assigned first: a failed start is stopped too
             stack.start(log=console.print)
             url, grpc, pids = stack.api_url, stack.grpc_url, stack.pids()
+            key: str | None = stack.api_key
         else:
             url, grpc, pids = api_url.rstrip("/"), triton_grpc_url, {"bench-client": [os.getpid()]}
+            key = os.environ.get("LLMQ_API_KEY")
         for name in names:
             pairs.append(
                 asyncio.run(
@@ -307,6 +307,7 @@ def main(
                         ramp_s=ramp_s,
                         profile_dir=run_dir / "profile" if profile else None,
                         client_kind=client,
+                        api_key=key,
                         profile_gil=profile_gil,
                     )
                 )

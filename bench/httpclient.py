@@ -63,7 +63,9 @@ class _NothingReceived(Exception):
 class LeanClient:
     errors: tuple[type[BaseException], ...] = (HTTPClientError,)
 
-    def __init__(self, base_url: str, pool_size: int, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self, base_url: str, pool_size: int, timeout_s: float = 60.0, api_key: str | None = None
+    ) -> None:
         parts = urlsplit(base_url)
         if parts.scheme != "http":
             raise ValueError(f"only http:// is supported, not {base_url!r}")
@@ -72,6 +74,7 @@ class LeanClient:
         self.prefix = parts.path.rstrip("/")
         self.timeout_s = timeout_s
         self._host_header = f"{self.host}:{self.port}".encode()
+        self._auth = f"Authorization: Bearer {api_key}\r\n".encode() if api_key else b""
         self._idle: list[_Conn] = []
         self._slots = asyncio.Semaphore(pool_size)
         self._open: set[_Conn] = set()
@@ -85,7 +88,13 @@ class LeanClient:
         return await self.request("GET", url, None)
 
     async def request(self, method: str, url: str, body: bytes | None) -> Reply:
-        head = [f"{method} {self.prefix}{url} HTTP/1.1\r\n".encode(), b"Host: ", self._host_header, b"\r\n"]
+        head = [
+            f"{method} {self.prefix}{url} HTTP/1.1\r\n".encode(),
+            b"Host: ",
+            self._host_header,
+            b"\r\n",
+            self._auth,
+        ]
         if body is not None:
             head += [b"Content-Type: application/json\r\nContent-Length: ", str(len(body)).encode(), b"\r\n"]
         head.append(b"\r\n")

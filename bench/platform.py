@@ -24,9 +24,12 @@ class HttpxClient:
 
     errors: tuple[type[BaseException], ...] = (httpx.HTTPError,)
 
-    def __init__(self, api_url: str, pool_size: int) -> None:
+    def __init__(self, api_url: str, pool_size: int, api_key: str | None = None) -> None:
         limits = httpx.Limits(max_connections=pool_size, max_keepalive_connections=pool_size)
-        self._client = httpx.AsyncClient(base_url=api_url, limits=limits, timeout=httpx.Timeout(60.0))
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else None
+        self._client = httpx.AsyncClient(
+            base_url=api_url, limits=limits, timeout=httpx.Timeout(60.0), headers=headers
+        )
 
     async def post(self, url: str, body: dict[str, Any]) -> Reply:
         r = await self._client.post(url, json=body)
@@ -47,12 +50,12 @@ Client = LeanClient | HttpxClient
 CLIENTS = ("lean", "httpx")
 
 
-def make_client(api_url: str, in_flight: int, kind: str = "lean") -> Client:
+def make_client(api_url: str, in_flight: int, kind: str = "lean", api_key: str | None = None) -> Client:
     """A pool of N + 8 keep-alive connections: every virtual client has its own, plus spares."""
     if kind == "httpx":
-        return HttpxClient(api_url, in_flight + 8)
+        return HttpxClient(api_url, in_flight + 8, api_key)
     if kind == "lean":
-        return LeanClient(api_url, in_flight + 8, timeout_s=90.0)
+        return LeanClient(api_url, in_flight + 8, timeout_s=90.0, api_key=api_key)
     raise ValueError(f"unknown client {kind!r}; known: {CLIENTS}")
 
 

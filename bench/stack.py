@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
+import httpx
+from devstack.database import drop_database, recreate_database
 from devstack.processes import BIN, ManagedProcess, api_process, child_env, free_port, worker_process
-from sqlalchemy import create_engine, text
 
 ROOT = Path(__file__).resolve().parent.parent
 if TYPE_CHECKING:
@@ -45,31 +44,6 @@ def write_rows(json_out: Path | None, in_flight: int, jobs: int, rows: list[dict
         json_out.write_text(json.dumps({"in_flight": in_flight, "jobs": jobs, "rows": rows}, indent=2) + "\n")
 
 
-def recreate_database(base_url: str, name: str) -> str:
-    """Drop and create ``name``, then ``alembic upgrade head`` (as a deployment does)."""
-    admin = create_engine(f"{base_url}/postgres", isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-    admin.dispose()
-    url = f"{base_url}/{name}"
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("sqlalchemy.url", url)
-    config.attributes["configure_logger"] = False
-    command.upgrade(config, "head")
-    return url
-
-
-def drop_database(base_url: str, name: str) -> None:
-    try:
-        admin = create_engine(f"{base_url}/postgres", isolation_level="AUTOCOMMIT")
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-    except Exception as exc:  # best effort: a leftover database is harmless
-        print(f"dropping database {name}: {exc}", file=sys.stderr)
-
-
 @dataclass
 class StackOptions:
     pg_base: str = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432"
@@ -80,7 +54,6 @@ class StackOptions:
     redis_url: str = "redis://127.0.0.1:6379/0"
     worker_in_flight: int = 256
     db_pool_size: int | None = None
-    db_max_overflow: int | None = None
     api_workers: int = 1
     worker_processes: int = 1  # Celery worker processes, each with worker_in_flight / this threads
     worker_loglevel: str = "INFO"
@@ -96,6 +69,7 @@ class BenchStack:
         self.api_url = ""
         self.grpc_url = ""
         self.env: dict[str, str] = {}
+        self.api_key = ""
 
     def start(self, log: Callable[[str], object] = print) -> BenchStack:
         from localtriton.launcher import LocalTriton
@@ -103,7 +77,7 @@ class BenchStack:
         o = self.options
         self.logs.mkdir(parents=True, exist_ok=True)
         log(f"database {o.db_name}: recreate + alembic upgrade head")
-        db_url = recreate_database(o.pg_base, o.db_name)
+        db_url = recreate_database(f"{o.pg_base}/{o.db_name}")
         log("starting the local Triton (sim-llm: 0 ms; sim-llm-slow: 20 ms prefill, 15 ms/token) …")
         triton = LocalTriton(models=MODELS, log_file=self.logs / "triton.log")
         self.triton = triton
@@ -119,11 +93,10 @@ class BenchStack:
             "TRITON_GRPC_URL": triton.grpc_url,
             "TRITON_METRICS_URL": triton.metrics_url,
             "WORKER_IN_FLIGHT": str(o.worker_in_flight),
+            "ADMIN_API_KEY": f"llmq_bench-admin-{uuid.uuid4().hex}",
         }
         if o.db_pool_size is not None:
             env["DB_POOL_SIZE"] = str(o.db_pool_size)
-        if o.db_max_overflow is not None:
-            env["DB_MAX_OVERFLOW"] = str(o.db_max_overflow)
         env.update(o.extra_env)
         self.env = env
         workers = []
@@ -148,6 +121,14 @@ class BenchStack:
                 worker.wait_for_log("[queues]", 90)
                 time.sleep(5)
         api.wait_for_http(f"{self.api_url}/health", 60)
+        # The benchmark's clients use a user key, as tenants do (the key lookup is on every request).
+        created = httpx.post(
+            f"{self.api_url}/admin/keys",
+            json={"tenant": "bench", "name": "bench"},
+            headers={"authorization": f"Bearer {env['ADMIN_API_KEY']}"},
+        )
+        created.raise_for_status()
+        self.api_key = created.json()["key"]
         log(
             f"stack up: API {self.api_url}, Triton gRPC {self.grpc_url}, queue {env['CELERY_QUEUE']}, logs {self.logs}"
         )
@@ -174,7 +155,10 @@ class BenchStack:
         if self.triton is not None:
             self.triton.stop()  # type: ignore[attr-defined]
             self.triton = None
-        drop_database(self.options.pg_base, self.options.db_name)
+        try:
+            drop_database(f"{self.options.pg_base}/{self.options.db_name}")
+        except Exception as exc:  # best effort: a leftover database is harmless
+            print(f"dropping database {self.options.db_name}: {exc}", file=sys.stderr)
 
 
 def descendants(pid: int) -> list[int]:

@@ -28,6 +28,7 @@ os.environ.update(
         # and the API keeps its statement pool full.
         "DB_POOL_SIZE": "5",
         "ADMIN_API_KEY": ADMIN_KEY,
+        "QUOTA_PENDING_REFRESH_S": "0",  # exact pending counts in the API tests
     }
 )
 

@@ -10,7 +10,6 @@ worker is running, unless that claim is stale.
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -23,28 +22,19 @@ from app.repositories.listing import newest_first
 
 # ---------------------------------------------------------------- API side
 
-# One statement checks that the tenant's context exists and that the tenant is under its cap of
-# pending jobs (counting at most `max_pending` rows), and inserts: one round trip per submit.
+# One statement checks that the tenant's context exists and inserts (no round trip to load the prompt).
 _SUBMIT = """
-    WITH ctx AS (SELECT id FROM context WHERE id = %(context_id)s AND tenant = %(tenant)s),
-         load AS (SELECT count(*) AS n FROM (
-                    SELECT 1 FROM result WHERE tenant = %(tenant)s AND status = 'pending' LIMIT %(max_pending)s
-                  ) AS p),
-         ins AS (INSERT INTO result (id, tenant, context_id, model, params)
-                 SELECT %(id)s, %(tenant)s, ctx.id, %(model)s, %(params)s FROM ctx, load
-                  WHERE load.n < %(max_pending)s
-                 RETURNING created_at)
-    SELECT EXISTS (SELECT 1 FROM ctx), (SELECT n FROM load), (SELECT created_at FROM ins)
+    INSERT INTO result (id, tenant, context_id, model, params)
+    SELECT %(id)s, c.tenant, c.id, %(model)s, %(params)s FROM context AS c
+     WHERE c.id = %(context_id)s AND c.tenant = %(tenant)s
+    RETURNING created_at
+"""
+# Counting stops at the cap: the answer is only compared with it.
+_COUNT_PENDING = """
+    SELECT count(*) FROM (SELECT 1 FROM result WHERE tenant = %(tenant)s AND status = 'pending' LIMIT %(cap)s) AS p
 """
 # `tenant` NULL: any tenant's (an admin's read).
 _GET = "SELECT * FROM result WHERE id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
-
-
-@dataclass(frozen=True)
-class Inserted:
-    context_found: bool
-    pending: int  # the tenant's pending jobs before this one (at most max_pending)
-    created_at: datetime | None  # None: nothing inserted
 
 
 async def insert_for_context(
@@ -55,19 +45,22 @@ async def insert_for_context(
     context_id: uuid.UUID,
     model: str,
     params: dict[str, Any],
-    max_pending: int,
-) -> Inserted:
+) -> datetime | None:
+    """The new row's created_at; None when the tenant has no such context (nothing inserted)."""
     values = {
         "id": result_id,
         "tenant": tenant,
         "context_id": context_id,
         "model": model,
         "params": Jsonb(params),
-        "max_pending": max_pending,
     }
     row = await (await conn.execute(_SUBMIT, values)).fetchone()
-    assert row is not None  # the outer SELECT always returns its row
-    return Inserted(context_found=row[0], pending=row[1], created_at=row[2])
+    return None if row is None else row[0]
+
+
+async def count_pending(conn: AsyncConnection, tenant: str, cap: int) -> int:
+    row = await (await conn.execute(_COUNT_PENDING, {"tenant": tenant, "cap": cap})).fetchone()
+    return int(row[0]) if row else 0
 
 
 async def get(conn: AsyncConnection, result_id: uuid.UUID, tenant: str | None) -> dict[str, Any] | None:

@@ -6,8 +6,8 @@ import uuid
 
 from fastapi import APIRouter, Depends, Path
 
-from app.auth import require_admin
-from app.deps import Runtime, runtime
+from app.auth import check_admin
+from app.deps import Caller, Runtime, caller
 from app.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -19,30 +19,35 @@ from app.schemas import (
 )
 from app.services import keys as service
 
+
+async def admin_runtime(c: Caller = Depends(caller)) -> Runtime:
+    check_admin(c.principal)
+    return c.rt
+
+
 router = APIRouter(
     prefix="/admin",
     tags=["admin"],
-    dependencies=[Depends(require_admin)],
     responses={403: {"model": ErrorBody, "description": "Not an admin key"}},
 )
 
 
 @router.post("/keys", status_code=201, response_model=ApiKeyCreated)
-async def create_key(spec: ApiKeyCreate, rt: Runtime = Depends(runtime)) -> ApiKeyCreated:
+async def create_key(spec: ApiKeyCreate, rt: Runtime = Depends(admin_runtime)) -> ApiKeyCreated:
     """Create a key for a tenant. The answer holds the key itself, this once only."""
     async with rt.db.connection() as conn:
         return await service.create_key(conn, spec)
 
 
 @router.get("/keys", response_model=list[ApiKeyOut])
-async def list_keys(rt: Runtime = Depends(runtime)) -> list[ApiKeyOut]:
+async def list_keys(rt: Runtime = Depends(admin_runtime)) -> list[ApiKeyOut]:
     """Every key, newest first, without secrets."""
     async with rt.db.connection() as conn:
         return await service.list_keys(conn)
 
 
 @router.delete("/keys/{key_id}", response_model=ApiKeyOut, responses={404: {"model": ErrorBody}})
-async def revoke_key(key_id: uuid.UUID, rt: Runtime = Depends(runtime)) -> ApiKeyOut:
+async def revoke_key(key_id: uuid.UUID, rt: Runtime = Depends(admin_runtime)) -> ApiKeyOut:
     """Revoke a key: refused by this API process at once, by every other within KEY_CACHE_TTL_S."""
     async with rt.db.connection() as conn:
         revoked = await service.revoke_key(conn, key_id)
@@ -52,7 +57,7 @@ async def revoke_key(key_id: uuid.UUID, rt: Runtime = Depends(runtime)) -> ApiKe
 
 @router.put("/tenants/{tenant}/limits", response_model=TenantLimitsOut)
 async def set_tenant_limits(
-    limits: TenantLimitsIn, tenant: TenantName = Path(), rt: Runtime = Depends(runtime)
+    limits: TenantLimitsIn, tenant: TenantName = Path(), rt: Runtime = Depends(admin_runtime)
 ) -> TenantLimitsOut:
     """Set a tenant's quotas (null: the settings' defaults); keys may still override them."""
     async with rt.db.connection() as conn:

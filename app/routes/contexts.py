@@ -6,9 +6,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Query
 from fastapi.responses import JSONResponse
 
-from app.auth import Principal, authenticated
 from app.db import AsyncConnection
-from app.deps import Runtime, runtime
+from app.deps import Caller, caller
 from app.schemas import ContextCreate, ContextOut, ErrorBody, Page, TenantName
 from app.services import contexts as service
 from app.services import idempotency
@@ -30,20 +29,19 @@ IDEMPOTENCY_KEY_DOC = (
 async def create_context(
     body: ContextCreate,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
-    principal: Principal = Depends(authenticated),
-    rt: Runtime = Depends(runtime),
+    c: Caller = Depends(caller),
 ) -> Any:
     """Store a prompt. Its id is what `POST /models/send/{model}/{context_id}` takes."""
-    service.check_size(body.content, rt.settings.MAX_CONTENT_BYTES)
+    service.check_size(body.content, c.rt.settings.MAX_CONTENT_BYTES)
     if idempotency_key is None:
-        return await service.create_context(rt.db, principal, body.content)
+        return await service.create_context(c.rt.db, c.principal, body.content)
 
     async def create(conn: AsyncConnection) -> tuple[int, ContextOut]:
-        return 201, await service.insert(conn, principal, body.content)
+        return 201, await service.insert(conn, c.principal, body.content)
 
     status, answer, _ = await idempotency.first_answer(
-        rt.db,
-        principal,
+        c.rt.db,
+        c.principal,
         idempotency.check_key(idempotency_key),
         idempotency.fingerprint("POST /contexts/", body.model_dump_json()),
         create,
@@ -56,16 +54,13 @@ async def list_contexts(
     limit: int = Query(50, ge=1, le=500, description="Page size."),
     cursor: str | None = Query(None, max_length=512, description="`next_cursor` of the previous page."),
     tenant: TenantName | None = Query(None, description="Admin keys: only this tenant's contexts."),
-    principal: Principal = Depends(authenticated),
-    rt: Runtime = Depends(runtime),
+    c: Caller = Depends(caller),
 ) -> Page[ContextOut]:
     """Your tenant's contexts (an admin key: every tenant's), newest first, one page at a time."""
-    return await service.list_contexts(rt.db, principal, tenant=tenant, limit=limit, cursor=cursor)
+    return await service.list_contexts(c.rt.db, c.principal, tenant=tenant, limit=limit, cursor=cursor)
 
 
 @router.get("/{context_id}", response_model=ContextOut, responses={404: {"model": ErrorBody}})
-async def get_context(
-    context_id: uuid.UUID, principal: Principal = Depends(authenticated), rt: Runtime = Depends(runtime)
-) -> ContextOut:
+async def get_context(context_id: uuid.UUID, c: Caller = Depends(caller)) -> ContextOut:
     """One stored context."""
-    return await service.get_context(rt.db, principal, context_id)
+    return await service.get_context(c.rt.db, c.principal, context_id)

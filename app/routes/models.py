@@ -6,15 +6,14 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Header, Path, Response
 from fastapi.responses import JSONResponse
 
-from app.auth import Principal, authenticated
 from app.db import AsyncConnection
-from app.deps import Runtime, runtime
+from app.deps import Caller, caller
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.routes.contexts import IDEMPOTENCY_KEY_DOC
 from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
 from app.services import idempotency
 from app.services import results as service
-from app.triton.admin import ModelState, TritonUnavailable
+from app.triton.admin import ModelCatalog, ModelState, TritonUnavailable
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -24,12 +23,8 @@ def _names(models: dict[str, ModelState], *, ready_only: bool) -> str:
     return ", ".join(sorted(names)) or "none"
 
 
-async def ready_model(
-    model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
-    rt: Runtime = Depends(runtime),
-) -> str:
+async def check_ready(catalog: ModelCatalog, model_name: str) -> None:
     """Check the model against Triton's repository (cached briefly) before a job is accepted."""
-    catalog = rt.model_catalog
     try:
         models = await catalog.get()
         if model_name not in models or not models[model_name].ready:
@@ -48,14 +43,13 @@ async def ready_model(
             f"ready models: {_names(models, ready_only=True)}",
             detail={"state": model.state, "reason": model.reason},
         )
-    return model_name
 
 
 @router.get("/", response_model=list[ModelInfo], responses={503: {"model": ErrorBody}})
-async def list_models(rt: Runtime = Depends(runtime)) -> list[ModelInfo]:
+async def list_models(c: Caller = Depends(caller)) -> list[ModelInfo]:
     """The models in Triton's repository, read live, with their state and readiness."""
     try:
-        models = await rt.triton_admin.list_models()
+        models = await c.rt.triton_admin.list_models()
     except TritonUnavailable as exc:
         raise ServiceUnavailable(str(exc)) from exc
     return [
@@ -77,39 +71,45 @@ async def list_models(rt: Runtime = Depends(runtime)) -> list[ModelInfo]:
     },
 )
 async def send(
-    response: Response,
     context_id: uuid.UUID,
     params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
-    model_name: str = Depends(ready_model),
+    model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
-    principal: Principal = Depends(authenticated),
-    rt: Runtime = Depends(runtime),
+    c: Caller = Depends(caller),
 ) -> Any:
     """Send a stored context to a model. Answers at once with the result id; poll
     `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
+    await check_ready(c.rt.model_catalog, model_name)
     params = params or SamplingParams()
-    service.check_params(params, rt.settings.MAX_TOKENS_LIMIT)
-    await rt.submit_rate.check(principal)
+    service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT)
+    await c.rt.submit_rate.check(c.principal)
+    await c.rt.pending.check(c.principal)
     if idempotency_key is None:
         accepted = await service.submit(
-            rt.db, rt.enqueue, principal, model=model_name, context_id=context_id, params=params
+            c.rt.db, c.rt.enqueue, c.principal, model=model_name, context_id=context_id, params=params
         )
-        response.headers["Location"] = accepted.url
-        return accepted
+        c.rt.pending.submitted(c.principal.tenant)
+        return Response(
+            accepted.model_dump_json(),
+            status_code=202,
+            media_type="application/json",
+            headers={"Location": accepted.url},
+        )
 
     async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
         job = await service.insert_job(
-            conn, principal, model=model_name, context_id=context_id, params=params
+            conn, c.principal, model=model_name, context_id=context_id, params=params
         )
         return 202, job
 
     status, answer, created = await idempotency.first_answer(
-        rt.db,
-        principal,
+        c.rt.db,
+        c.principal,
         idempotency.check_key(idempotency_key),
         idempotency.fingerprint(f"POST /models/send/{model_name}/{context_id}", params.model_dump_json()),
         create,
     )
     if created:  # committed by now
-        rt.enqueue(uuid.UUID(answer["result_id"]))
+        c.rt.enqueue(uuid.UUID(answer["result_id"]))
+        c.rt.pending.submitted(c.principal.tenant)
     return JSONResponse(answer, status_code=status, headers={"Location": answer["url"]})

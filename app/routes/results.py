@@ -2,10 +2,9 @@ from __future__ import annotations
 
 import uuid
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 
-from app.auth import Principal, authenticated
-from app.deps import Runtime, runtime
+from app.deps import Caller, caller
 from app.models import ResultStatus
 from app.schemas import ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
@@ -24,14 +23,13 @@ async def list_results(
     ),
     context_id: uuid.UUID | None = Query(None, description="Only results of this context."),
     tenant: TenantName | None = Query(None, description="Admin keys: only this tenant's results."),
-    principal: Principal = Depends(authenticated),
-    rt: Runtime = Depends(runtime),
+    c: Caller = Depends(caller),
 ) -> Page[ResultOut]:
     """Your tenant's results (an admin key: every tenant's), newest first, filtered by status, model,
     context and (admin) tenant."""
     return await service.list_results(
-        rt.db,
-        principal,
+        c.rt.db,
+        c.principal,
         tenant=tenant,
         limit=limit,
         cursor=cursor,
@@ -51,10 +49,11 @@ async def get_result(
         description="Long poll: seconds to wait for a pending job to finish before answering. "
         "0 (the default) answers at once.",
     ),
-    principal: Principal = Depends(authenticated),
-    rt: Runtime = Depends(runtime),
-) -> ResultOut:
+    c: Caller = Depends(caller),
+) -> Response:
     """Poll a job: `pending` (queued, or running once `started_at` is set), then `completed` with the
     text, finish reason and token counts, or `failed` with the reason in `error`. With `wait=N` the
     answer comes as soon as the job finishes, or after N seconds with the job still pending."""
-    return await service.poll(rt.db, rt.waiter, principal, result_id, wait)
+    # Already JSON (a completion notice carries the final row rendered): sent as is.
+    body = await service.poll(c.rt.db, c.rt.waiter, c.principal, result_id, wait)
+    return Response(body, media_type="application/json")

@@ -271,3 +271,12 @@ async def test_the_bootstrap_admin_key_is_refused_in_production() -> None:
             ADMIN_API_KEY=DEV_ADMIN_API_KEY,
         )
     assert ADMIN_KEY != DEV_ADMIN_API_KEY
+
+
+async def test_concurrent_submits_under_the_rate_are_all_accepted(api_app: InProcessApi) -> None:
+    # Many submits arriving at once share one allowance request (none is refused for the others).
+    many = await api_app.client_of("burst", submit_rate_per_s=400)
+    async with many:
+        context_id = await _context(many)
+        answers = await asyncio.gather(*(_send(many, context_id) for _ in range(40)))
+    assert [a.status_code for a in answers] == [202] * 40

@@ -14,6 +14,7 @@ import redis.asyncio as aioredis
 
 from app.config import get_settings
 from app.notify import MAX_NOTICE_ROW_BYTES, done_channel, notice, parse_notice
+from app.schemas import ResultOut
 from tests.conftest import FAST_MODEL
 
 pytestmark = pytest.mark.anyio
@@ -49,7 +50,9 @@ async def test_the_long_poll_answers_with_the_row_the_notice_carries(client: htt
     # The database still says pending: an answer with this row can only come from the notice.
     final = {**pending, "status": "completed", "output": "from the notice", "finish_reason": "stop"}
     final |= {"completion_tokens": 3, "prompt_tokens": 2, "finished_at": pending["updated_at"]}
-    message = notice(uuid.UUID(str(pending["id"])), json.dumps(final).encode())
+    # As the worker renders it (worker/job_store.py).
+    rendered = ResultOut.model_validate(final).model_dump_json().encode()
+    message = notice(uuid.UUID(str(pending["id"])), rendered)
     answer = await _long_poll_woken_by(client, str(pending["id"]), message)
     assert answer.status_code == 200
     assert answer.json() == final
@@ -61,7 +64,8 @@ async def test_a_notice_without_a_readable_row_makes_the_poll_read_the_database(
 ) -> None:
     pending = await _pending_result(client)
     if row == "other":  # a well-formed row, but of another result
-        row = json.dumps({**pending, "id": str(uuid.uuid4()), "status": "completed", "output": "not yours"}).encode()
+        other = {**pending, "id": str(uuid.uuid4()), "status": "completed", "output": "not yours"}
+        row = ResultOut.model_validate(other).model_dump_json().encode()
     assert not isinstance(row, str)
     message = str(pending["id"]).encode() + (b"\n" + row if row else b"")
     with caplog.at_level(logging.WARNING, logger="app.services.results"):

@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-
 from localtriton.launcher import BUILTIN_REPOSITORY, LocalTriton
 
 PROD_MODEL_JSON = {

@@ -11,7 +11,6 @@ from typing import Any
 import httpx
 import numpy as np
 import tritonclient.grpc as grpcclient
-
 from localtriton.launcher import LocalTriton
 
 

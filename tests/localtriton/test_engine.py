@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from localtriton import engine
 from localtriton.engine import parse_sampling_params, plan, simulate, tokenize
 from localtriton.scheduler import BatchEngine, Sequence

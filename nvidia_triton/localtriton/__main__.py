@@ -9,7 +9,14 @@ from types import FrameType
 
 import typer
 
-from localtriton.launcher import LocalTriton, LocalTritonError, cleanup_stale
+from localtriton.launcher import (
+    BUILTIN_REPOSITORY,
+    REAL_MODEL,
+    LocalTriton,
+    LocalTritonError,
+    cleanup_stale,
+    repository_models,
+)
 
 cli = typer.Typer(help="Run tritonserver with the simulated vLLM backend (no GPU).", no_args_is_help=True)
 
@@ -20,11 +27,20 @@ def serve(
     grpc_port: int = typer.Option(8001, help="gRPC port (0 = any free port)"),
     metrics_port: int = typer.Option(8002, help="metrics port (0 = any free port)"),
     repository: Path | None = typer.Option(None, help="model repository (default: built-in sim models)"),
-    model: list[str] | None = typer.Option(None, help="model to load (repeatable; default: all)"),
+    model: list[str] | None = typer.Option(
+        None, help="model to load (repeatable; default: the simulated models, plus the real one with --real)"
+    ),
+    real: bool = typer.Option(
+        False,
+        "--real",
+        help=f"also serve {REAL_MODEL} with the real vLLM engine (needs `engine_env install`)",
+    ),
     prefill_ms: float | None = typer.Option(None, help="override the prefill step latency of every model"),
     decode_ms: float | None = typer.Option(None, help="override the per-token decode latency of every model"),
     log_file: Path | None = typer.Option(None, help="tritonserver log (default: inside the run dir)"),
-    ready_timeout: float = typer.Option(60.0, help="seconds to wait for the server and models"),
+    ready_timeout: float | None = typer.Option(
+        None, help="seconds to wait for the server and models (default 60, 300 with a real model)"
+    ),
 ) -> None:
     """Start tritonserver, print its URLs and run until Ctrl-C or SIGTERM."""
     stop = threading.Event()
@@ -34,9 +50,13 @@ def serve(
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    models = list(model) if model else None
+    if real:
+        base = models or repository_models(repository or BUILTIN_REPOSITORY)
+        models = [*base, REAL_MODEL] if REAL_MODEL not in base else base
     server = LocalTriton(
         model_repository=repository,
-        models=model or None,
+        models=models,
         http_port=http_port,
         grpc_port=grpc_port,
         metrics_port=metrics_port,

@@ -1,4 +1,10 @@
-"""Start the real tritonserver (from the nvidia-pytriton wheel) with the simulated vLLM backend."""
+"""Start the real tritonserver (from the nvidia-pytriton wheel) with the project's CPU vLLM backend.
+
+Simulated models run in any Python-backend stub. When a requested model names a real model
+(``localtriton.engine_env``), every stub of the server runs in the engine virtualenv instead (its
+``bin`` first on ``PATH``, its libpython on ``LD_LIBRARY_PATH``, the stub built for its Python), so
+real and simulated models are served side by side.
+"""
 
 from __future__ import annotations
 
@@ -23,7 +29,8 @@ import httpx
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOOLS_DIR = PACKAGE_DIR.parent  # nvidia_triton/: where `localtriton` is importable from
 BUILTIN_REPOSITORY = PACKAGE_DIR / "models"
-BACKEND_SOURCE = PACKAGE_DIR / "backend" / "vllm" / "model.py"
+REAL_MODEL = "smollm2-135m-instruct"  # the built-in model served by the real vLLM engine
+BACKEND_SOURCE = PACKAGE_DIR / "backend" / "vllm" / "model.py"  # + the modules next to it
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX_STEM = "localtriton"
 STUB_NAME = "triton_python_backend_stub"
@@ -31,6 +38,17 @@ STUB_NAME = "triton_python_backend_stub"
 
 class LocalTritonError(RuntimeError):
     """tritonserver failed to start or a model failed to load; the message has the log tail."""
+
+
+class EngineNotReadyError(LocalTritonError):
+    """A real model was requested but the engine virtualenv or the prepared model is missing.
+
+    ``unsupported`` is True when this machine cannot run the engine at all (not Linux x86_64, ...).
+    """
+
+    def __init__(self, message: str, unsupported: bool = False) -> None:
+        super().__init__(message)
+        self.unsupported = unsupported
 
 
 def pytriton_paths() -> tuple[Path, Path]:
@@ -50,35 +68,58 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def build_backend_dir(dest: Path) -> Path:
-    """python/ (backend lib, utils, stub for this Python) + vllm/model.py (our simulator)."""
+def build_backend_dir(dest: Path, python_version: str | None = None) -> Path:
+    """python/ (backend lib, utils, stub for the stub's Python) + vllm/ (our backend's modules).
+
+    ``python_version`` ("3.11") is the Python the stubs run: this interpreter's by default, the
+    engine virtualenv's when real models are served.
+    """
     server_dir, _ = pytriton_paths()
     python_dir = dest / "python"
     python_dir.mkdir(parents=True)
     for name in ("libtriton_python.so", "triton_python_backend_utils.py"):
         shutil.copy2(server_dir / "backends" / "python" / name, python_dir / name)
-    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    version = python_version or f"{sys.version_info.major}.{sys.version_info.minor}"
     stub = server_dir / "python_backend_stubs" / version / STUB_NAME
     if not stub.is_file():
         raise LocalTritonError(f"nvidia-pytriton has no Python backend stub for Python {version}")
     shutil.copy2(stub, python_dir / STUB_NAME)
     (dest / "vllm").mkdir()
-    shutil.copy2(BACKEND_SOURCE, dest / "vllm" / "model.py")
+    for source in sorted(BACKEND_SOURCE.parent.glob("*.py")):
+        shutil.copy2(source, dest / "vllm" / source.name)
     return dest
 
 
-def server_env(prefill_ms: float | None, decode_ms: float | None) -> dict[str, str]:
+def server_env(
+    prefill_ms: float | None, decode_ms: float | None, engine: dict[str, str] | None = None
+) -> dict[str, str]:
+    """tritonserver's environment; ``engine`` (the engine venv's stamp) runs the stubs in that venv."""
     _, libs = pytriton_paths()
     env = dict(os.environ)
-    # The stub must load this interpreter's libpython (not the system one: its stdlib differs)
+    # The stub must load its interpreter's libpython (not the system one: its stdlib differs)
     # and the wheel's bundled libraries (libcudart etc.).
-    lib_paths = [str(sysconfig.get_config_var("LIBDIR")), str(libs)]
+    libdir = engine["libdir"] if engine else str(sysconfig.get_config_var("LIBDIR"))
+    lib_paths = [libdir, str(libs)]
     if env.get("LD_LIBRARY_PATH"):
         lib_paths.append(env["LD_LIBRARY_PATH"])
     env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_paths)
-    # The stub finds site-packages (numpy, this project) through `python3` on PATH.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    # The stub finds site-packages (numpy, this project, vLLM) through `python3` on PATH.
+    bin_dir = str(Path(engine["python"]).parent) if engine else str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    env.pop("PYTHONHOME", None)
     env["LOCALTRITON_TOOLS_DIR"] = str(TOOLS_DIR)
+    if engine:
+        # vLLM starts its EngineCore with `spawn`: the stub is not a Python, this one is.
+        env["LOCALTRITON_ENGINE_PYTHON"] = engine["python"]
+        # Without a UTF-8 locale the embedded interpreter reads files as ASCII (torch's templates
+        # then fail to load).
+        env["PYTHONUTF8"] = "1"
+        if "utf" not in (env.get("LC_ALL") or env.get("LANG") or "").lower():
+            env["LC_ALL"] = "C.UTF-8"
+        env.pop("VIRTUAL_ENV", None)
+        env.pop("PYTHONPATH", None)  # the project venv's packages must not shadow the engine's
+    else:
+        env.pop("LOCALTRITON_ENGINE_PYTHON", None)
     for name, value in (("SIM_PREFILL_MS", prefill_ms), ("SIM_DECODE_MS", decode_ms)):
         env.pop(name, None)  # only an explicit override may beat config.pbtxt
         if value is not None:
@@ -86,8 +127,33 @@ def server_env(prefill_ms: float | None, decode_ms: float | None) -> dict[str, s
     return env
 
 
-def repository_models(repository: Path) -> list[str]:
-    return sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+def repository_models(repository: Path, real: bool = False) -> list[str]:
+    """The repository's models; without ``real``, only the simulated ones (the default to serve)."""
+    from localtriton import engine_env  # not at import time: `python -m localtriton.engine_env`
+
+    names = sorted(p.name for p in repository.iterdir() if (p / "config.pbtxt").is_file())
+    if real:
+        return names
+    real_ones = engine_env.real_models_in(repository, names)
+    return [n for n in names if n not in real_ones]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (stubs and the vLLM engine processes they spawn)."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        kids = child_pids(todo.pop())
+        out.extend(kids)
+        todo.extend(kids)
+    return out
+
+
+def _start_time(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 def child_pids(pid: int) -> list[int]:
@@ -115,6 +181,30 @@ def remove_shm(prefix: str) -> None:
             path.unlink()
 
 
+def remove_orphan_engine_shm(since: float) -> list[Path]:
+    """Remove Python multiprocessing shm (vLLM's message queues) created since ``since`` that no
+    process maps any more: what a killed engine process leaves behind."""
+    candidates = [p for pattern in ("psm_*", "sem.mp-*") for p in SHM_DIR.glob(pattern) if _mtime(p) >= since]
+    if not candidates:
+        return []
+    mapped: set[str] = set()
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            mapped.update(line.split()[-1] for line in maps.read_text().splitlines() if "/dev/shm/" in line)
+    removed = [p for p in candidates if str(p) not in mapped]
+    for path in removed:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return removed
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
 class LocalTriton:
     """A tritonserver serving a model repository through the simulated vLLM backend."""
 
@@ -128,18 +218,26 @@ class LocalTriton:
         prefill_ms: float | None = None,
         decode_ms: float | None = None,
         log_file: Path | None = None,
-        ready_timeout: float = 60.0,
+        ready_timeout: float | None = None,
         exit_timeout: int = 5,
     ) -> None:
+        """``models`` None serves the repository's simulated models; name real ones to serve them.
+
+        ``ready_timeout`` defaults to 60 s, or 300 s when a real model is served (engine start).
+        """
+        from localtriton import engine_env
+
         self.model_repository = Path(model_repository or BUILTIN_REPOSITORY).resolve()
         self.models = list(models) if models is not None else repository_models(self.model_repository)
+        # {name: weights folder} of the requested models served by the real vLLM engine
+        self.real_models = engine_env.real_models_in(self.model_repository, self.models)
         self.http_port = http_port or free_port()
         self.grpc_port = grpc_port or free_port()
         self.metrics_port = metrics_port or free_port()
         self.prefill_ms = prefill_ms
         self.decode_ms = decode_ms
         self.log_file = log_file
-        self.ready_timeout = ready_timeout
+        self.ready_timeout = ready_timeout or (300.0 if self.real_models else 60.0)
         # tritonserver 2.51 can keep a model referenced after many gRPC streams were cancelled by
         # their clients (e.g. breaking out of grpc.aio stream_infer): don't wait its default 30 s.
         self.exit_timeout = exit_timeout
@@ -147,9 +245,13 @@ class LocalTriton:
         self.shm_prefix = f"{SHM_PREFIX_STEM}-{uuid.uuid4().hex[:12]}-"
         self._proc: subprocess.Popen[bytes] | None = None
         self._run_dir: Path | None = None
+        self._started_at = 0.0
         self._log_path: Path | None = None
         self._log_handle: IO[bytes] | None = None
         self._stub_pids: set[int] = set()  # remembered: a crashed server's stubs get re-parented
+        # (pid, start time) of the stubs' own children (vLLM's EngineCore): killed if left behind
+        self._engine_pids: set[tuple[int, str]] = set()
+        self.engine: dict[str, str] | None = None  # the engine venv's stamp when real models are served
 
     @property
     def http_url(self) -> str:
@@ -184,18 +286,34 @@ class LocalTriton:
     def start(self) -> LocalTriton:
         if self._proc is not None:
             raise LocalTritonError("already started")
+        if self.real_models:
+            from localtriton import engine_env
+
+            try:
+                stamp = engine_env.require_engine(self.real_models)
+            except engine_env.EngineEnvError as exc:
+                names = ", ".join(sorted(self.real_models))
+                raise EngineNotReadyError(f"cannot serve {names}: {exc}", exc.unsupported) from exc
+            self.engine = {
+                "python": str(engine_env.venv_python()),
+                "libdir": str(stamp["libdir"]),
+                "python_version": str(stamp["python"]),
+            }
         parent = os.environ.get("LOCALTRITON_RUN_DIR")
         if parent:
             Path(parent).mkdir(parents=True, exist_ok=True)
         self._run_dir = Path(tempfile.mkdtemp(prefix="localtriton-", dir=parent or None))
+        self._started_at = time.time() - 1
         self._log_path = self.log_file or self._run_dir / "tritonserver.log"
         atexit.register(self.stop)
         try:
-            backend_dir = build_backend_dir(self._run_dir / "backends")
+            backend_dir = build_backend_dir(
+                self._run_dir / "backends", self.engine["python_version"] if self.engine else None
+            )
             self._log_handle = open(self._log_path, "ab")  # noqa: SIM115 - lives as long as the server
             self._proc = subprocess.Popen(
                 self.command(backend_dir),
-                env=server_env(self.prefill_ms, self.decode_ms),
+                env=server_env(self.prefill_ms, self.decode_ms, self.engine),
                 stdout=self._log_handle,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -205,10 +323,18 @@ class LocalTriton:
             self.pid = self._proc.pid
             self._wait_ready()
             self._stub_pids.update(p for p in child_pids(self.pid) if _is_stub(p))
+            self._remember_engine_pids()
         except BaseException:
             self.stop()  # no stray server, stubs or shm when the start fails
             raise
         return self
+
+    def _remember_engine_pids(self) -> None:
+        for stub in self._stub_pids:
+            for pid in descendants(stub):
+                started = _start_time(pid)
+                if started is not None:
+                    self._engine_pids.add((pid, started))
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + self.ready_timeout
@@ -247,6 +373,9 @@ class LocalTriton:
         proc, self._proc = self._proc, None
         if proc is not None:
             stubs = self._stub_pids | set(child_pids(proc.pid))
+            engine_pids = set(self._engine_pids)
+            for stub in stubs:
+                engine_pids.update((d, t) for d in descendants(stub) if (t := _start_time(d)) is not None)
             if proc.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
@@ -257,8 +386,14 @@ class LocalTriton:
                     proc.wait()
             # Stubs of a crashed server ignore SIGTERM and get re-parented: kill the ones we saw.
             kill_pids([p for p in stubs if _is_stub(p)])
+            # vLLM's engine processes (children of a stub) end with their stub normally; not when
+            # the stub was killed: end the ones we saw, if they are still the same processes.
+            kill_pids([p for p, t in engine_pids if _start_time(p) == t])
             self._stub_pids.clear()
+            self._engine_pids.clear()
         remove_shm(self.shm_prefix)
+        if self.engine is not None and self._started_at:
+            remove_orphan_engine_shm(self._started_at)
         if self._log_handle is not None:
             self._log_handle.close()
             self._log_handle = None

@@ -4,7 +4,6 @@ Postgres again; a notice without a (readable) row makes it read. Real Redis, rea
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 

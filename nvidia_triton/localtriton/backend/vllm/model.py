@@ -1,12 +1,17 @@
-"""CPU stand-in for Triton's vLLM backend (backend name ``vllm``): same inputs, outputs, behaviour.
+"""CPU implementation of Triton's vLLM backend (backend name ``vllm``): same inputs, outputs, behaviour.
 
-Loaded by tritonserver's Python backend stub as ``<backend-dir>/vllm/model.py``. Generation is
-simulated by :mod:`localtriton.engine` (deterministic text) and
-:mod:`localtriton.scheduler` (batching with vLLM-shaped latency); nothing is downloaded.
+Loaded by tritonserver's Python backend stub as ``<backend-dir>/vllm/model.py``. A model folder whose
+``model.json`` names a simulated model (a hub id such as ``sim/sim-llm`` or ``Qwen/...``) is
+simulated by :mod:`localtriton.engine` (deterministic text) and :mod:`localtriton.scheduler`
+(batching with vLLM-shaped latency); nothing is downloaded. A folder whose ``model.json`` names a
+real model (``${LLMQ_MODELS}/...`` or an absolute path: see ``localtriton.engine_env``) is served
+by the real vLLM engine, ``real_engine.py`` next to this file, which needs the stub to run in the
+engine virtualenv (the launcher arranges it).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import sys
@@ -21,6 +26,7 @@ try:
 except ImportError:  # stub interpreter without the project on sys.path: the launcher tells us where
     sys.path.insert(0, os.environ["LOCALTRITON_TOOLS_DIR"])
     from localtriton import engine
+from localtriton import engine_env
 from localtriton.scheduler import BatchEngine, EngineStats, Sequence
 
 _INPUTS: list[dict[str, Any]] = [
@@ -185,6 +191,22 @@ class TritonPythonModel:
                 "vLLM Triton backend must be configured to use decoupled model transaction policy"
             )
         model_dir = Path(pb_utils.get_model_dir())
+        self.real: Any = None
+        raw_args = _read_model_json(model_dir / "model.json")
+        if raw_args is not None and engine_env.is_real_model(raw_args):
+            weights = engine_env.resolve_model_path(str(raw_args["model"]))
+            if not (weights / "config.json").is_file():
+                raise FileNotFoundError(
+                    f"{self.model_name}: no prepared model in {weights}: {engine_env.INSTALL_HINT}"
+                )
+            self.real = _load_real_engine().RealVllmModel(
+                model_name=self.model_name,
+                model_version=args["model_version"],
+                model_config=self.model_config,
+                engine_args=raw_args,
+                weights=str(weights),
+            )
+            return
         self.config = engine.load_engine_config(model_dir / "model.json")
         prefill_ms = self._latency("SIM_PREFILL_MS")
         decode_ms = self._latency("SIM_DECODE_MS")
@@ -216,6 +238,9 @@ class TritonPythonModel:
         return float(raw)
 
     def execute(self, requests: list[Any]) -> None:
+        if self.real is not None:
+            self.real.execute(requests)
+            return None  # decoupled: the engine's loop thread sends the responses
         for request in requests:
             sender = request.get_response_sender()
             try:
@@ -242,5 +267,28 @@ class TritonPythonModel:
         return Sequence(plan, _ResponseSink(sender, plan, prompt if prepend else "", flags), stream)
 
     def finalize(self) -> None:
+        if self.real is not None:
+            self.real.finalize()
+            return
         self.engine.stop()
         self.metrics.close()
+
+
+def _read_model_json(path: Path) -> dict[str, Any] | None:
+    """The raw engine args, or None when unreadable (load_engine_config then reports why)."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _load_real_engine() -> Any:
+    """``real_engine.py`` from this file's folder (imported only for real models: it needs vLLM)."""
+    path = Path(__file__).with_name("real_engine.py")
+    spec = importlib.util.spec_from_file_location("localtriton_real_engine", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module

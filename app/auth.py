@@ -16,8 +16,9 @@ import re
 import secrets
 import time
 import uuid
+from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -89,9 +90,9 @@ class KeyRing:
         self.settings = settings
         self.db = db
         self._bootstrap_hash = key_hash(settings.ADMIN_API_KEY) if settings.ADMIN_API_KEY else None
-        self._cache: dict[bytes, tuple[Principal | None, float]] = {}
+        self._cache: dict[bytes, tuple[Principal | None, float]] = {}  # digest -> (principal, fresh until)
+        self._refreshing: set[bytes] = set()
         self._touched: dict[uuid.UUID, float] = {}
-        self._lock = asyncio.Lock()
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def principal(self, key: str) -> Principal | None:
@@ -106,15 +107,37 @@ class KeyRing:
             )
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is None or cached[1] < now:
-            cached = (await self._load(digest), now + self.settings.KEY_CACHE_TTL_S)
-            if len(self._cache) > 100_000:  # unknown keys are cached too: bound the memory
-                self._cache.clear()
-            self._cache[digest] = cached
+        if cached is None:
+            cached = await self._refresh(digest)
+        elif cached[1] < now and digest not in self._refreshing:
+            # Stale: answered from the cache while one task re-reads it (no request waits for the
+            # database, and a burst of requests does not read it once each).
+            self._refreshing.add(digest)
+            self._spawn(self._refresh_quietly(digest))
         principal = cached[0]
         if principal is not None and principal.key_id is not None:
             self._touch(principal.key_id, now)
         return principal
+
+    async def _refresh(self, digest: bytes) -> tuple[Principal | None, float]:
+        entry = (await self._load(digest), time.monotonic() + self.settings.KEY_CACHE_TTL_S)
+        if len(self._cache) > 100_000:  # unknown keys are cached too: bound the memory
+            self._cache.clear()
+        self._cache[digest] = entry
+        return entry
+
+    async def _refresh_quietly(self, digest: bytes) -> None:
+        try:
+            await self._refresh(digest)
+        except Exception as exc:  # the stale entry stays; the next request tries again
+            log.warning("could not re-read an API key: %s", exc)
+        finally:
+            self._refreshing.discard(digest)
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _load(self, digest: bytes) -> Principal | None:
         async with self.db.connection() as conn:
@@ -146,9 +169,7 @@ class KeyRing:
         if now - self._touched.get(key_id, float("-inf")) < _TOUCH_EVERY_S:
             return
         self._touched[key_id] = now
-        task = asyncio.create_task(self._write_touch(key_id))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._write_touch(key_id))
 
     async def _write_touch(self, key_id: uuid.UUID) -> None:
         try:

@@ -15,8 +15,9 @@ from app.auth import PUBLIC_PATHS, Authentication, KeyRing
 from app.bodylimit import BodyLimit
 from app.config import Settings, get_settings
 from app.db import Database
-from app.deps import Runtime
+from app.deps import Runtime, caller
 from app.errors import install_error_handlers
+from app.fastpath import FastPath
 from app.notify import ResultWaiter, done_channel
 from app.queue import JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
@@ -30,9 +31,12 @@ def create_app(
     settings: Settings | None = None,
     enqueue: Enqueue | None = None,
     dependencies: Sequence[params.Depends] = (),
+    *,
+    fast_path: bool = True,
 ) -> FastAPI:
     """The API. `enqueue` replaces the doorbell (tests record it instead); `dependencies` run
-    before every operation (e.g. a deployment's own check)."""
+    before every operation (e.g. a deployment's own check); `fast_path=False` leaves submit and
+    poll to FastAPI's own handling too (tests compare the two)."""
     settings = settings or get_settings()
     db = Database(settings)
     job_queue = JobQueue(make_celery(settings), settings.CELERY_QUEUE)
@@ -75,7 +79,10 @@ def create_app(
         dependencies=list(dependencies),
     )
     app.state.runtime = rt
-    # Middleware added last runs first: the body limit, then authentication, then routing.
+    # Middleware added last runs first: the body limit, then authentication, then submit and poll
+    # from their routes' definitions (app.fastpath), then FastAPI for everything.
+    if fast_path:
+        app.add_middleware(FastPath, api=app, endpoints=[models.send, results.get_result], dependency=caller)
     app.add_middleware(Authentication, keyring=rt.keyring)
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)

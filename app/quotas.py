@@ -86,21 +86,21 @@ class PendingJobs:
         self._db = db
         self._refresh_s = refresh_s
         self._known: dict[str, tuple[float, int]] = {}  # tenant -> (read at, pending then + submitted since)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._reading: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def check(self, principal: Principal) -> None:
         """Refuse a submit (429) while the tenant has `max_pending` jobs pending."""
         tenant, cap = principal.tenant, principal.max_pending
         known = self._known.get(tenant)
-        if known is None or time.monotonic() - known[0] >= self._refresh_s:
-            lock = self._locks.setdefault(tenant, asyncio.Lock())
-            async with lock:  # one read per tenant at a time; the others use its answer
-                known = self._known.get(tenant)
-                if known is None or time.monotonic() - known[0] >= self._refresh_s:
-                    read_at = time.monotonic()
-                    async with self._db.connection() as conn:
-                        known = (read_at, await results_repo.count_pending(conn, tenant, cap))
-                    self._known[tenant] = known
+        if known is None or self._refresh_s == 0:
+            known = await self._read(tenant, cap)
+        elif time.monotonic() - known[0] >= self._refresh_s and tenant not in self._reading:
+            # Stale: this submit uses it while one task re-reads the count (nobody waits for it).
+            self._reading.add(tenant)
+            task = asyncio.create_task(self._read_quietly(tenant, cap))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
         if known[1] >= cap:
             raise OverQuota(
                 f"pending job limit reached: tenant '{tenant}' has {known[1]} jobs pending "
@@ -108,6 +108,21 @@ class PendingJobs:
                 retry_after_s=max(1, math.ceil(self._refresh_s)),
                 detail={"limit": "max_pending", "value": cap},
             )
+
+    async def _read(self, tenant: str, cap: int) -> tuple[float, int]:
+        read_at = time.monotonic()
+        async with self._db.connection() as conn:
+            known = (read_at, await results_repo.count_pending(conn, tenant, cap))
+        self._known[tenant] = known
+        return known
+
+    async def _read_quietly(self, tenant: str, cap: int) -> None:
+        try:
+            await self._read(tenant, cap)
+        except Exception as exc:  # the last count stays; the next submit tries again
+            log.warning("could not count the pending jobs of tenant %s: %s", tenant, exc)
+        finally:
+            self._reading.discard(tenant)
 
     def submitted(self, tenant: str) -> None:
         known = self._known.get(tenant)

@@ -124,7 +124,11 @@ def enqueued() -> EnqueueRecorder:
 
 
 def make_api_app(
-    triton_url: str, enqueue: EnqueueRecorder | None, dependencies: Sequence[Any] = (), **overrides: Any
+    triton_url: str,
+    enqueue: EnqueueRecorder | None,
+    dependencies: Sequence[Any] = (),
+    fast_path: bool = True,
+    **overrides: Any,
 ) -> FastAPI:
     from app.config import get_settings
     from app.main import create_app
@@ -132,7 +136,7 @@ def make_api_app(
     settings = get_settings().model_copy(
         update={"TRITON_URL": triton_url, "MAX_CONTENT_BYTES": 4096, **overrides}
     )
-    return create_app(settings, enqueue=enqueue, dependencies=dependencies)
+    return create_app(settings, enqueue=enqueue, dependencies=dependencies, fast_path=fast_path)
 
 
 @asynccontextmanager

@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev services test check lint typecheck migrations-check format bench clean gpu-%
+.PHONY: help install engine dev services test check lint typecheck migrations-check format bench clean gpu-%
 
 help: ## List the commands
 	@grep -hE '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -21,14 +21,18 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP) ## Create the virtualenv (.venv) and install the project with its dev, tools and local extras
 
-dev: $(STAMP) ## Run everything locally: Postgres/Redis, migrations, local Triton, worker, API on :8887 (API_PORT)
+engine: $(STAMP) ## Install the real vLLM engine (own virtualenv in ~/.cache/llmq) and SmolLM2-135M-Instruct: ~700 MB, ~2 min, once
+	$(BIN)/python -m localtriton.engine_env install
+
+dev: $(STAMP) ## Run everything locally (API on :8887): SmolLM2 on the real vLLM engine + simulated models; LLMQ_LIGHT=1: simulated only
 	$(BIN)/python -m devstack up
 
 services: $(STAMP) ## Make sure Postgres and Redis run, create and migrate the database
 	$(BIN)/python -m devstack services
 
-test: $(STAMP) ## Run the test suite (unit + integration against real Postgres, Redis, Celery, Triton)
+test: $(STAMP) ## Run the test suite (unit + integration against real Postgres, Redis, Celery, Triton, the real vLLM engine)
 	$(BIN)/python -m devstack services
+	@if [ "$(LLMQ_SKIP_REAL_ENGINE)" != "1" ]; then $(BIN)/python -m localtriton.engine_env install --quiet; fi
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 check: lint typecheck migrations-check ## Ruff, mypy (strict) and `alembic check`

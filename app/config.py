@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # How often an API process re-reads a tenant's count of pending jobs (0: on every submit).
     QUOTA_PENDING_REFRESH_S: float = Field(default=1.0, ge=0, le=60)
 
+    # Where models' chat templates are found: <dir>/<model>/chat_template.jinja (comma-separated).
+    CHAT_TEMPLATES_DIRS: str = "triton_models"
+
     # Limits on input
     MAX_CONTENT_BYTES: int = Field(default=256 * 1024, ge=1)
     MAX_TOKENS_LIMIT: int = Field(default=8192, ge=1)

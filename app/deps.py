@@ -13,6 +13,7 @@ from app.notify import ResultWaiter
 from app.queue import JobQueue
 from app.quotas import PendingJobs, SubmitRate
 from app.services.results import Enqueue
+from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
 
 
@@ -28,6 +29,7 @@ class Runtime:
     keyring: KeyRing
     submit_rate: SubmitRate
     pending: PendingJobs
+    templates: ChatTemplates
 
 
 async def runtime(request: Request) -> Runtime:

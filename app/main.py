@@ -24,6 +24,7 @@ from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, health, models, results
 from app.services.results import Enqueue
+from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
 
 
@@ -52,6 +53,7 @@ def create_app(
         keyring=KeyRing(settings, db),
         submit_rate=SubmitRate(settings.REDIS_URL, settings.CELERY_QUEUE),
         pending=PendingJobs(db, settings.QUOTA_PENDING_REFRESH_S),
+        templates=ChatTemplates(settings.CHAT_TEMPLATES_DIRS.split(",")),
     )
 
     @asynccontextmanager

@@ -66,6 +66,8 @@ class Result(Base):
     )
     model: Mapped[str] = mapped_column(String(255), nullable=False)
     params: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default="{}")
+    # The prompt as sent to the model when it is not the context's content (a rendered chat template).
+    prompt: Mapped[str | None] = mapped_column(Text)
     # Plain text with a CHECK rather than a PG enum: adding `cancelled` later is a one-line migration.
     status: Mapped[str] = mapped_column(String(16), nullable=False, server_default=ResultStatus.PENDING.value)
     output: Mapped[str | None] = mapped_column(Text)

@@ -57,6 +57,16 @@ class SamplingParams(BaseModel):
         return [value] if isinstance(value, str) else value
 
 
+class SendOptions(SamplingParams):
+    """The body of a send: sampling parameters, and how the context becomes the prompt."""
+
+    chat: bool = Field(
+        default=False,
+        description="Send the context as one user message through the model's chat template (the "
+        "model folder's chat_template.jinja) instead of as a raw prompt.",
+    )
+
+
 class SendAccepted(BaseModel):
     result_id: uuid.UUID
     status: ResultStatus

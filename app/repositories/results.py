@@ -24,8 +24,8 @@ from app.repositories.listing import newest_first
 
 # One statement checks that the tenant's context exists and inserts (no round trip to load the prompt).
 _SUBMIT = """
-    INSERT INTO result (id, tenant, context_id, model, params)
-    SELECT %(id)s, c.tenant, c.id, %(model)s, %(params)s FROM context AS c
+    INSERT INTO result (id, tenant, context_id, model, params, prompt)
+    SELECT %(id)s, c.tenant, c.id, %(model)s, %(params)s, %(prompt)s FROM context AS c
      WHERE c.id = %(context_id)s AND c.tenant = %(tenant)s
     RETURNING created_at
 """
@@ -45,14 +45,17 @@ async def insert_for_context(
     context_id: uuid.UUID,
     model: str,
     params: dict[str, Any],
+    prompt: str | None = None,
 ) -> datetime | None:
-    """The new row's created_at; None when the tenant has no such context (nothing inserted)."""
+    """The new row's created_at; None when the tenant has no such context (nothing inserted).
+    `prompt`: what the model gets when it is not the context's content."""
     values = {
         "id": result_id,
         "tenant": tenant,
         "context_id": context_id,
         "model": model,
         "params": Jsonb(params),
+        "prompt": prompt,
     }
     row = await (await conn.execute(_SUBMIT, values)).fetchone()
     return None if row is None else row[0]
@@ -82,7 +85,7 @@ _CLAIM = """
       FROM context AS c
      WHERE r.id = ANY(%(ids)s::uuid[]) AND c.id = r.context_id AND r.status = 'pending'
        AND (r.started_at IS NULL OR r.started_at < now() - make_interval(secs => %(stale_after)s))
-    RETURNING r.id, r.model, r.params, r.attempts, c.content
+    RETURNING r.id, r.model, r.params, r.attempts, COALESCE(r.prompt, c.content)
 """
 _COMPLETE = """
     UPDATE result AS r

@@ -10,7 +10,7 @@ from app.db import AsyncConnection
 from app.deps import Caller, caller
 from app.errors import Conflict, NotFound, ServiceUnavailable
 from app.routes.contexts import IDEMPOTENCY_KEY_DOC
-from app.schemas import ErrorBody, ModelInfo, SamplingParams, SendAccepted
+from app.schemas import ErrorBody, ModelInfo, SendAccepted, SendOptions
 from app.services import idempotency
 from app.services import results as service
 from app.triton.admin import ModelCatalog, ModelState, TritonUnavailable
@@ -72,7 +72,9 @@ async def list_models(c: Caller = Depends(caller)) -> list[ModelInfo]:
 )
 async def send(
     context_id: uuid.UUID,
-    params: SamplingParams | None = Body(default=None, description="Sampling parameters; all optional."),
+    params: SendOptions | None = Body(
+        default=None, description="Sampling parameters and options; all optional."
+    ),
     model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
     c: Caller = Depends(caller),
@@ -80,13 +82,19 @@ async def send(
     """Send a stored context to a model. Answers at once with the result id; poll
     `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
     await check_ready(c.rt.model_catalog, model_name)
-    params = params or SamplingParams()
+    params = params or SendOptions()
     service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT)
     await c.rt.submit_rate.check(c.principal)
     await c.rt.pending.check(c.principal)
     if idempotency_key is None:
         accepted = await service.submit(
-            c.rt.db, c.rt.enqueue, c.principal, model=model_name, context_id=context_id, params=params
+            c.rt.db,
+            c.rt.enqueue,
+            c.principal,
+            model=model_name,
+            context_id=context_id,
+            params=params,
+            templates=c.rt.templates,
         )
         c.rt.pending.submitted(c.principal.tenant)
         return Response(

@@ -13,8 +13,10 @@ from app.db import AsyncConnection, Database
 from app.errors import InvalidInput, NotFound
 from app.models import ResultStatus
 from app.notify import ResultWaiter
+from app.repositories import contexts as contexts_repo
 from app.repositories import results as repo
-from app.schemas import Page, ResultOut, SamplingParams, SendAccepted
+from app.schemas import Page, ResultOut, SamplingParams, SendAccepted, SendOptions
+from app.templates import ChatTemplates
 
 log = logging.getLogger(__name__)
 
@@ -30,18 +32,33 @@ def check_params(params: SamplingParams, max_tokens_limit: int) -> None:
 
 
 async def insert_job(
-    conn: AsyncConnection, principal: Principal, *, model: str, context_id: uuid.UUID, params: SamplingParams
+    conn: AsyncConnection,
+    principal: Principal,
+    *,
+    model: str,
+    context_id: uuid.UUID,
+    params: SamplingParams,
+    templates: ChatTemplates | None = None,
 ) -> SendAccepted:
     """Record a pending result for one of the tenant's contexts. The caller rings the doorbell once
-    this has committed."""
+    this has committed. With `chat` the prompt is the model's chat template around the context."""
     result_id = uuid.uuid4()
+    prompt = None
+    if isinstance(params, SendOptions) and params.chat:
+        assert templates is not None
+        context = await contexts_repo.get(conn, context_id, principal.tenant)
+        if context is None:
+            raise NotFound(f"context {context_id} not found")
+        prompt = templates.render(model, [{"role": "user", "content": context["content"]}])
     created_at = await repo.insert_for_context(
         conn,
         result_id=result_id,
         tenant=principal.tenant,
         context_id=context_id,
         model=model,
-        params=params.model_dump(exclude_none=True),
+        # As asked: `chat` only when it changed the prompt.
+        params=params.model_dump(exclude_none=True, exclude=None if prompt else {"chat"}),
+        prompt=prompt,
     )
     if created_at is None:  # another tenant's context is as unknown as a missing one
         raise NotFound(f"context {context_id} not found")
@@ -63,10 +80,13 @@ async def submit(
     model: str,
     context_id: uuid.UUID,
     params: SamplingParams,
+    templates: ChatTemplates | None = None,
 ) -> SendAccepted:
     """Record a pending result, then ring the doorbell: only once the row is committed."""
     async with db.connection() as conn:
-        accepted = await insert_job(conn, principal, model=model, context_id=context_id, params=params)
+        accepted = await insert_job(
+            conn, principal, model=model, context_id=context_id, params=params, templates=templates
+        )
     enqueue(accepted.result_id)  # the statement above has committed: the worker can see the row
     return accepted
 

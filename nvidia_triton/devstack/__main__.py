@@ -1,8 +1,10 @@
 """`make dev`: bring up the whole platform on this machine and stop all of it on Ctrl-C.
 
 Postgres and Redis are used where they run (started if installed but stopped), the database
-is created and migrated, then the local Triton (the real tritonserver on the CPU with the
-simulated vLLM backend), the Celery worker and the API start as children of this process.
+is created and migrated, then the local Triton (the real tritonserver on the CPU, serving
+SmolLM2-135M-Instruct on the real vLLM engine next to the simulated models; `--light` or
+LLMQ_LIGHT=1: the simulated ones only), the Celery worker and the API start as children of this
+process.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import typer
@@ -25,6 +28,9 @@ from sqlalchemy.engine import make_url
 from app.config import Settings, get_settings
 from devstack.database import create_database_if_missing
 from devstack.processes import ManagedProcess, api_process, worker_process
+
+if TYPE_CHECKING:
+    from localtriton.launcher import LocalTriton
 
 ROOT = Path(__file__).resolve().parents[2]
 RUN_DIR = ROOT / ".run"
@@ -109,20 +115,77 @@ def migrate() -> None:
     subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT, check=True)
 
 
-def example(api_url: str, admin_key: str) -> str:
-    return f"""  API=${{API:-{api_url}}}
+def example(api_url: str, admin_key: str, model: str) -> str:
+    return f"""  API=${{API:-{api_url}}} MODEL=${{MODEL:-{model}}}
   AUTH="Authorization: Bearer ${{KEY:-{admin_key}}}"
   CTX=$(curl -s -X POST $API/contexts/ -H "$AUTH" -H 'content-type: application/json' \\
         -d '{{"content": "Write a haiku about GPUs."}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["id"])')
-  RID=$(curl -s -X POST $API/models/send/sim-llm/$CTX -H "$AUTH" -H 'content-type: application/json' \\
-        -d '{{"max_tokens": 32, "seed": 1}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["result_id"])')
-  curl -s -H "$AUTH" "$API/results/$RID?wait=30"
+  RID=$(curl -s -X POST $API/models/send/$MODEL/$CTX -H "$AUTH" -H 'content-type: application/json' \\
+        -d '{{"max_tokens": 48, "seed": 1, "chat": true}}' | python3 -c 'import json,sys; print(json.load(sys.stdin)["result_id"])')
+  curl -s -H "$AUTH" "$API/results/$RID?wait=60"
 """
+
+
+def start_local_triton(settings: Settings, logs: Path, light: bool, stack: Stack) -> LocalTriton:
+    """The real SmolLM2 model next to the simulated ones; the simulated ones alone when light, or
+    where the engine cannot be installed or started (said, not silent)."""
+    from localtriton import engine_env
+    from localtriton.launcher import (
+        BUILTIN_REPOSITORY,
+        REAL_MODEL,
+        LocalTriton,
+        LocalTritonError,
+        repository_models,
+    )
+
+    ports: dict[str, Any] = {
+        "http_port": _port(settings.TRITON_URL, 8000),
+        "grpc_port": _port(settings.TRITON_GRPC_URL, 8001),
+        "metrics_port": _port(settings.TRITON_METRICS_URL, 8002),
+        "log_file": logs / "triton.log",
+    }
+    simulated = [m for m in repository_models(BUILTIN_REPOSITORY) if m != REAL_MODEL]
+    real = not light
+    if real:
+        status = engine_env.status()
+        if status.problem:
+            console.print(
+                f"[yellow]the real model cannot run here ({status.problem}): simulated models only[/]"
+            )
+            real = False
+        elif not status.ready:
+            console.print(
+                "first run: installing the real vLLM engine (its own virtualenv in ~/.cache/llmq, ~700 MB "
+                "download) and preparing SmolLM2-135M-Instruct: about 2 minutes, once (LLMQ_LIGHT=1 skips it) …"
+            )
+            try:
+                engine_env.install(quiet=True)  # one line per step
+            except engine_env.EngineEnvError as exc:
+                console.print(f"[yellow]could not install the real engine: {exc}; simulated models only[/]")
+                real = False
+    if real:
+        console.print(
+            f"starting the local Triton: {REAL_MODEL} on the real vLLM engine (~30 s) + simulated models …"
+        )
+        triton = LocalTriton(models=[*simulated, REAL_MODEL], **ports)
+        stack.triton = triton
+        try:
+            triton.start()
+            return triton
+        except LocalTritonError as exc:
+            triton.stop()
+            first_line = str(exc).splitlines()[0]
+            console.print(f"[yellow]the real engine did not start ({first_line}); see {logs}/triton.log[/]")
+    console.print("starting the local Triton (simulated vLLM models) …")
+    triton = LocalTriton(models=simulated, **ports)
+    stack.triton = triton
+    triton.start()
+    return triton
 
 
 class Stack:
     def __init__(self) -> None:
-        self.triton: object | None = None
+        self.triton: LocalTriton | None = None
         self.processes: list[ManagedProcess] = []
 
     def stop(self) -> None:
@@ -130,7 +193,7 @@ class Stack:
             proc.stop()
         self.processes.clear()
         if self.triton is not None:
-            self.triton.stop()  # type: ignore[attr-defined]
+            self.triton.stop()
             self.triton = None
 
 
@@ -142,6 +205,9 @@ def _port(url: str, default: int) -> int:
 def up(
     local_triton: bool = typer.Option(
         True, help="Start the local CPU Triton unless one already answers at TRITON_URL."
+    ),
+    light: bool = typer.Option(
+        False, "--light", envvar="LLMQ_LIGHT", help="Serve only the simulated models (no real vLLM engine)."
     ),
 ) -> None:
     """Start Postgres/Redis (if needed), migrate, then local Triton, the worker and the API."""
@@ -161,19 +227,17 @@ def up(
         env: dict[str, str] = {}
         triton_host = urlsplit(settings.TRITON_URL).hostname or "127.0.0.1"
         triton_http = _port(settings.TRITON_URL, 8000)
+        # Chat templates: the production models' folders and the local models'.
+        env["CHAT_TEMPLATES_DIRS"] = (
+            f"{ROOT / 'triton_models'},{ROOT / 'nvidia_triton' / 'localtriton' / 'models'}"
+        )
+        model = "sim-llm"
         if local_triton and triton_host in LOCAL_HOSTS and not reachable(triton_host, triton_http):
-            from localtriton.launcher import LocalTriton
+            from localtriton.launcher import REAL_MODEL
 
-            console.print("starting the local Triton (simulated vLLM models) …")
-            triton = LocalTriton(
-                http_port=triton_http,
-                grpc_port=_port(settings.TRITON_GRPC_URL, 8001),
-                metrics_port=_port(settings.TRITON_METRICS_URL, 8002),
-                log_file=logs / "triton.log",
-            )
-            stack.triton = triton
-            triton.start()
+            triton = start_local_triton(settings, logs, light, stack)
             env.update(TRITON_URL=triton.http_url, TRITON_GRPC_URL=triton.grpc_url)
+            model = REAL_MODEL if REAL_MODEL in triton.models else "sim-llm"
         else:
             console.print(f"using the Triton at {settings.TRITON_URL}")
 
@@ -188,10 +252,16 @@ def up(
         console.print(f"\n[bold green]Ready.[/] API on [bold]{api_url}[/]  (docs: {api_url}/docs)")
         console.print(f"logs: {logs}/{{api,worker,triton}}.log   Ctrl-C stops everything.\n")
         if settings.ADMIN_API_KEY:
-            console.print(f"admin key: {settings.ADMIN_API_KEY}  (ADMIN_API_KEY; development only)", markup=False)
-            console.print("Try it:\n" + example(api_url, settings.ADMIN_API_KEY), soft_wrap=True, markup=False)
+            console.print(
+                f"admin key: {settings.ADMIN_API_KEY}  (ADMIN_API_KEY; development only)", markup=False
+            )
+            console.print(
+                "Try it:\n" + example(api_url, settings.ADMIN_API_KEY, model), soft_wrap=True, markup=False
+            )
         else:
-            console.print("[yellow]ADMIN_API_KEY is not set: make a key with `python -m app.cli keys create`[/]")
+            console.print(
+                "[yellow]ADMIN_API_KEY is not set: make a key with `python -m app.cli keys create`[/]"
+            )
         while True:
             for proc in stack.processes:
                 if not proc.running:

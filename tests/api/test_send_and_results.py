@@ -166,3 +166,34 @@ async def test_results_filter_with_a_nul_character_is_422(client: httpx.AsyncCli
     response = await client.get("/results/", params={"model": "\x00"})
     assert response.status_code == 422
     assert "query.model" in [p["field"] for p in response.json()["detail"]]
+
+
+async def test_chat_sends_the_context_through_the_models_template(
+    db: psycopg.AsyncConnection[Any], triton: Any, tmp_path: Any
+) -> None:
+    from tests.conftest import make_api_app, make_key, serve_in_process
+
+    (tmp_path / FAST_MODEL).mkdir()
+    (tmp_path / FAST_MODEL / "chat_template.jinja").write_text(
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</{{ m['role'] }}>{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    app = make_api_app(triton.http_url, None, CHAT_TEMPLATES_DIRS=str(tmp_path))
+    async with serve_in_process(app) as client:
+        client.headers["authorization"] = f"Bearer {await make_key(client, 'chatty')}"
+        context_id = await _context(client, "Hi there")
+        sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"chat": True, "max_tokens": 4})
+        assert sent.status_code == 202, sent.text
+        raw = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4})
+        no_template = await client.post(f"/models/send/{SLOW_MODEL}/{context_id}", json={"chat": True})
+    assert no_template.status_code == 400
+    assert f"model '{SLOW_MODEL}' has no chat template" in no_template.json()["error"]
+    rows = await (
+        await db.execute(
+            "SELECT id::text, prompt FROM result WHERE id = ANY(%s::uuid[])",
+            ([sent.json()["result_id"], raw.json()["result_id"]],),
+        )
+    ).fetchall()
+    prompts = dict(rows)
+    assert prompts[sent.json()["result_id"]] == "<user>Hi there</user><assistant>"
+    assert prompts[raw.json()["result_id"]] is None  # the worker sends the context as is

@@ -40,6 +40,9 @@ def _readme_example() -> str:
     return block.group(1)
 
 
+REAL_ENGINE_SKIPPED = os.environ.get("LLMQ_SKIP_REAL_ENGINE") == "1"
+
+
 def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     admin = create_engine(f"{PG_BASE}/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:  # make dev must create the database itself
@@ -56,7 +59,11 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
         "TRITON_GRPC_URL": f"127.0.0.1:{grpc_port}",
         "TRITON_METRICS_URL": f"http://127.0.0.1:{metrics_port}/metrics",
         "CELERY_QUEUE": f"llmq-devcmd-{api_port}",
+        # The real model, as a new user gets it (`make engine` has installed it), unless its tests are
+        # skipped on purpose: then the simulated models only.
+        **({"LLMQ_LIGHT": "1"} if REAL_ENGINE_SKIPPED else {}),
     }
+    model = "sim-llm" if REAL_ENGINE_SKIPPED else "smollm2-135m-instruct"
     out = (tmp_path / "make-dev.out").open("w+b")
     # Its own session, like a terminal's foreground job: Ctrl-C reaches the whole group.
     make = subprocess.Popen(["make", "dev"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
@@ -74,7 +81,7 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
 
         example = subprocess.run(
             ["bash", "-c", _readme_example()],
-            env={**os.environ, "API": f"http://127.0.0.1:{api_port}", "KEY": key.group(1)},
+            env={**os.environ, "API": f"http://127.0.0.1:{api_port}", "KEY": key.group(1), "MODEL": model},
             capture_output=True,
             text=True,
             timeout=60,
@@ -82,8 +89,12 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
         assert example.returncode == 0, example.stderr
         result = json.loads(example.stdout.strip().splitlines()[-1])
         assert result["status"] == "completed", result
-        assert result["model"] == "sim-llm"
-        assert result["completion_tokens"] and result["output"]
+        assert result["model"] == model
+        assert result["completion_tokens"] and result["output"].strip()
+        assert "<|im_" not in result["output"]  # the chat template was applied, not echoed
+        if model != "sim-llm":  # real words from the real model (not the simulator's vocabulary)
+            assert re.search(r"[A-Za-z]{3,}", result["output"]), result["output"]
+        assert f"API=${{API:-http://127.0.0.1:{api_port}}} MODEL=${{MODEL:-{model}}}" in printed
 
         children = _descendants(make.pid)
         assert len(children) >= 4  # python -m devstack, tritonserver, celery, uvicorn (and more)
@@ -97,6 +108,16 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
             raise
     printed = (tmp_path / "make-dev.out").read_text()
     assert "stopped." in printed
-    time.sleep(0.5)
-    alive = [pid for pid in children if Path(f"/proc/{pid}").exists()]
+    deadline = time.monotonic() + 10  # the engine's processes take a moment to go after their stub
+    while (alive := [pid for pid in children if _running(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
     assert alive == [], f"stray processes after Ctrl-C: {alive}"
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (an exited process its new parent has not reaped yet)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -3,8 +3,8 @@ without FastAPI's per-request routing and dependency machinery.
 
 Per request FastAPI walks every route, solves the dependency tree and wraps the call in exit stacks:
 about as much CPU as the database round trip, and the API's event loop is where submits queue.
-This layer serves a chosen route with that route's own parts: Starlette's matcher (`route.matches`),
-FastAPI's validation of each parameter against the route's declared fields
+This layer serves a chosen route with that route's own parts: its compiled path regex and
+convertors (as included in the app: prefix and all), FastAPI's validation of each parameter against the route's declared fields
 (`request_params_to_args`, `request_body_to_args`), the route's endpoint function, the app's
 exception handlers, and the route's response. Authentication and the body limit are middleware in
 front of both. Nothing about how a request is answered is written here:

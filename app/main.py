@@ -60,7 +60,7 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await db.open()  # connects in the background: Postgres may be down
         # What exists now lives as long as the process: out of the collector's generations, a full
-        # collection no longer walks it (one walk stalled the event loop for ~100 ms).
+        # collection no longer walks it (a walk stalls the event loop and every request on it).
         gc.freeze()
         try:
             yield

@@ -3,9 +3,9 @@
 Only ids travel: the row in Postgres is the record, the message is only the doorbell. The message
 is built once by Celery (`amqp.as_task_v2`) and encoded by kombu (`Producer.publish`, whose Redis
 command is captured instead of run); each job's message is that one with its own id and delivery
-tag, and whatever has queued up goes in one LPUSH. Through kombu per job the publish cost ~120 us
-of the API's CPU (and its GIL); this way ~15 us. `send_task`'s per-call routing is skipped, so the
-settings that would change where a task goes are refused at start rather than ignored.
+tag, and whatever has queued up goes in one LPUSH (kombu's publish per job cost several times more
+of the API's CPU and GIL). `send_task`'s per-call routing is skipped, so the settings that would
+change where a task goes are refused at start rather than ignored.
 """
 
 from __future__ import annotations

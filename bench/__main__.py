@@ -108,10 +108,8 @@ async def run_scenario(
     jobs = choose_jobs(max(in_flight, 256), max_tokens)
     console.rule(f"scenario {name}: {description} (model {model})")
 
-    # Independent clients are not synchronised: started all at once, the direct client's N jobs stay
-    # in lockstep and end together (no tail), while the platform's jobs keep a bunched phase pattern
-    # (phases persist in a closed loop): waves of completions and submits, and a tail of about one
-    # job with fewer than N in flight. bench/README.md, round 5.
+    # Spread starts, as independent clients would: started all at once, the direct client's jobs stay in
+    # lockstep (no tail) while the platform's keep bunched waves, which measures the start, not the platform.
     ramp = nominal_job_s(model, max_tokens) if ramp_s is None else ramp_s
     phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s, ramp)
     polling = Polling(poll_mode, poll_interval_s, long_poll_wait_s, probe_every)

@@ -53,8 +53,8 @@ def _quiet_per_task_lines(**_: Any) -> None:
 
 @worker_ready.connect
 def _freeze_startup_objects(**_: Any) -> None:
-    # A full garbage collection walking every module object took ~55 ms with the GIL held,
-    # stalling all jobs; objects alive at startup live as long as the process anyway.
+    # Objects alive at startup live as long as the process: a full collection need not walk them
+    # (with the GIL held, stalling every job).
     gc.freeze()
 
 

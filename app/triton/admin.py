@@ -85,10 +85,9 @@ class ModelCatalog:
     """Triton's model list, cached briefly so that validating every submit costs no round trip.
 
     Within `ttl_s` of the last fetch the list is used as is. For another `ttl_s` after that it is
-    still used, while one background task fetches a new one: a refresh awaited under the lock made
-    every submit arriving meanwhile wait for Triton's answer (up to 190 ms under load, the largest
-    part of submit p99 in the benchmark). Older than 2 x `ttl_s` (e.g. Triton has stopped
-    answering), or with `refresh=True`, the caller waits for a fetch and sees its error."""
+    still used while one background task fetches a new one, so no submit waits for Triton. Older
+    than 2 x `ttl_s` (e.g. Triton has stopped answering), or with `refresh=True`, the caller waits
+    for a fetch and sees its error."""
 
     def __init__(self, admin: TritonAdmin, ttl_s: float) -> None:
         self.admin = admin

@@ -4,10 +4,8 @@ The vLLM model is decoupled, so plain infer is refused; each request gets its ow
 bidirectional stream on one shared channel, which lets many requests be in flight at once
 and lets a single one be cancelled (cancelling the stream aborts it in vLLM).
 
-One long-lived stream multiplexing all requests by id was tried and measured (bench/README.md,
-round 4): ~0.3 ms less CPU per request, but tritonserver 2.51 aborts (`!byte_buffer->Valid()`)
-when a request it refuses before reaching a model (unknown or unloading model) is answered on a
-stream that is writing another response. Crashing the inference server is not worth 0.3 ms.
+Not one stream for all requests: tritonserver 2.51 aborts when a request it refuses early (unknown
+or unloading model) is answered on a stream that is writing another response.
 """
 
 from __future__ import annotations

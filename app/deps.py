@@ -9,7 +9,7 @@ from fastapi import Request
 from app.auth import KeyRing, Principal, Unauthenticated
 from app.config import Settings
 from app.db import Database
-from app.notify import ResultWaiter
+from app.notify import CancelNotices, ResultWaiter
 from app.queue import JobQueue
 from app.quotas import PendingJobs, SubmitRate
 from app.services.results import Enqueue
@@ -30,6 +30,7 @@ class Runtime:
     submit_rate: SubmitRate
     pending: PendingJobs
     templates: ChatTemplates
+    cancel_notices: CancelNotices
 
 
 async def runtime(request: Request) -> Runtime:

@@ -18,7 +18,7 @@ from app.db import Database
 from app.deps import Runtime, caller
 from app.errors import install_error_handlers
 from app.fastpath import FastPath
-from app.notify import ResultWaiter, done_channel
+from app.notify import CancelNotices, ResultWaiter, done_channel
 from app.queue import JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
@@ -54,6 +54,7 @@ def create_app(
         submit_rate=SubmitRate(settings.REDIS_URL, settings.CELERY_QUEUE),
         pending=PendingJobs(db, settings.QUOTA_PENDING_REFRESH_S),
         templates=ChatTemplates(settings.CHAT_TEMPLATES_DIRS.split(",")),
+        cancel_notices=CancelNotices(settings),
     )
 
     @asynccontextmanager
@@ -67,6 +68,7 @@ def create_app(
         finally:  # also when the server (or a test) leaves with an error: the pool's tasks must end
             await rt.waiter.close()
             await rt.submit_rate.close()
+            await rt.cancel_notices.close()
             await rt.model_catalog.close()
             await admin.close()
             await run_in_threadpool(job_queue.close)

@@ -31,9 +31,10 @@ class ResultStatus(enum.StrEnum):
     PENDING = "pending"
     COMPLETED = "completed"
     FAILED = "failed"
+    CANCELLED = "cancelled"
 
 
-TERMINAL_STATUSES = frozenset({ResultStatus.COMPLETED, ResultStatus.FAILED})
+TERMINAL_STATUSES = frozenset({ResultStatus.COMPLETED, ResultStatus.FAILED, ResultStatus.CANCELLED})
 
 
 DEFAULT_TENANT = "default"
@@ -86,7 +87,7 @@ class Result(Base):
     )
 
     __table_args__ = (
-        CheckConstraint("status IN ('pending', 'completed', 'failed')", name="status_valid"),
+        CheckConstraint("status IN ('pending', 'completed', 'failed', 'cancelled')", name="status_valid"),
         # Admin listings: newest first, optionally by status / model / context; keyset on (created_at, id).
         Index("ix_result_created_at_id", "created_at", "id"),
         Index("ix_result_status_created_at_id", "status", "created_at", "id"),

@@ -30,6 +30,34 @@ def done_channel(settings: Settings) -> str:
     return f"{settings.CELERY_QUEUE}:done"
 
 
+def cancel_channel(settings: Settings) -> str:
+    """Where the API tells every worker that a job was cancelled (the one running it aborts it)."""
+    return f"{settings.CELERY_QUEUE}:cancel"
+
+
+class CancelNotices:
+    """The API's side: a cancelled job's final row to its waiters, its id to the workers."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+        self._done = done_channel(settings)
+        self._cancel = cancel_channel(settings)
+
+    async def cancelled(self, result_id: uuid.UUID, row_json: bytes) -> None:
+        """Best effort: without Redis a running generation goes on, and its outcome is dropped (the
+        row is already final)."""
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.publish(self._cancel, str(result_id))
+                pipe.publish(self._done, notice(result_id, row_json))
+                await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("result %s: cancel notice not published (%s)", result_id, exc)
+
+    async def close(self) -> None:
+        await self._redis.aclose()
+
+
 @lru_cache
 def _publisher(url: str) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)

@@ -16,6 +16,7 @@ from app.config import get_settings
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
 from app.queue import SWEEP_TASK, JobQueue, celery_config, check_publishable
+from worker.cancels import reset_listener
 from worker.job_store import reset_store
 from worker.runtime import reset_runtime
 
@@ -63,4 +64,5 @@ def _after_fork(**_: Any) -> None:
     # Only with a forking pool: never share DB connections or the gRPC loop across a fork.
     job_queue.cache_clear()
     reset_runtime()
+    reset_listener()
     reset_store()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import random
 import uuid
@@ -15,6 +16,7 @@ from app.repositories import idempotency
 from app.repositories import results as repo
 from app.services.idempotency import RETENTION_S
 from app.triton.inference import GenerationError
+from worker.cancels import get_listener
 from worker.celery_app import celery_app, job_queue
 from worker.job_store import Outcome, get_database, get_store
 from worker.runtime import get_runtime
@@ -46,10 +48,22 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
         log.info("result %s is finished or held by another worker; skipping", rid)
         return
 
+    runtime = get_runtime(settings)
+    cancels = get_listener(settings, runtime)
+    if cancels.was_cancelled(str(rid)):
+        log.info("result %s was cancelled before it started", rid)
+        return
     try:
-        generation = get_runtime(settings).generate(
-            job.model, job.prompt, sampling_parameters(job.params), request_id=f"{rid}-{job.attempts}"
+        generation = runtime.generate(
+            job.model,
+            job.prompt,
+            sampling_parameters(job.params),
+            request_id=f"{rid}-{job.attempts}",
+            job_key=str(rid),
         )
+    except concurrent.futures.CancelledError:
+        log.info("result %s: generation aborted (the job was cancelled)", rid)  # the row is final already
+        return
     except GenerationError as exc:
         if exc.transient and job.attempts < settings.JOB_MAX_ATTEMPTS:
             delay = backoff_s(job.attempts, settings.RETRY_BACKOFF_BASE_S, settings.RETRY_BACKOFF_MAX_S)

@@ -61,6 +61,20 @@ async def insert_for_context(
     return None if row is None else row[0]
 
 
+# Conditional like every write that ends a job: only a pending job is cancelled.
+_CANCEL = """
+    UPDATE result SET status = 'cancelled', error = 'cancelled by the client', finished_at = now(), updated_at = now()
+     WHERE id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s) AND status = 'pending'
+    RETURNING *
+"""
+
+
+async def cancel(conn: AsyncConnection, result_id: uuid.UUID, tenant: str | None) -> dict[str, Any] | None:
+    """The row as cancelled now; None when it was not pending (or is not the tenant's)."""
+    cur = conn.cursor(row_factory=dict_row)
+    return await (await cur.execute(_CANCEL, {"id": result_id, "tenant": tenant})).fetchone()
+
+
 async def count_pending(conn: AsyncConnection, tenant: str, cap: int) -> int:
     row = await (await conn.execute(_COUNT_PENDING, {"tenant": tenant, "cap": cap})).fetchone()
     return int(row[0]) if row else 0

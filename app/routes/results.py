@@ -57,3 +57,15 @@ async def get_result(
     # Already JSON (a completion notice carries the final row rendered): sent as is.
     body = await service.poll(c.rt.db, c.rt.waiter, c.principal, result_id, wait)
     return Response(body, media_type="application/json")
+
+
+@router.post(
+    "/{result_id}/cancel",
+    response_model=ResultOut,
+    responses={404: {"model": ErrorBody}, 409: {"model": ErrorBody, "description": "Already finished"}},
+)
+async def cancel_result(result_id: uuid.UUID, c: Caller = Depends(caller)) -> Response:
+    """Cancel a job: `cancelled` at once. Queued, it never runs; running, the worker aborts its
+    generation in the engine. A finished job is a 409 naming its status; a cancelled one answers again."""
+    body = await service.cancel(c.rt.db, c.rt.cancel_notices, c.principal, result_id)
+    return Response(body, media_type="application/json")

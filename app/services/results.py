@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 from app.auth import Principal
 from app.db import AsyncConnection, Database
-from app.errors import InvalidInput, NotFound
+from app.errors import Conflict, InvalidInput, NotFound
 from app.models import ResultStatus
-from app.notify import ResultWaiter
+from app.notify import CancelNotices, ResultWaiter
 from app.repositories import contexts as contexts_repo
 from app.repositories import results as repo
 from app.schemas import Page, ResultOut, SamplingParams, SendAccepted, SendOptions
@@ -119,6 +119,28 @@ async def poll(
     if row_json is not None:
         log.warning("result %s: unreadable completion notice, reading the database", result_id)
     return (await read(db, principal, result_id)).model_dump_json().encode()
+
+
+async def cancel(db: Database, notices: CancelNotices, principal: Principal, result_id: uuid.UUID) -> bytes:
+    """Cancel a pending job: queued, it never runs; running, its worker aborts the generation.
+    Cancelling a cancelled job answers the same row; a finished one is a conflict."""
+    async with db.connection() as conn:
+        row = await repo.cancel(conn, result_id, principal.tenant_filter)
+        if row is None:
+            row = await repo.get(conn, result_id, principal.tenant_filter)
+    if row is None:
+        raise NotFound(f"result {result_id} not found")
+    result = ResultOut.model_validate(row)
+    body = result.model_dump_json().encode()
+    if result.status == ResultStatus.CANCELLED:
+        await notices.cancelled(
+            result_id, body
+        )  # again for a repeated cancel: harmless, and a lost one is resent
+        return body
+    raise Conflict(
+        f"result {result_id} is already {result.status.value}: only a pending job can be cancelled",
+        detail={"status": result.status.value},
+    )
 
 
 async def list_results(

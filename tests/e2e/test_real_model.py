@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -53,6 +54,7 @@ def real_api(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[httpx.Client]:
                     "/admin/keys", json={"tenant": "real", "name": "real"}, headers=bearer(ADMIN_KEY)
                 )
                 http.headers.update(bearer(made.json()["key"]))
+                http.triton = triton  # type: ignore[attr-defined]  # its metrics, for the cancel test
                 yield http
         finally:
             api.stop()
@@ -97,3 +99,24 @@ def test_the_real_model_is_listed_next_to_the_simulated_ones(real_api: httpx.Cli
     models = {m["name"]: m for m in real_api.get("/models/").json()}
     assert models[MODEL]["ready"] and models["sim-llm"]["ready"]
     assert (ROOT / "nvidia_triton" / "localtriton" / "models" / MODEL / "chat_template.jinja").is_file()
+
+
+def test_a_running_job_is_cancelled_and_the_engine_aborts_it(real_api: httpx.Client) -> None:
+    from tests.localtriton.localtriton_helpers import read_metric
+
+    triton = real_api.triton  # type: ignore[attr-defined]
+    aborted_before = read_metric(triton, "llmq_engine_aborted_total", MODEL)
+    context_id = create_context(real_api, "Tell a very long story about the sea.")
+    result_id = send(real_api, MODEL, context_id, {"chat": True, "max_tokens": 1500, "temperature": 0})
+    deadline = time.monotonic() + 60
+    while read_metric(triton, "llmq_engine_in_flight_requests", MODEL) < 1:
+        assert time.monotonic() < deadline, real_api.get(f"/results/{result_id}").json()
+        time.sleep(0.05)
+    cancelled = real_api.post(f"/results/{result_id}/cancel")
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    deadline = time.monotonic() + 10
+    while read_metric(triton, "llmq_engine_aborted_total", MODEL) < aborted_before + 1:
+        assert time.monotonic() < deadline, "the engine did not abort the cancelled request"
+        time.sleep(0.05)
+    assert read_metric(triton, "llmq_engine_in_flight_requests", MODEL) == 0
+    assert real_api.get(f"/results/{result_id}").json()["status"] == "cancelled"

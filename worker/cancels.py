@@ -1,0 +1,80 @@
+"""Cancel notices: the API publishes a cancelled job's id; the worker process running it aborts it.
+
+Every worker process subscribes (one thread); the one whose runtime has that job in flight cancels
+it, the others ignore it. Ids cancelled in the last minute are remembered, so a job claimed just
+after its cancel is not started at all.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+
+import redis
+
+from app.config import Settings
+from app.notify import cancel_channel
+from worker.runtime import InferenceRuntime
+
+log = logging.getLogger(__name__)
+
+_REMEMBER_S = 60.0
+
+
+class CancelListener:
+    def __init__(self, settings: Settings, runtime: InferenceRuntime) -> None:
+        self._url = settings.REDIS_URL
+        self._channel = cancel_channel(settings)
+        self._runtime = runtime
+        self._recent: OrderedDict[str, float] = OrderedDict()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._listen, name="cancel-listener", daemon=True)
+        self._thread.start()
+
+    def was_cancelled(self, job_key: str) -> bool:
+        with self._lock:
+            return job_key in self._recent
+
+    def _remember(self, job_key: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._recent[job_key] = now
+            while self._recent and next(iter(self._recent.values())) < now - _REMEMBER_S:
+                self._recent.popitem(last=False)
+
+    def _listen(self) -> None:
+        while True:
+            try:
+                client = redis.Redis.from_url(self._url, socket_connect_timeout=2, health_check_interval=30)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub.subscribe(self._channel)
+                for message in pubsub.listen():
+                    if message.get("type") != "message":
+                        continue
+                    job_key = message["data"].decode()
+                    self._remember(job_key)
+                    if self._runtime.cancel(job_key):
+                        log.info("result %s: cancelled, its generation aborted", job_key)
+            except Exception:  # Redis gone: cancels are missed meanwhile (those jobs run to their end)
+                log.warning("cancel notices: subscription lost, reconnecting", exc_info=True)
+                time.sleep(1)
+
+
+_listener: CancelListener | None = None
+_listener_lock = threading.Lock()
+
+
+def get_listener(settings: Settings, runtime: InferenceRuntime) -> CancelListener:
+    global _listener
+    with _listener_lock:
+        if _listener is None:
+            _listener = CancelListener(settings, runtime)
+        return _listener
+
+
+def reset_listener() -> None:
+    """After a fork the listener's thread does not exist in the child."""
+    global _listener
+    _listener = None

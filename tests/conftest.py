@@ -233,6 +233,7 @@ def e2e_env(e2e_db_url: str, triton: object) -> dict[str, str]:
         "TRITON_GRPC_URL": triton.grpc_url,  # type: ignore[attr-defined]
         "MODEL_CACHE_TTL_S": "1",
         "MAX_CONTENT_BYTES": "4096",
+        "CHAT_TEMPLATES_DIRS": str(SIM_MODELS),
         "WORKER_IN_FLIGHT": "64",
         "SWEEP_INTERVAL_S": "1",
         "SWEEP_REQUEUE_AFTER_S": "3",

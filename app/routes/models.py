@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -8,7 +9,7 @@ from fastapi.responses import JSONResponse
 
 from app.db import AsyncConnection
 from app.deps import Caller, caller
-from app.errors import Conflict, NotFound, ServiceUnavailable
+from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.routes.contexts import IDEMPOTENCY_KEY_DOC
 from app.schemas import ErrorBody, ModelInfo, SendAccepted, SendOptions
 from app.services import idempotency
@@ -77,10 +78,18 @@ async def send(
     ),
     model_name: str = Path(min_length=1, max_length=255, description="A model served by Triton."),
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
+    prefer: str | None = Header(
+        None,
+        max_length=200,
+        description="`wait=N` (N ≤ 60): if the job ends within N seconds the answer is 200 with the final "
+        "result, else the usual 202.",
+    ),
     c: Caller = Depends(caller),
 ) -> Any:
     """Send a stored context to a model. Answers at once with the result id; poll
-    `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`."""
+    `GET /results/{result_id}` (the `Location` header) until it is `completed` or `failed`.
+    With `Prefer: wait=N` the answer waits up to N seconds for the job to end."""
+    wait_s = _preferred_wait(prefer)
     await check_ready(c.rt.model_catalog, model_name)
     params = params or SendOptions()
     service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT)
@@ -97,6 +106,11 @@ async def send(
             templates=c.rt.templates,
         )
         c.rt.pending.submitted(c.principal.tenant)
+        if wait_s:
+            final = await service.final_within(c.rt.db, c.rt.waiter, c.principal, accepted.result_id, wait_s)
+            if final is not None:
+                headers = {"Location": accepted.url, "Preference-Applied": f"wait={wait_s:g}"}
+                return Response(final, status_code=200, media_type="application/json", headers=headers)
         return Response(
             accepted.model_dump_json(),
             status_code=202,
@@ -106,7 +120,12 @@ async def send(
 
     async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
         job = await service.insert_job(
-            conn, c.principal, model=model_name, context_id=context_id, params=params
+            conn,
+            c.principal,
+            model=model_name,
+            context_id=context_id,
+            params=params,
+            templates=c.rt.templates,
         )
         return 202, job
 
@@ -121,3 +140,22 @@ async def send(
         c.rt.enqueue(uuid.UUID(answer["result_id"]))
         c.rt.pending.submitted(c.principal.tenant)
     return JSONResponse(answer, status_code=status, headers={"Location": answer["url"]})
+
+
+_WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)(?:$|[;,\s])")
+
+
+def _preferred_wait(prefer: str | None) -> float:
+    """Seconds of RFC 7240's `Prefer: wait=N` (0 without it); over 60 is refused."""
+    if not prefer:
+        return 0.0
+    found = _WAIT.search(prefer.strip())
+    if found is None:
+        return 0.0  # other preferences: not ours to honour
+    wait_s = float(found.group(1))
+    if wait_s > 60:
+        raise InvalidInput(
+            f"Prefer: wait={found.group(1)} is over the limit of 60 seconds",
+            detail={"field": "header.Prefer"},
+        )
+    return wait_s

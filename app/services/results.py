@@ -121,6 +121,22 @@ async def poll(
     return (await read(db, principal, result_id)).model_dump_json().encode()
 
 
+async def final_within(
+    db: Database, waiter: ResultWaiter, principal: Principal, result_id: uuid.UUID, wait_s: float
+) -> bytes | None:
+    """The result's final row as JSON if it ends within `wait_s`, else None."""
+    body = await poll(db, waiter, principal, result_id, wait_s)
+    return (
+        None
+        if body.startswith(b'{"id":"%s","tenant":' % str(result_id).encode()) and _pending(body)
+        else body
+    )
+
+
+def _pending(body: bytes) -> bool:
+    return b'"status":"pending"' in body
+
+
 async def cancel(db: Database, notices: CancelNotices, principal: Principal, result_id: uuid.UUID) -> bytes:
     """Cancel a pending job: queued, it never runs; running, its worker aborts the generation.
     Cancelling a cancelled job answers the same row; a finished one is a conflict."""

@@ -43,16 +43,25 @@ def test_full_flow_completes_with_the_simulated_text(api: httpx.Client) -> None:
 def test_same_seed_gives_same_text_and_stop_strings_cut(api: httpx.Client) -> None:
     prompt = "Write a list of words."
     context_id = create_context(api, prompt)
-    first = wait_for_result(api, send(api, FAST_MODEL, context_id, {"max_tokens": 40, "seed": 1, "temperature": 1}))
-    second = wait_for_result(api, send(api, FAST_MODEL, context_id, {"max_tokens": 40, "seed": 1, "temperature": 1}))
+    first = wait_for_result(
+        api, send(api, FAST_MODEL, context_id, {"max_tokens": 40, "seed": 1, "temperature": 1})
+    )
+    second = wait_for_result(
+        api, send(api, FAST_MODEL, context_id, {"max_tokens": 40, "seed": 1, "temperature": 1})
+    )
     assert first["output"] == second["output"]
     # Stop at the first "the" of the unconstrained text: the output ends just before it.
     words = first["output"].split()
     stop_word = next(w for w in words[2:] if re.fullmatch(r"[a-z]+", w))
     stopped = wait_for_result(
-        api, send(api, FAST_MODEL, context_id, {"max_tokens": 40, "seed": 1, "temperature": 1, "stop": [stop_word]})
+        api,
+        send(
+            api, FAST_MODEL, context_id, {"max_tokens": 40, "seed": 1, "temperature": 1, "stop": [stop_word]}
+        ),
     )
-    expected = simulate(prompt, {"max_tokens": 40, "seed": 1, "temperature": 1, "top_p": 1.0, "stop": [stop_word]}, 512)
+    expected = simulate(
+        prompt, {"max_tokens": 40, "seed": 1, "temperature": 1, "top_p": 1.0, "stop": [stop_word]}, 512
+    )
     assert stopped["output"] == expected.text
     assert stop_word not in stopped["output"].split()
     assert stopped["finish_reason"] == "stop"
@@ -72,7 +81,9 @@ def test_backend_error_fails_the_job_with_its_message_without_retrying(api: http
     context_id = create_context(api, prompt)
     result = wait_for_result(api, send(api, FAST_MODEL, context_id, {"max_tokens": 16}))
     assert result["status"] == "failed"
-    assert "maximum model length of 512" in result["error"] or "maximum context length is 512" in result["error"]
+    assert (
+        "maximum model length of 512" in result["error"] or "maximum context length is 512" in result["error"]
+    )
     assert result["error"].startswith("Error generating stream:")
     assert result["output"] is None
     assert result["attempts"] == 1  # permanent: not retried
@@ -83,10 +94,15 @@ def test_completion_too_long_for_context_fails_clearly(api: httpx.Client) -> Non
     context_id = create_context(api, "short prompt")
     result = wait_for_result(api, send(api, FAST_MODEL, context_id, {"max_tokens": 600}))
     assert result["status"] == "failed"
-    assert "This model's maximum context length is 512 tokens. However, you requested 602 tokens" in result["error"]
+    assert (
+        "This model's maximum context length is 512 tokens. However, you requested 602 tokens"
+        in result["error"]
+    )
 
 
-def test_redelivered_task_after_completion_changes_nothing(api: httpx.Client, e2e_env: dict[str, str], worker: object) -> None:
+def test_redelivered_task_after_completion_changes_nothing(
+    api: httpx.Client, e2e_env: dict[str, str], worker: object
+) -> None:
 
     context_id = create_context(api, "Say something once.")
     result_id = send(api, FAST_MODEL, context_id, {"max_tokens": 8, "seed": 5})
@@ -103,7 +119,9 @@ def test_redelivered_task_after_completion_changes_nothing(api: httpx.Client, e2
     assert api.get(f"/results/{result_id}").json() == done
 
 
-def test_duplicate_messages_for_one_job_call_the_model_once(api: httpx.Client, e2e_env: dict[str, str]) -> None:
+def test_duplicate_messages_for_one_job_call_the_model_once(
+    api: httpx.Client, e2e_env: dict[str, str]
+) -> None:
 
     engine = create_engine(e2e_env["DATABASE_URL"])
     context_id = create_context(api, "Only one of you may answer.")
@@ -113,7 +131,7 @@ def test_duplicate_messages_for_one_job_call_the_model_once(api: httpx.Client, e
             conn.execute(
                 text(
                     "INSERT INTO result (id, tenant, context_id, model, params) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
-                    "'{\"max_tokens\": 16, \"seed\": 2, \"temperature\": 1}') RETURNING id"
+                    '\'{"max_tokens": 16, "seed": 2, "temperature": 1}\') RETURNING id'
                 ),
                 {"c": context_id, "m": SLOW_MODEL},
             ).scalar_one()
@@ -124,7 +142,10 @@ def test_duplicate_messages_for_one_job_call_the_model_once(api: httpx.Client, e
     result = wait_for_result(api, result_id)
     assert result["status"] == "completed"
     assert result["attempts"] == 1  # one claim won; the other four skipped the running job
-    assert result["output"] == simulate("Only one of you may answer.", {"max_tokens": 16, "seed": 2, "temperature": 1}, 512).text
+    assert (
+        result["output"]
+        == simulate("Only one of you may answer.", {"max_tokens": 16, "seed": 2, "temperature": 1}, 512).text
+    )
 
 
 def test_lost_message_is_recovered_by_the_sweeper(api: httpx.Client, e2e_env: dict[str, str]) -> None:
@@ -135,7 +156,7 @@ def test_lost_message_is_recovered_by_the_sweeper(api: httpx.Client, e2e_env: di
             conn.execute(
                 text(
                     "INSERT INTO result (id, tenant, context_id, model, params) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
-                    "'{\"max_tokens\": 5, \"temperature\": 0}') RETURNING id"
+                    '\'{"max_tokens": 5, "temperature": 0}\') RETURNING id'
                 ),
                 {"c": context_id, "m": FAST_MODEL},
             ).scalar_one()
@@ -144,10 +165,15 @@ def test_lost_message_is_recovered_by_the_sweeper(api: httpx.Client, e2e_env: di
     # SWEEP_REQUEUE_AFTER_S=3 and SWEEP_INTERVAL_S=1 in the test worker.
     result = wait_for_result(api, result_id, timeout_s=30)
     assert result["status"] == "completed"
-    assert result["output"] == simulate("Nobody rang the doorbell.", {"max_tokens": 5, "temperature": 0}, 512).text
+    assert (
+        result["output"]
+        == simulate("Nobody rang the doorbell.", {"max_tokens": 5, "temperature": 0}, 512).text
+    )
 
 
-def test_worker_keeps_many_requests_in_flight(api: httpx.Client, e2e_env: dict[str, str], triton: object) -> None:
+def test_worker_keeps_many_requests_in_flight(
+    api: httpx.Client, e2e_env: dict[str, str], triton: object
+) -> None:
     # 64 jobs on the slow model (20 ms prefill, 15 ms per token): one at a time would take ~30 s.
     # Rows and doorbells are written directly so that the submit rate cannot be what limits the peak.
     prompt = "Keep the GPU busy."
@@ -161,7 +187,11 @@ def test_worker_keeps_many_requests_in_flight(api: httpx.Client, e2e_env: dict[s
                         "INSERT INTO result (id, tenant, context_id, model, params) VALUES (gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
                         "CAST(:p AS jsonb)) RETURNING id"
                     ),
-                    {"c": context_id, "m": SLOW_MODEL, "p": f'{{"max_tokens": 64, "seed": {i}, "temperature": 1}}'},
+                    {
+                        "c": context_id,
+                        "m": SLOW_MODEL,
+                        "p": f'{{"max_tokens": 64, "seed": {i}, "temperature": 1}}',
+                    },
                 ).scalar_one()
             )
             for i in range(64)
@@ -176,8 +206,42 @@ def test_worker_keeps_many_requests_in_flight(api: httpx.Client, e2e_env: dict[s
     for i, r in enumerate(results):
         assert r["output"] == simulate(prompt, {"max_tokens": 64, "seed": i, "temperature": 1}, 512).text
     metrics = httpx.get(triton.metrics_url).text  # type: ignore[attr-defined]
-    match = re.search(rf'sim_engine_peak_running_requests\{{[^}}]*model="{SLOW_MODEL}"[^}}]*\}} (\S+)', metrics)
+    match = re.search(
+        rf'sim_engine_peak_running_requests\{{[^}}]*model="{SLOW_MODEL}"[^}}]*\}} (\S+)', metrics
+    )
     assert match, metrics[:2000]
     peak = float(match.group(1))
     print(f"64 jobs in {elapsed:.2f}s, peak running sequences in the engine: {peak:.0f}")
     assert peak >= 48, f"the worker held at most {peak:.0f} requests in flight"
+
+
+def test_prefer_wait_answers_with_the_final_row_when_the_job_ends_in_time(api: httpx.Client) -> None:
+    context_id = create_context(api, "Answer while I wait.")
+    quick = api.post(
+        f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4}, headers={"Prefer": "wait=10"}
+    )
+    assert quick.status_code == 200, quick.text
+    assert quick.json()["status"] == "completed" and quick.json()["output"]
+    assert quick.headers["preference-applied"] == "wait=10"
+    assert quick.headers["location"] == f"/results/{quick.json()['id']}"
+
+    slow = api.post(
+        f"/models/send/{SLOW_MODEL}/{context_id}", json={"max_tokens": 300}, headers={"Prefer": "wait=1"}
+    )
+    assert slow.status_code == 202 and slow.json()["status"] == "pending"
+    refused = api.post(f"/models/send/{FAST_MODEL}/{context_id}", headers={"Prefer": "wait=61"})
+    assert refused.status_code == 422 and "over the limit of 60 seconds" in refused.json()["error"]
+
+
+def test_chat_with_an_idempotency_key_renders_the_template(api: httpx.Client) -> None:
+    context_id = create_context(api, "Once, with the template.")
+    headers = {"Idempotency-Key": f"chat-{context_id}"}
+    first = api.post(
+        f"/models/send/{FAST_MODEL}/{context_id}", json={"chat": True, "max_tokens": 3}, headers=headers
+    )
+    again = api.post(
+        f"/models/send/{FAST_MODEL}/{context_id}", json={"chat": True, "max_tokens": 3}, headers=headers
+    )
+    assert first.status_code == again.status_code == 202, first.text
+    assert first.json()["result_id"] == again.json()["result_id"]
+    assert wait_for_result(api, first.json()["result_id"])["status"] == "completed"

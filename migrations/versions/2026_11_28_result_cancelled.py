@@ -17,7 +17,9 @@ depends_on: str | Sequence[str] | None = None
 
 def upgrade() -> None:
     op.drop_constraint(op.f("ck_result_status_valid"), "result", type_="check")
-    op.create_check_constraint("status_valid", "result", "status IN ('pending', 'completed', 'failed', 'cancelled')")
+    op.create_check_constraint(
+        "status_valid", "result", "status IN ('pending', 'completed', 'failed', 'cancelled')"
+    )
 
 
 def downgrade() -> None:

@@ -50,6 +50,9 @@ class SamplingParams(BaseModel):
         list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]], Field(max_length=16)
     ] = Field(default_factory=list, description="Strings that end generation (not included in the output).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    ignore_eos: bool = Field(
+        default=False, description="Generate max_tokens tokens even past the end of text."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

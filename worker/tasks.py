@@ -24,7 +24,7 @@ from worker.runtime import get_runtime
 log = logging.getLogger(__name__)
 
 # Sampling parameters forwarded to vLLM (validated by the API when the job was submitted).
-_FORWARDED_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed")
+_FORWARDED_PARAMS = ("max_tokens", "temperature", "top_p", "stop", "seed", "ignore_eos")
 
 
 def backoff_s(attempt: int, base_s: float, max_s: float) -> float:

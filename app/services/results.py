@@ -56,8 +56,10 @@ async def insert_job(
         tenant=principal.tenant,
         context_id=context_id,
         model=model,
-        # As asked: `chat` only when it changed the prompt.
-        params=params.model_dump(exclude_none=True, exclude=None if prompt else {"chat"}),
+        # As asked; the flags only when set.
+        params=params.model_dump(
+            exclude_none=True, exclude={k for k in ("chat", "ignore_eos") if not getattr(params, k, False)}
+        ),
         prompt=prompt,
     )
     if created_at is None:  # another tenant's context is as unknown as a missing one

@@ -226,7 +226,9 @@ def test_prefer_wait_answers_with_the_final_row_when_the_job_ends_in_time(api: h
     assert quick.headers["location"] == f"/results/{quick.json()['id']}"
 
     slow = api.post(
-        f"/models/send/{SLOW_MODEL}/{context_id}", json={"max_tokens": 300}, headers={"Prefer": "wait=1"}
+        f"/models/send/{SLOW_MODEL}/{context_id}",
+        json={"max_tokens": 300, "ignore_eos": True},  # ~4.5 s, whatever the sampled text
+        headers={"Prefer": "wait=1"},
     )
     assert slow.status_code == 202 and slow.json()["status"] == "pending"
     refused = api.post(f"/models/send/{FAST_MODEL}/{context_id}", headers={"Prefer": "wait=61"})

@@ -112,6 +112,7 @@ def test_a_running_job_is_cancelled_and_the_engine_aborts_it(real_api: httpx.Cli
     while read_metric(triton, "llmq_engine_in_flight_requests", MODEL) < 1:
         assert time.monotonic() < deadline, real_api.get(f"/results/{result_id}").json()
         time.sleep(0.05)
+    time.sleep(0.5)  # a cancel in a stream's first ~0.1 s was once lost by tritonserver 2.51
     cancelled = real_api.post(f"/results/{result_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
     deadline = time.monotonic() + 10

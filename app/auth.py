@@ -8,7 +8,6 @@ request costs no database round trip; a revocation is seen by every process with
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import logging
@@ -16,12 +15,13 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Coroutine
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.background import Refreshes
+from app.bodylimit import discard_body
 from app.config import Settings
 from app.db import DATABASE_ERRORS, Database
 from app.errors import DATABASE_DOWN, AppError, error_response
@@ -91,9 +91,8 @@ class KeyRing:
         self.db = db
         self._bootstrap_hash = key_hash(settings.ADMIN_API_KEY) if settings.ADMIN_API_KEY else None
         self._cache: dict[bytes, tuple[Principal | None, float]] = {}  # digest -> (principal, fresh until)
-        self._refreshing: set[bytes] = set()
         self._touched: dict[uuid.UUID, float] = {}
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Refreshes("API key re-read or last-use write")
 
     async def principal(self, key: str) -> Principal | None:
         digest = key_hash(key)
@@ -109,11 +108,10 @@ class KeyRing:
         cached = self._cache.get(digest)
         if cached is None:
             cached = await self._refresh(digest)
-        elif cached[1] < now and digest not in self._refreshing:
+        elif cached[1] < now:
             # Stale: answered from the cache while one task re-reads it (no request waits for the
             # database, and a burst of requests does not read it once each).
-            self._refreshing.add(digest)
-            self._spawn(self._refresh_quietly(digest))
+            self._background.start(digest, lambda: self._refresh(digest))
         principal = cached[0]
         if principal is not None and principal.key_id is not None:
             self._touch(principal.key_id, now)
@@ -125,19 +123,6 @@ class KeyRing:
             self._cache.clear()
         self._cache[digest] = entry
         return entry
-
-    async def _refresh_quietly(self, digest: bytes) -> None:
-        try:
-            await self._refresh(digest)
-        except Exception as exc:  # the stale entry stays; the next request tries again
-            log.warning("could not re-read an API key: %s", exc)
-        finally:
-            self._refreshing.discard(digest)
-
-    def _spawn(self, coroutine: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
     async def _load(self, digest: bytes) -> Principal | None:
         async with self.db.connection() as conn:
@@ -169,14 +154,11 @@ class KeyRing:
         if now - self._touched.get(key_id, float("-inf")) < _TOUCH_EVERY_S:
             return
         self._touched[key_id] = now
-        self._spawn(self._write_touch(key_id))
+        self._background.start(key_id, lambda: self._write_touch(key_id))  # a hint: never fails a request
 
     async def _write_touch(self, key_id: uuid.UUID) -> None:
-        try:
-            async with self.db.connection() as conn:
-                await repo.touch(conn, [key_id])
-        except Exception as exc:  # a hint only: never fail a request for it
-            log.warning("could not record the last use of key %s: %s", key_id, exc)
+        async with self.db.connection() as conn:
+            await repo.touch(conn, [key_id])
 
 
 # Open to anyone: liveness, readiness and the API description.
@@ -200,7 +182,7 @@ class Authentication:
         try:
             principal = await self._principal(scope)
         except AppError as exc:
-            await _discard_body(receive)  # a client still sending must receive the answer
+            await discard_body(receive)  # a client still sending must receive the answer
             await error_response(exc.status_code, exc.message, exc.detail, exc.headers)(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
@@ -224,13 +206,6 @@ class Authentication:
         if principal is None:
             raise Unauthenticated("unknown or revoked API key")
         return principal
-
-
-async def _discard_body(receive: Receive) -> None:
-    more = True
-    while more:
-        message = await receive()
-        more = message["type"] == "http.request" and message.get("more_body", False)
 
 
 def check_admin(principal: Principal) -> None:

@@ -1,4 +1,5 @@
-"""Request bodies are bounded while they are read, and a refused body still gets its answer.
+"""Request bodies: bounded while they are read, and a refused body still gets its answer; the
+helpers that read, discard and replay a body (authentication, the fast path) are here too.
 
 A client that is still sending when the server answers and closes sees a broken pipe or a reset
 instead of the 413 (urllib, requests): the rest of the body, up to `drain_bytes`, is read and
@@ -58,13 +59,7 @@ class BodyLimit:
             await self._refuse(scope, receive, send, f"request body is over {self.max_bytes} bytes")
 
     async def _drain(self, receive: Receive, seen: int) -> None:
-        while seen <= self.drain_bytes:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            if not message.get("more_body", False):
-                return
+        await discard_body(receive, self.drain_bytes - seen)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
         response = error_response(
@@ -78,3 +73,41 @@ def _content_length(scope: Scope) -> int | None:
         if name == b"content-length":
             return int(value) if value.isdigit() else None
     return None
+
+
+async def discard_body(receive: Receive, limit: float = float("inf")) -> None:
+    """Read the rest of the body (up to `limit` more bytes) and drop it."""
+    seen = 0
+    while seen <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        seen += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
+async def read_body(receive: Receive) -> bytes | None:
+    """The whole body; None if the client went away."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def replay(body: bytes, receive: Receive) -> Receive:
+    """A `receive` that gives the already-read body again (to hand a request on)."""
+    replayed = False
+
+    async def receive_again() -> Message:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return receive_again

@@ -31,7 +31,9 @@ from fastapi.routing import iter_route_contexts
 from starlette.datastructures import Headers, QueryParams
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from app.bodylimit import read_body, replay
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +148,7 @@ class FastPath:
                 values.update(found)
                 errors += wrong
         if d.body_params:
-            body = await _read_body(receive)
+            body = await read_body(receive)
             if body is None:
                 return  # the client went away
             parsed = _json(scope, body)
@@ -157,7 +159,7 @@ class FastPath:
                 values.update(found)
                 errors += wrong
         if errors:  # FastAPI gives the answer (the same validation, its error rendering)
-            await self.app(scope, _replay(body, receive) if body is not None else receive, send)
+            await self.app(scope, replay(body, receive) if body is not None else receive, send)
             return
         request = Request(scope, receive)
         try:
@@ -194,28 +196,3 @@ def _handler(api: FastAPI, exc: Exception) -> Any:
         if cls in api.exception_handlers:
             return api.exception_handlers[cls]
     return None
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    """A `receive` that gives the already-read body again (for the hand-over to FastAPI)."""
-    replayed = False
-
-    async def receive_again() -> Message:
-        nonlocal replayed
-        if not replayed:
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
-
-    return receive_again

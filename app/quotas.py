@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.auth import Principal
+from app.background import Refreshes
 from app.db import Database
 from app.errors import AppError
 from app.repositories import results as results_repo
@@ -86,8 +87,7 @@ class PendingJobs:
         self._db = db
         self._refresh_s = refresh_s
         self._known: dict[str, tuple[float, int]] = {}  # tenant -> (read at, pending then + submitted since)
-        self._reading: set[str] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._background = Refreshes("pending-jobs count")
 
     async def check(self, principal: Principal) -> None:
         """Refuse a submit (429) while the tenant has `max_pending` jobs pending."""
@@ -95,12 +95,9 @@ class PendingJobs:
         known = self._known.get(tenant)
         if known is None or self._refresh_s == 0:
             known = await self._read(tenant, cap)
-        elif time.monotonic() - known[0] >= self._refresh_s and tenant not in self._reading:
+        elif time.monotonic() - known[0] >= self._refresh_s:
             # Stale: this submit uses it while one task re-reads the count (nobody waits for it).
-            self._reading.add(tenant)
-            task = asyncio.create_task(self._read_quietly(tenant, cap))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._background.start(tenant, lambda: self._read(tenant, cap))
         if known[1] >= cap:
             raise OverQuota(
                 f"pending job limit reached: tenant '{tenant}' has {known[1]} jobs pending "
@@ -115,14 +112,6 @@ class PendingJobs:
             known = (read_at, await results_repo.count_pending(conn, tenant, cap))
         self._known[tenant] = known
         return known
-
-    async def _read_quietly(self, tenant: str, cap: int) -> None:
-        try:
-            await self._read(tenant, cap)
-        except Exception as exc:  # the last count stays; the next submit tries again
-            log.warning("could not count the pending jobs of tenant %s: %s", tenant, exc)
-        finally:
-            self._reading.discard(tenant)
 
     def submitted(self, tenant: str) -> None:
         known = self._known.get(tenant)

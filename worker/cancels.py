@@ -68,6 +68,8 @@ _listener_lock = threading.Lock()
 
 def get_listener(settings: Settings, runtime: InferenceRuntime) -> CancelListener:
     global _listener
+    if _listener is not None:  # every job asks: no lock once it exists
+        return _listener
     with _listener_lock:
         if _listener is None:
             _listener = CancelListener(settings, runtime)

@@ -37,14 +37,14 @@ async def insert_job(
     *,
     model: str,
     context_id: uuid.UUID,
-    params: SamplingParams,
+    params: SendOptions,
     templates: ChatTemplates | None = None,
 ) -> SendAccepted:
     """Record a pending result for one of the tenant's contexts. The caller rings the doorbell once
     this has committed. With `chat` the prompt is the model's chat template around the context."""
     result_id = uuid.uuid4()
     prompt = None
-    if isinstance(params, SendOptions) and params.chat:
+    if params.chat:
         assert templates is not None
         context = await contexts_repo.get(conn, context_id, principal.tenant)
         if context is None:
@@ -58,7 +58,7 @@ async def insert_job(
         model=model,
         # As asked; the flags only when set.
         params=params.model_dump(
-            exclude_none=True, exclude={k for k in ("chat", "ignore_eos") if not getattr(params, k, False)}
+            exclude_none=True, exclude={k for k in ("chat", "ignore_eos") if not getattr(params, k)}
         ),
         prompt=prompt,
     )
@@ -81,7 +81,7 @@ async def submit(
     *,
     model: str,
     context_id: uuid.UUID,
-    params: SamplingParams,
+    params: SendOptions,
     templates: ChatTemplates | None = None,
 ) -> SendAccepted:
     """Record a pending result, then ring the doorbell: only once the row is committed."""

@@ -24,7 +24,7 @@ from app.background import Refreshes
 from app.bodylimit import discard_body
 from app.config import Settings
 from app.db import DATABASE_ERRORS, Database
-from app.errors import DATABASE_DOWN, AppError, error_response
+from app.errors import DATABASE_DOWN, AppError, render_error
 from app.models import DEFAULT_TENANT
 from app.repositories import api_keys as repo
 
@@ -183,7 +183,8 @@ class Authentication:
             principal = await self._principal(scope)
         except AppError as exc:
             await discard_body(receive)  # a client still sending must receive the answer
-            await error_response(exc.status_code, exc.message, exc.detail, exc.headers)(scope, receive, send)
+            answer = render_error(scope["path"], exc.status_code, exc.message, exc.detail, exc.headers)
+            await answer(scope, receive, send)
             return
         scope.setdefault("state", {})["principal"] = principal
         await self.app(scope, receive, send)

@@ -28,8 +28,12 @@ class Settings(BaseSettings):
     DATABASE_URL: str = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/llmq"
     # The API's pool: fixed size, every connection opened at startup.
     DB_POOL_SIZE: int = Field(default=20, ge=1, le=500)
-    # Longest wait for a connection (new or from the pool): past it the request answers 503.
-    DB_CONNECT_TIMEOUT_S: float = Field(default=2.0, gt=0, le=60)
+    # While Postgres fails, the longest wait for a connection: past it the request answers 503. Under
+    # a second so that with Postgres down every request still gets its answer within one.
+    DB_CONNECT_TIMEOUT_S: float = Field(default=0.5, gt=0, le=60)
+    # While Postgres answers, how long a request may queue for one of the pool's connections (a
+    # busy pool under a burst is a queue, not an outage).
+    DB_POOL_WAIT_S: float = Field(default=10.0, gt=0, le=120)
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # Queue name so several deployments (or the test suite) can share one Redis.
@@ -44,6 +48,9 @@ class Settings(BaseSettings):
     TRITON_REQUEST_TIMEOUT_S: float = Field(default=600.0, gt=0)
     # How long the API trusts its copy of Triton's model list when validating a submit.
     MODEL_CACHE_TTL_S: float = Field(default=5.0, ge=0)
+    # While Triton is unreachable the API still accepts jobs for a model it saw ready this recently
+    # (they wait for Triton); 0: refuse them (503).
+    MODEL_READY_WINDOW_S: float = Field(default=600.0, ge=0)
 
     # `make dev`: where the API listens.
     API_HOST: str = "127.0.0.1"
@@ -54,11 +61,23 @@ class Settings(BaseSettings):
     JOB_MAX_ATTEMPTS: int = Field(default=5, ge=1, le=100)
     RETRY_BACKOFF_BASE_S: float = Field(default=1.0, gt=0)
     RETRY_BACKOFF_MAX_S: float = Field(default=60.0, gt=0)
+    # A worker holds a lease on each job it runs, renewed by its heartbeat every LEASE_RENEW_S; a
+    # lease not renewed for LEASE_S (the worker died) lets the sweeper run the job again.
+    LEASE_S: float = Field(default=10.0, gt=0)
+    LEASE_RENEW_S: float = Field(default=3.0, gt=0)
+    # How often a worker whose Triton is unreachable checks whether it is back.
+    TRITON_PROBE_S: float = Field(default=1.0, gt=0)
+    # Every worker process runs the sweeper loop; one at a time works (a Postgres advisory lock).
+    WORKER_SWEEPER: bool = True
     # Sweeper: a pending job not started after this long has lost its message: enqueue it again.
-    SWEEP_INTERVAL_S: float = Field(default=30.0, gt=0)
+    SWEEP_INTERVAL_S: float = Field(default=5.0, gt=0)
     SWEEP_REQUEUE_AFTER_S: float = Field(default=120.0, gt=0)
     # A job still pending this long after it was created fails with a clear error.
     JOB_DEADLINE_S: float = Field(default=3600.0, gt=0)
+    # Token streams (jobs sent with "stream": true): kept this long after their last piece.
+    STREAM_TTL_S: int = Field(default=3600, ge=10)
+    # A cancel of a running job waits up to this long for the worker to record what it had produced.
+    CANCEL_PARTIAL_WAIT_S: float = Field(default=1.0, ge=0, le=10)
 
     # Keys and quotas. ADMIN_API_KEY is the first admin key (tenant "default"); more keys are made
     # with POST /admin/keys or `python -m app.cli keys create`.
@@ -78,6 +97,18 @@ class Settings(BaseSettings):
     MAX_CONTENT_BYTES: int = Field(default=256 * 1024, ge=1)
     MAX_TOKENS_LIMIT: int = Field(default=8192, ge=1)
 
+    # OpenAI-compatible /v1: how long a call waits for its jobs (they go on after it), the most
+    # choices per call, the largest image (decoded bytes) and the hosts remote image URLs may name
+    # (comma-separated; empty: remote URLs refused, nothing is fetched).
+    OPENAI_WAIT_S: float = Field(default=600.0, gt=0, le=3600)
+    # max_tokens of a chat call that sets none (vLLM's own default, 16, is too short for chat).
+    OPENAI_DEFAULT_MAX_TOKENS: int = Field(default=256, ge=1)
+    OPENAI_MAX_N: int = Field(default=16, ge=1, le=128)
+    OPENAI_MAX_IMAGE_BYTES: int = Field(default=1024 * 1024, ge=1)
+    OPENAI_IMAGE_HOSTS: str = ""
+    # Export: rows read per page while streaming JSON lines.
+    EXPORT_PAGE_SIZE: int = Field(default=500, ge=1, le=10_000)
+
     @model_validator(mode="after")
     def _refuse_dev_secrets_outside_development(self) -> Settings:
         if self.APP_ENV == "production":
@@ -94,6 +125,10 @@ class Settings(BaseSettings):
                     "ADMIN_API_KEY is the development key while APP_ENV=production; set a real secret "
                     "(at least 32 random characters) or leave it unset"
                 )
+        if self.LEASE_RENEW_S >= self.LEASE_S:
+            raise ValueError(
+                f"LEASE_RENEW_S ({self.LEASE_RENEW_S:g}) must be shorter than LEASE_S ({self.LEASE_S:g})"
+            )
         return self
 
 

@@ -9,6 +9,7 @@ statement that returns has committed. Several statements that must hold together
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
@@ -47,6 +48,13 @@ def conninfo(settings: Settings) -> str:
     return url.render_as_string(hide_password=False)
 
 
+# How long a pool keeps trying to replace one lost connection (with growing pauses, 1 s, 2 s, ...)
+# before giving that slot up; a later request asks for a new one at once. Short, so that a pool
+# whose Postgres was down for a while reconnects as soon as a request needs it, not after a pause
+# grown to minutes.
+RECONNECT_TIMEOUT_S = 3.0
+
+
 def connection_kwargs(settings: Settings, application_name: str) -> dict[str, Any]:
     return {
         "autocommit": True,
@@ -60,16 +68,24 @@ def connection_kwargs(settings: Settings, application_name: str) -> dict[str, An
 
 
 class Database:
-    """The API's pool. Fixed size, opened in the background at startup (Postgres may be down);
-    a request that cannot get a connection within DB_CONNECT_TIMEOUT_S fails (503), it never hangs."""
+    """The API's pool. Fixed size, opened in the background at startup (Postgres may be down).
+
+    A request never hangs: while Postgres fails (a query or a connection attempt failed, and nothing
+    succeeded since) it waits at most DB_CONNECT_TIMEOUT_S for a connection, then fails (503); while
+    Postgres answers, a busy pool is only a queue, waited for up to DB_POOL_WAIT_S."""
 
     def __init__(self, settings: Settings) -> None:
+        self._slice_s = settings.DB_CONNECT_TIMEOUT_S
+        self._queue_s = max(settings.DB_POOL_WAIT_S, settings.DB_CONNECT_TIMEOUT_S)
+        self._failing = False
+        self._errors_seen = 0
         self.pool: AsyncConnectionPool[AsyncConnection] = AsyncConnectionPool(
             conninfo(settings),
             min_size=settings.DB_POOL_SIZE,
             max_size=settings.DB_POOL_SIZE,
             kwargs=connection_kwargs(settings, f"llmq-api-{os.getpid()}"),
             timeout=settings.DB_CONNECT_TIMEOUT_S,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
             open=False,
             name="api",
         )
@@ -78,19 +94,42 @@ class Database:
         if self.pool.closed:
             await self.pool.open(wait=False)
 
+    def _postgres_failing(self) -> bool:
+        errors = self.pool.get_stats().get("connections_errors", 0)
+        if errors > self._errors_seen:  # the pool could not connect since we last looked
+            self._errors_seen = errors
+            self._failing = True
+        return self._failing
+
+    async def _getconn(self) -> AsyncConnection:
+        give_up = time.monotonic() + self._queue_s
+        while True:
+            try:
+                return await self.pool.getconn(timeout=self._slice_s)
+            except PoolTimeout:
+                if self._postgres_failing() or time.monotonic() >= give_up:
+                    raise
+
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
         # Opening needs the running loop; apps used without a lifespan open it here.
         await self.open()
-        async with self.pool.connection() as connection:
-            try:
-                yield connection
-            except psycopg.OperationalError:
-                # A terminated backend may look healthy until its next use: drop this one and
-                # test the idle ones (after a Postgres restart all of them are dead).
-                await connection.close()
-                await self.pool.check()
-                raise
+        connection = await self._getconn()
+        try:
+            yield connection
+        except psycopg.OperationalError:
+            # A terminated backend may look healthy until its next use: drop this one and
+            # test the idle ones (after a Postgres restart all of them are dead).
+            self._failing = True
+            await connection.close()
+            await self.pool.putconn(connection)
+            await self.pool.check()
+            raise
+        except BaseException:
+            await self.pool.putconn(connection)
+            raise
+        self._failing = False
+        await self.pool.putconn(connection)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -106,6 +145,7 @@ class SyncDatabase:
             max_size=size,
             kwargs=connection_kwargs(settings, f"llmq-worker-{os.getpid()}"),
             timeout=settings.DB_CONNECT_TIMEOUT_S,
+            reconnect_timeout=RECONNECT_TIMEOUT_S,
             open=False,
             name="worker",
         )

@@ -13,6 +13,7 @@ from app.notify import CancelNotices, ResultWaiter
 from app.queue import JobQueue
 from app.quotas import PendingJobs, SubmitRate
 from app.services.results import Enqueue
+from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
 
@@ -31,6 +32,7 @@ class Runtime:
     pending: PendingJobs
     templates: ChatTemplates
     cancel_notices: CancelNotices
+    token_streams: TokenStreamReader
 
 
 async def runtime(request: Request) -> Runtime:

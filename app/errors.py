@@ -24,6 +24,7 @@ class AppError(Exception):
         status_code: int | None = None,
         detail: Any = None,
         headers: dict[str, str] | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
@@ -31,6 +32,7 @@ class AppError(Exception):
             self.status_code = status_code
         self.detail = detail
         self.headers = headers
+        self.code = code  # machine-readable, shown by the OpenAI-shaped errors under /v1
 
 
 class NotFound(AppError):
@@ -65,6 +67,54 @@ def error_response(
     )
 
 
+# The OpenAI-compatible surface answers errors in OpenAI's shape, which its SDKs parse.
+OPENAI_PREFIX = "/v1"
+_OPENAI_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    429: "rate_limit_error",
+}
+
+
+def is_openai_path(path: str) -> bool:
+    return path == OPENAI_PREFIX or path.startswith(OPENAI_PREFIX + "/")
+
+
+def openai_error_response(
+    status_code: int,
+    message: str,
+    *,
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """An error of the /v1 surface: {"error": {"message", "type", "param", "code"}}."""
+    kind = _OPENAI_TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return JSONResponse(status_code=status_code, content=body, headers=headers)
+
+
+def render_error(
+    path: str,
+    status_code: int,
+    message: str,
+    detail: Any = None,
+    headers: dict[str, str] | None = None,
+    code: str | None = None,
+) -> JSONResponse:
+    """The error answer in the shape of the surface the request addressed."""
+    if not is_openai_path(path):
+        return error_response(status_code, message, detail, headers)
+    param = detail.get("field") if isinstance(detail, dict) else None
+    if isinstance(param, str) and param.startswith("body."):
+        param = param[len("body.") :]
+    if code is None and isinstance(detail, dict) and isinstance(detail.get("limit"), str):
+        code = str(detail["limit"])
+    if code is None and status_code == 401:
+        code = "invalid_api_key"
+    return openai_error_response(status_code, message, param=param, code=code, headers=headers)
+
+
 def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     problems = []
     for err in exc.errors():
@@ -76,26 +126,30 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str
 
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
-    async def app_error(_: Request, exc: AppError) -> JSONResponse:
-        return error_response(exc.status_code, exc.message, exc.detail, exc.headers)
+    async def app_error(request: Request, exc: AppError) -> JSONResponse:
+        return render_error(request.url.path, exc.status_code, exc.message, exc.detail, exc.headers, exc.code)
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         message, problems = describe_validation(exc)
+        if is_openai_path(request.url.path):  # OpenAI answers a bad field 400, naming it
+            param = problems[0]["field"].removeprefix("body.").removeprefix("body") if problems else None
+            return openai_error_response(400, message, param=param or None)
         return error_response(422, message, problems)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), headers=dict(exc.headers or {}) or None)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers or {}) or None
+        return render_error(request.url.path, exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RecursionError)
-    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+    async def too_deep(request: Request, exc: RecursionError) -> JSONResponse:
         # json.loads of a body nested thousands of levels deep
-        return error_response(422, "invalid request: the JSON body is nested too deeply")
+        return render_error(request.url.path, 422, "invalid request: the JSON body is nested too deeply")
 
     async def database_down(request: Request, exc: Exception) -> JSONResponse:
         log.warning("database error on %s %s: %s", request.method, request.url.path, exc)
-        return error_response(503, DATABASE_DOWN)
+        return render_error(request.url.path, 503, DATABASE_DOWN)
 
     for error_type in DATABASE_ERRORS:
         app.add_exception_handler(error_type, database_down)
@@ -103,4 +157,4 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return error_response(500, "internal error; the request was not processed")
+        return render_error(request.url.path, 500, "internal error; the request was not processed")

@@ -22,8 +22,9 @@ from app.notify import CancelNotices, ResultWaiter, done_channel
 from app.queue import JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
-from app.routes import contexts, health, models, results
+from app.routes import contexts, export, health, models, openai, results
 from app.services.results import Enqueue
+from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
 
@@ -49,12 +50,13 @@ def create_app(
         enqueue=enqueue or job_queue.enqueue_later,
         waiter=ResultWaiter(settings.REDIS_URL, done_channel(settings)),
         triton_admin=admin,
-        model_catalog=ModelCatalog(admin, settings.MODEL_CACHE_TTL_S),
+        model_catalog=ModelCatalog(admin, settings.MODEL_CACHE_TTL_S, settings.MODEL_READY_WINDOW_S),
         keyring=KeyRing(settings, db),
         submit_rate=SubmitRate(settings.REDIS_URL, settings.CELERY_QUEUE),
         pending=PendingJobs(db, settings.QUOTA_PENDING_REFRESH_S),
         templates=ChatTemplates(settings.CHAT_TEMPLATES_DIRS.split(",")),
         cancel_notices=CancelNotices(settings),
+        token_streams=TokenStreamReader(settings),
     )
 
     @asynccontextmanager
@@ -69,6 +71,7 @@ def create_app(
             await rt.waiter.close()
             await rt.submit_rate.close()
             await rt.cancel_notices.close()
+            await rt.token_streams.close()
             await rt.model_catalog.close()
             await admin.close()
             await run_in_threadpool(job_queue.close)
@@ -91,7 +94,16 @@ def create_app(
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
     install_error_handlers(app)
-    for router in (contexts.router, models.router, results.router, admin_routes.router, health.router):
+    # export before results: `/results/{result_id}` would otherwise take `/results/export`.
+    routers = (
+        contexts.router,
+        models.router,
+        export.router,
+        results.router,
+        admin_routes.router,
+        health.router,
+    )
+    for router in (*routers, openai.router):
         app.include_router(router)
     document_bearer_keys(app)
     return app

@@ -77,6 +77,11 @@ class Result(Base):
     prompt_tokens: Mapped[int | None] = mapped_column(Integer)
     completion_tokens: Mapped[int | None] = mapped_column(Integer)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    # The job's own deadline (`timeout_s` at submit); past it the job ends `cancelled`.
+    deadline_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # Which worker runs the job and until when it holds it (renewed by the worker's heartbeat).
+    lease_owner: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), nullable=False, server_default=func.clock_timestamp()
     )

@@ -99,6 +99,19 @@ def publish_done(settings: Settings, notices: list[bytes] | list[uuid.UUID]) -> 
         log.warning("could not publish completion of %d result(s)", len(messages), exc_info=True)
 
 
+def publish_cancels(settings: Settings, result_ids: list[uuid.UUID]) -> None:
+    """Tell every worker to abort these jobs (ended by the sweeper); best effort, as for the API's."""
+    if not result_ids:
+        return
+    try:
+        pipe = _publisher(settings.REDIS_URL).pipeline(transaction=False)
+        for result_id in result_ids:
+            pipe.publish(cancel_channel(settings), str(result_id))
+        pipe.execute()
+    except redis.RedisError:
+        log.warning("could not publish the cancel of %d result(s)", len(result_ids), exc_info=True)
+
+
 class ResultWaiter:
     """One Redis subscription per API process, fanned out to the requests that wait."""
 

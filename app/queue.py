@@ -26,7 +26,6 @@ from app.config import Settings
 from app.kombu_patch import reuse_redis_clients
 
 RUN_JOB_TASK = "llmq.run_job"
-SWEEP_TASK = "llmq.sweep"
 
 log = logging.getLogger(__name__)
 

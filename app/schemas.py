@@ -68,6 +68,19 @@ class SendOptions(SamplingParams):
         description="Send the context as one user message through the model's chat template (the "
         "model folder's chat_template.jinja) instead of as a raw prompt.",
     )
+    stream: bool = Field(
+        default=False,
+        description="Stream the text as it is generated: read it live from `GET /results/{id}/stream` "
+        "(a job sent without it is streamed there only once it ends), and a cancelled job keeps what "
+        "it had produced.",
+    )
+    timeout_s: float | None = Field(
+        default=None,
+        gt=0,
+        le=7 * 24 * 3600,
+        description="The job's own deadline, in seconds from now: not finished by then, it ends "
+        "`cancelled` (its generation aborted) with an error saying the deadline passed.",
+    )
 
 
 class SendAccepted(BaseModel):

@@ -10,17 +10,21 @@ import platform as host_platform
 import signal
 import subprocess
 import time
+from collections.abc import Coroutine
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 import typer
 from rich.console import Console
 
+from bench.chat import choose_chat_jobs, run_chat_platform
 from bench.direct import run_direct
 from bench.platform import CLIENTS, create_contexts, make_client, run_platform
 from bench.report import print_report, write_json
 from bench.stack import BENCH_BIN, BenchStack, CpuMeter, StackOptions
 from bench.stats import RunResult
+from bench.streaming import StreamProbes, direct_probes, platform_probes
 from bench.workload import Phase, Polling, Warmup, choose_jobs, nominal_job_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,6 +32,7 @@ SCENARIOS = {
     # name: (model, description)
     "latency": ("sim-llm-slow", "vLLM-like: 20 ms prefill, 15 ms per token"),
     "zero": ("sim-llm", "zero latency: pure overhead"),
+    "chat": ("sim-llm-slow", "vLLM-like latency, through POST /v1/chat/completions (non-streamed)"),
 }
 
 cli = typer.Typer(add_completion=False, help=__doc__)
@@ -83,6 +88,31 @@ class Profiler:
                 proc.kill()
 
 
+class Probing:
+    """Streaming probes (bench.streaming) running beside one phase's load; none when k = 0."""
+
+    def __init__(self, k: int) -> None:
+        self.k = k
+        self.stop = asyncio.Event()
+        self._task: asyncio.Task[StreamProbes] | None = None
+
+    def start(self, probes: Coroutine[Any, Any, StreamProbes]) -> None:
+        if self.k > 0:
+            self._task = asyncio.ensure_future(probes)
+        else:
+            probes.close()
+
+    async def finish(self, run: RunResult) -> None:
+        if self._task is None:
+            return
+        self.stop.set()
+        probes = await self._task
+        run.stream_ttft_s, run.stream_gap_s, run.cancel_s = probes.ttft_s, probes.gaps_s, probes.cancel_s
+        run.stream_pieces, run.stream_tokens, run.stream_errors = probes.pieces, probes.tokens, probes.errors
+        for error in probes.errors:
+            console.print(f"  [red]{run.mode} stream probe error:[/] {error}")
+
+
 async def run_scenario(
     name: str,
     stack_grpc: str,
@@ -103,9 +133,12 @@ async def run_scenario(
     client_kind: str,
     api_key: str | None,
     profile_gil: bool = False,
+    stream_probes: int = 0,
+    metrics_url: str | None = None,
 ) -> tuple[RunResult, RunResult]:
     model, description = SCENARIOS[name]
-    jobs = choose_jobs(max(in_flight, 256), max_tokens)
+    count = max(in_flight, 256)
+    jobs = choose_chat_jobs(model, count, max_tokens) if name == "chat" else choose_jobs(count, max_tokens)
     console.rule(f"scenario {name}: {description} (model {model})")
 
     # Spread starts, as independent clients would: started all at once, the direct client's jobs stay in
@@ -116,7 +149,10 @@ async def run_scenario(
 
     meter = CpuMeter(pids)
     console.print(f"direct: {warmup_jobs} warm-up + {jobs_total} jobs, {in_flight} in flight …")
+    probing = Probing(stream_probes)
+    probing.start(direct_probes(stack_grpc, phase, stream_probes, probing.stop, metrics_url))
     d = await run_direct(stack_grpc, phase, jobs_total, warmup=Warmup(warmup_jobs, meter.start))
+    await probing.finish(d)
     d.cpu_s = meter.stop()
     d.other_cpu_by_comm_s = {k: round(v, 2) for k, v in meter.others.items()}
     console.print(f"  direct: {d.jobs_completed} jobs in {d.wall_s:.2f} s = {d.jobs_per_s:.1f} jobs/s")
@@ -144,10 +180,18 @@ async def run_scenario(
             f"platform: {warmup_jobs} warm-up + {jobs_total} jobs, {in_flight} virtual clients, "
             f"client {client_kind}, {how} …"
         )
+        probing = Probing(stream_probes)
+        probing.start(
+            platform_probes(api_url, api_key, context_ids, phase, stream_probes, probing.stop, metrics_url)
+        )
         try:
-            p = await run_platform(
-                client, context_ids, phase, jobs_total, polling, Warmup(warmup_jobs, measure)
-            )
+            if name == "chat":  # one call per job: created, run and answered
+                p = await run_chat_platform(client, phase, jobs_total, Warmup(warmup_jobs, measure))
+            else:
+                p = await run_platform(
+                    client, context_ids, phase, jobs_total, polling, Warmup(warmup_jobs, measure)
+                )
+            await probing.finish(p)
         finally:
             p_cpu = meter.stop()
             if profiler is not None:
@@ -170,7 +214,7 @@ async def run_scenario(
 def main(
     jobs: int = typer.Option(2000, help="Measured jobs per mode and scenario."),
     in_flight: int = typer.Option(256, help="N: requests in flight (direct) = virtual clients (platform)."),
-    scenarios: str = typer.Option("latency,zero", help="Comma-separated: latency, zero."),
+    scenarios: str = typer.Option("latency,zero", help="Comma-separated: latency, zero, chat."),
     poll_mode: str = typer.Option(
         "long",
         help="long: GET /results/{id}?wait=<--long-poll-wait-s> until terminal; interval: GET every --poll-interval-ms.",
@@ -217,6 +261,20 @@ def main(
         None, help="Where to write the JSON (default bench/results/<timestamp>.json)."
     ),
     label: str = typer.Option("", help="Free text stored in the JSON (what this run tries)."),
+    stream_probes: int = typer.Option(
+        8,
+        min=0,
+        help="latency scenario: K streaming clients (time to first token, between pieces) and one "
+        "cancelling client beside the load, in both modes; 0: none.",
+    ),
+    sim_cancel_check_ms: float | None = typer.Option(
+        None,
+        help="How often the simulated engine looks for cancelled sequences (default 250 ms: an IPC round "
+        "trip per running sequence); bounds the cancel → abort figures from below.",
+    ),
+    triton_metrics_url: str | None = typer.Option(
+        None, help="With --api-url: that stack's Triton metrics URL (for the cancel probe)."
+    ),
     client: str = typer.Option(
         "lean",
         help="Load-generator HTTP client: lean (bench/httpclient.py, asyncio streams) or httpx (the first round's, ~5 ms CPU per request).",
@@ -238,7 +296,8 @@ def main(
     json_path = json_out or ROOT / "bench" / "results" / f"{stamp}.json"
     run_dir = ROOT / ".run" / "bench" / stamp
     options = StackOptions(
-        worker_in_flight=worker_in_flight or in_flight,
+        # The streaming probes' jobs come on top of the N clients': room for them too.
+        worker_in_flight=worker_in_flight or in_flight + (stream_probes + 1 if "latency" in names else 0),
         db_pool_size=db_pool_size,
         api_workers=api_workers,
         worker_processes=worker_processes,
@@ -267,11 +326,15 @@ def main(
         "quick": quick,
         "client": client,
         "profile": ("py-spy --gil" if profile_gil else "py-spy") if profile else None,
+        "stream_probes": stream_probes,
     }
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
+    if sim_cancel_check_ms is not None:  # inherited by tritonserver and its backend stubs
+        os.environ["LOCALTRITON_CANCEL_CHECK_S"] = str(sim_cancel_check_ms / 1000)
+    config["sim_cancel_check_ms"] = sim_cancel_check_ms or 250
     signal.signal(signal.SIGTERM, on_term)
     stack: BenchStack | None = None
     pairs: list[tuple[RunResult, RunResult]] = []
@@ -282,9 +345,11 @@ def main(
             stack.start(log=console.print)
             url, grpc, pids = stack.api_url, stack.grpc_url, stack.pids()
             key: str | None = stack.api_key
+            metrics: str | None = stack.triton.metrics_url  # type: ignore[attr-defined]
         else:
             url, grpc, pids = api_url.rstrip("/"), triton_grpc_url, {"bench-client": [os.getpid()]}
             key = os.environ.get("LLMQ_API_KEY")
+            metrics = triton_metrics_url
         for name in names:
             pairs.append(
                 asyncio.run(
@@ -307,6 +372,8 @@ def main(
                         client_kind=client,
                         api_key=key,
                         profile_gil=profile_gil,
+                        stream_probes=stream_probes if name == "latency" else 0,
+                        metrics_url=metrics,
                     )
                 )
             )

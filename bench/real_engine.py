@@ -157,7 +157,7 @@ class _Platform:
             "CHAT_TEMPLATES_DIRS": str(BUILTIN_REPOSITORY),
         }
         port = free_port()
-        worker = worker_process(env, self.logs / "worker.log", beat=False).start()
+        worker = worker_process(env, self.logs / "worker.log", sweeper=False).start()
         api = api_process(env, self.logs / "api.log", port=port).start()
         self.processes = [worker, api]
         worker.wait_for_log("ready.", 90)

@@ -86,6 +86,8 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
             rows.append(
                 (f"[red]{mode_name}: wrong length / timed out[/]", str(run.wrong_length), str(run.timed_out))
             )
+    if direct.stream_pieces or platform.stream_pieces:
+        rows += stream_rows(direct, platform)
     cpu_d = _cpu_per_job(direct)
     cpu_p = _cpu_per_job(platform)
     for comp in CPU_COMPONENTS:
@@ -94,6 +96,27 @@ def scenario_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str
     rows.append(("CPU ms/job: other processes", _f(_other(direct), 2), _f(_other(platform), 2)))
     rows.append(("CPU busy (of 2 cores) %", _f(_busy(direct), 0), _f(_busy(platform), 0)))
     return rows
+
+
+def stream_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str, str]]:
+    """The streaming probes (bench.streaming): direct is Triton's own streaming, platform is SSE."""
+    ttft = [summary_ms(r.stream_ttft_s) for r in (direct, platform)]
+    gap = [summary_ms(r.stream_gap_s) for r in (direct, platform)]
+    cancel = [summary_ms(r.cancel_s) for r in (direct, platform)]
+    per_piece = [r.stream_tokens / r.stream_pieces if r.stream_pieces else None for r in (direct, platform)]
+    rows = [
+        (
+            "stream: time to first token p50 / p99 ms",
+            [f"{_f(t['p50'])} / {_f(t['p99'])} (n={t['n']})" for t in ttft],
+        ),
+        ("stream: between pieces p50 / p99 ms", [f"{_f(g['p50'])} / {_f(g['p99'])}" for g in gap]),
+        ("stream: tokens per piece", [_f(v, 2) for v in per_piece]),
+        (
+            "cancel → engine abort p50 / p99 ms",
+            [f"{_f(c['p50'])} / {_f(c['p99'])} (n={c['n']})" for c in cancel],
+        ),
+    ]
+    return [(name, d, p) for name, (d, p) in rows]
 
 
 def _cpu_per_job(run: RunResult) -> dict[str, float]:

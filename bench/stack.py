@@ -19,6 +19,8 @@ import httpx
 from devstack.database import drop_database, recreate_database
 from devstack.processes import BIN, ManagedProcess, api_process, child_env, free_port, worker_process
 
+from bench.workload import SIM_MODELS
+
 ROOT = Path(__file__).resolve().parent.parent
 if TYPE_CHECKING:
     from localtriton.launcher import LocalTriton
@@ -94,6 +96,7 @@ class BenchStack:
             "TRITON_METRICS_URL": triton.metrics_url,
             "WORKER_IN_FLIGHT": str(o.worker_in_flight),
             "ADMIN_API_KEY": f"llmq_bench-admin-{uuid.uuid4().hex}",
+            "CHAT_TEMPLATES_DIRS": str(SIM_MODELS),  # the chat scenario's /v1/chat/completions
         }
         if o.db_pool_size is not None:
             env["DB_POOL_SIZE"] = str(o.db_pool_size)
@@ -104,7 +107,7 @@ class BenchStack:
             wenv = dict(env)
             if o.worker_processes > 1:
                 wenv["WORKER_IN_FLIGHT"] = str(max(1, o.worker_in_flight // o.worker_processes))
-            worker = worker_process(wenv, self.logs / f"worker{'' if k == 0 else k}.log", beat=False)
+            worker = worker_process(wenv, self.logs / f"worker{'' if k == 0 else k}.log", sweeper=False)
             if o.worker_loglevel != "INFO":
                 worker.argv[worker.argv.index("--loglevel") + 1] = o.worker_loglevel
             workers.append(worker)

@@ -65,6 +65,13 @@ class RunResult:
     other_cpu_by_comm_s: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # streaming probes beside the load (bench.streaming): first piece, between pieces, cancel → abort
+    stream_ttft_s: list[float] = field(default_factory=list)
+    stream_gap_s: list[float] = field(default_factory=list)
+    cancel_s: list[float] = field(default_factory=list)
+    stream_pieces: int = 0
+    stream_tokens: int = 0
+    stream_errors: list[str] = field(default_factory=list)
 
     def note_error(self, message: str) -> None:
         self.errors += 1
@@ -94,8 +101,15 @@ class RunResult:
             "poll_latency_s",
             "probe_latency_s",
             "answer_lag_s",
+            "stream_ttft_s",
+            "stream_gap_s",
+            "cancel_s",
         ):
             data.pop(key)
+        if self.stream_pieces:
+            data["stream_ttft_ms"] = summary_ms(self.stream_ttft_s)
+            data["stream_gap_ms"] = summary_ms(self.stream_gap_s)
+            data["cancel_ms"] = summary_ms(self.cancel_s)
         data["jobs_per_s"] = round(self.jobs_per_s, 2)
         data["tokens_per_s"] = round(self.tokens_per_s, 1)
         data["job_latency_ms"] = summary_ms(self.job_latency_s)

@@ -1,8 +1,7 @@
 """Cancel notices: the API publishes a cancelled job's id; the worker process running it aborts it.
 
-Every worker process subscribes (one thread); the one whose runtime has that job in flight cancels
-it, the others ignore it. Ids cancelled in the last minute are remembered, so a job claimed just
-after its cancel is not started at all.
+Every worker process subscribes (one thread) and hands each id to its runtime, which aborts the job
+if it runs there and remembers the id for a while, so a job claimed just after its cancel never starts.
 """
 
 from __future__ import annotations
@@ -10,7 +9,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections import OrderedDict
 
 import redis
 
@@ -20,29 +18,14 @@ from worker.runtime import InferenceRuntime
 
 log = logging.getLogger(__name__)
 
-_REMEMBER_S = 60.0
-
 
 class CancelListener:
     def __init__(self, settings: Settings, runtime: InferenceRuntime) -> None:
         self._url = settings.REDIS_URL
         self._channel = cancel_channel(settings)
         self._runtime = runtime
-        self._recent: OrderedDict[str, float] = OrderedDict()
-        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._listen, name="cancel-listener", daemon=True)
         self._thread.start()
-
-    def was_cancelled(self, job_key: str) -> bool:
-        with self._lock:
-            return job_key in self._recent
-
-    def _remember(self, job_key: str) -> None:
-        now = time.monotonic()
-        with self._lock:
-            self._recent[job_key] = now
-            while self._recent and next(iter(self._recent.values())) < now - _REMEMBER_S:
-                self._recent.popitem(last=False)
 
     def _listen(self) -> None:
         while True:
@@ -51,12 +34,8 @@ class CancelListener:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(self._channel)
                 for message in pubsub.listen():
-                    if message.get("type") != "message":
-                        continue
-                    job_key = message["data"].decode()
-                    self._remember(job_key)
-                    if self._runtime.cancel(job_key):
-                        log.info("result %s: cancelled, its generation aborted", job_key)
+                    if message.get("type") == "message":
+                        self._runtime.cancel(message["data"].decode())
             except Exception:  # Redis gone: cancels are missed meanwhile (those jobs run to their end)
                 log.warning("cancel notices: subscription lost, reconnecting", exc_info=True)
                 time.sleep(1)

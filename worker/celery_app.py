@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
-import tempfile
 from functools import cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init, worker_ready
+from celery.signals import after_setup_logger, worker_process_init, worker_ready, worker_shutting_down
 
 from app.config import get_settings
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
-from app.queue import SWEEP_TASK, JobQueue, celery_config, check_publishable
+from app.queue import JobQueue, celery_config, check_publishable
 from worker.cancels import reset_listener
 from worker.job_store import reset_store
+from worker.outage import get_gate, triton_ready
 from worker.runtime import reset_runtime
+from worker.sweeper import Sweeper
 
 settings = get_settings()
 configure_logging()
@@ -30,8 +30,6 @@ celery_app.conf.update(
     # Jobs spend their time waiting on Triton, so threads (not processes) give many in flight cheaply.
     worker_pool="threads",
     worker_concurrency=settings.WORKER_IN_FLIGHT,
-    beat_schedule={"sweep": {"task": SWEEP_TASK, "schedule": settings.SWEEP_INTERVAL_S}},
-    beat_schedule_filename=os.path.join(tempfile.gettempdir(), f"llmq-beat-{settings.CELERY_QUEUE}"),
 )
 check_publishable(celery_app)  # refuse at start what the sweeper's producer cannot honour
 
@@ -57,6 +55,30 @@ def _freeze_startup_objects(**_: Any) -> None:
     # Objects alive at startup live as long as the process: a full collection need not walk them
     # (with the GIL held, stalling every job).
     gc.freeze()
+
+
+_sweeper: list[Any] = []
+
+
+@worker_ready.connect
+def _start_sweeper_and_gate(sender: Any = None, **_: Any) -> None:
+    gate = get_gate(settings)
+    gate.attach(sender)  # the consumer: stopped and started again around Triton outages
+    if settings.WORKER_SWEEPER:
+
+        def triton_down() -> str | None:
+            # Asked by every sweep, so that a job failing at its deadline says whether Triton was down.
+            if gate.down is not None or triton_ready(settings.TRITON_GRPC_URL, 1.0):
+                return gate.down
+            return f"Triton at {settings.TRITON_GRPC_URL} does not answer"
+
+        _sweeper.append(Sweeper(settings, job_queue().ring, triton_down).start())
+
+
+@worker_shutting_down.connect
+def _stop_sweeper(**_: Any) -> None:
+    while _sweeper:
+        _sweeper.pop().stop()  # another worker leads at once
 
 
 @worker_process_init.connect

@@ -10,22 +10,31 @@ A thread still returns only after its write is committed, so the Celery message 
 after the result is safely in Postgres.
 
 Each kind of write is one autocommit statement on a connection of the process's pool (no
-BEGIN/COMMIT round trips). A connection that breaks fails its batch (the jobs are retried by the
-sweeper like any lost job) and the pool replaces it.
+BEGIN/COMMIT round trips). When Postgres cannot be reached the batch is kept and tried again with
+backoff until it is written (its threads wait, so what is kept is bounded by the worker's threads):
+a generated result is written when Postgres is back, never generated again.
+
+A claim is a lease held by this process (`owner`); the heartbeat thread renews the leases of every
+job the process holds in one statement every LEASE_RENEW_S. A worker that dies stops renewing: its
+jobs' leases lapse after LEASE_S and the sweeper has them run again.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import secrets
+import socket
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.config import Settings
-from app.db import SyncDatabase
+from app.db import DATABASE_ERRORS, SyncDatabase
 from app.notify import notice, publish_done
 from app.repositories import results as repo
 from app.schemas import ResultOut
@@ -33,6 +42,12 @@ from app.schemas import ResultOut
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 512
+RETRY_MAX_S = 1.0  # longest wait between two tries of a batch while Postgres is unreachable
+
+
+def worker_id() -> str:
+    """This process's name on its leases: unique across machines and restarts."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"[:128]
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,7 @@ class ClaimedJob:
     params: dict[str, Any]
     attempts: int
     prompt: str
+    seconds_left: float | None = None  # before the job's own deadline (`timeout_s`), if it has one
 
 
 @dataclass(frozen=True)
@@ -65,16 +81,23 @@ class _Batch:
             [f for *_, f in self.claims] + [f for *_, f in self.completions] + [f for *_, f in self.failures]
         )
 
+    def __len__(self) -> int:
+        return len(self.claims) + len(self.completions) + len(self.failures)
+
 
 class JobStore:
     def __init__(self, settings: Settings, db: SyncDatabase) -> None:
         self.settings = settings
         self.db = db
-        # A claim older than the longest possible call belongs to a dead worker.
-        self.stale_after_s = settings.TRITON_REQUEST_TIMEOUT_S + 60
+        self.owner = worker_id()
+        # The jobs this process holds a lease on: claimed, outcome not yet written.
+        self._held: set[uuid.UUID] = set()
+        self._held_lock = threading.Lock()
         self._queue: queue.SimpleQueue[tuple[str, uuid.UUID, Any, Future[Any]]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="job-store", daemon=True)
         self._thread.start()
+        self._heartbeat = threading.Thread(target=self._renew_forever, name="lease-heartbeat", daemon=True)
+        self._heartbeat.start()
 
     def claim(self, result_id: uuid.UUID) -> ClaimedJob | None:
         return self._submit("claim", result_id, None)  # type: ignore[no-any-return]
@@ -85,15 +108,49 @@ class JobStore:
     def fail(self, result_id: uuid.UUID, error: str) -> bool:
         return self._submit("fail", result_id, error)  # type: ignore[no-any-return]
 
+    def release(self, result_id: uuid.UUID, note: str, *, spend_attempt: bool = True) -> bool:
+        """Give the job back (to run again later); rare, so not batched."""
+        with self._held_lock:
+            self._held.discard(result_id)
+        with self.db.connection() as conn:
+            return repo.release(conn, result_id, note, spend_attempt=spend_attempt)
+
+    def held(self) -> set[uuid.UUID]:
+        with self._held_lock:
+            return set(self._held)
+
+    def renew(self) -> None:
+        """One heartbeat: extend the lease of every job held; forget those that ended elsewhere
+        (cancelled, past a deadline) or were taken over."""
+        with self._held_lock:
+            ids = list(self._held)
+        if not ids:
+            return
+        with self.db.connection() as conn:
+            kept = repo.renew_leases(conn, ids, self.owner, self.settings.LEASE_S)
+        with self._held_lock:
+            self._held.difference_update(set(ids) - kept)
+
+    def _renew_forever(self) -> None:
+        while True:
+            time.sleep(self.settings.LEASE_RENEW_S)
+            try:
+                self.renew()
+            except Exception as exc:  # Postgres down: the next beat tries again
+                log.warning("lease heartbeat failed (%d jobs held): %s", len(self._held), exc)
+
     def _submit(self, kind: str, result_id: uuid.UUID, payload: Any) -> Any:
         future: Future[Any] = Future()
         self._queue.put((kind, result_id, payload, future))
         return future.result()
 
-    def _collect(self) -> _Batch:
-        batch = _Batch()
-        item = self._queue.get()
-        for _ in range(MAX_BATCH):
+    def _collect(self, batch: _Batch, *, wait: bool = True) -> _Batch:
+        """Add what has queued up (waiting for a first request if `wait`) to `batch`."""
+        try:
+            item = self._queue.get() if wait else self._queue.get_nowait()
+        except queue.Empty:
+            return batch
+        for _ in range(max(1, MAX_BATCH - len(batch))):
             kind, result_id, payload, future = item
             if kind == "claim":
                 batch.claims.append((result_id, future))
@@ -110,19 +167,35 @@ class JobStore:
         return batch
 
     def _run(self) -> None:
+        batch, delay = _Batch(), 0.0
         while True:
-            batch = self._collect()
+            if delay:
+                time.sleep(delay)  # requests keep queuing meanwhile: they join the kept batch
+            batch = self._collect(batch, wait=not delay)
             try:
                 self._execute(batch)
+            except DATABASE_ERRORS as exc:
+                # Postgres unreachable: keep the batch (its threads wait) and try it again.
+                delay = min(RETRY_MAX_S, max(0.05, delay * 2))
+                log.warning(
+                    "job store: %d writes wait for Postgres (next try in %.2fs): %s", len(batch), delay, exc
+                )
+                continue
             except Exception as exc:
-                log.exception("job store: batch of %d writes failed", len(batch.futures()))
+                log.exception("job store: batch of %d writes failed", len(batch))
                 for future in batch.futures():
                     if not future.done():
                         future.set_exception(exc)
+            if delay:
+                log.warning("job store: Postgres is back, %d kept writes done", len(batch))
+            batch, delay = _Batch(), 0.0
 
     def _execute(self, batch: _Batch) -> None:
         # The same id twice in one batch (duplicate messages): only its first request can win.
-        claim_ids = list(dict.fromkeys(rid for rid, _ in batch.claims))
+        with self._held_lock:  # a second message for a job this process runs already: skipped
+            claim_ids = [
+                rid for rid in dict.fromkeys(rid for rid, _ in batch.claims) if rid not in self._held
+            ]
         outcomes: dict[uuid.UUID, tuple[str, str | None, int | None, int | None]] = {}
         for rid, o, _ in batch.completions:
             outcomes.setdefault(rid, (o.output, o.finish_reason, o.prompt_tokens, o.completion_tokens))
@@ -130,14 +203,19 @@ class JobStore:
         for rid, error, _ in batch.failures:
             errors.setdefault(rid, error)
         with self.db.connection() as conn:
-            claimed_rows = repo.claim_many(conn, claim_ids, self.stale_after_s) if claim_ids else {}
+            claimed_rows = (
+                repo.claim_many(conn, claim_ids, self.owner, self.settings.LEASE_S) if claim_ids else {}
+            )
             completed = repo.complete_many(conn, outcomes)
             failed = repo.fail_many(conn, errors)
+        with self._held_lock:
+            self._held.update(claimed_rows)
+            self._held.difference_update(outcomes.keys() | errors.keys())
         claimed = {
-            rid: ClaimedJob(result_id=rid, model=model, params=params, attempts=attempts, prompt=prompt)
-            for rid, (model, params, attempts, prompt) in claimed_rows.items()
+            rid: ClaimedJob(rid, model, params, attempts, prompt, left)
+            for rid, (model, params, attempts, prompt, left) in claimed_rows.items()
         }
-        publish_done(self.settings, [_notice(rid, row) for rid, row in (completed | failed).items()])
+        publish_done(self.settings, [final_notice(rid, row) for rid, row in (completed | failed).items()])
 
         first: set[uuid.UUID] = set()
 
@@ -157,7 +235,7 @@ class JobStore:
             future.set_result(once(rid, rid in failed))
 
 
-def _notice(result_id: uuid.UUID, row: dict[str, Any]) -> bytes:
+def final_notice(result_id: uuid.UUID, row: dict[str, Any]) -> bytes:
     """The notice with the row as the API renders it; without the row if it cannot be rendered
     (the write is committed by now: the waiters then read it from the database)."""
     try:

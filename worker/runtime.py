@@ -7,57 +7,125 @@ loop, so a process holds as many requests in flight as it has threads on one con
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import threading
+import time
+import uuid
+from collections import OrderedDict
 from typing import Any
 
 from app.config import Settings
-from app.triton.inference import Generation, TritonInference
+from app.triton.inference import Aborted, Generation, TritonInference
+from worker.token_streams import StreamSink, StreamWriter
+
+# A cancel that arrives before its job started is remembered this long (the job then never runs).
+_REMEMBER_CANCELS_S = 60.0
+
+
+class Stopped(Exception):
+    """A generation stopped before its end: `reason` is "cancelled" or "deadline"; `partial` is what
+    it had produced (streamed jobs only: a non-streamed request has nothing to show until its end)."""
+
+    def __init__(self, reason: str, partial: Generation) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.partial = partial
 
 
 class InferenceRuntime:
     def __init__(self, settings: Settings) -> None:
-        self._running: dict[str, concurrent.futures.Future[Generation]] = {}
-        self._running_lock = threading.Lock()
+        self._tasks: dict[str, asyncio.Task[Any]] = {}  # touched on the loop only
+        self._cancels: OrderedDict[str, float] = OrderedDict()
+        self._cancels_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="triton-io", daemon=True)
         self._thread.start()
 
-        async def make() -> TritonInference:
-            return TritonInference(
+        async def make() -> tuple[TritonInference, StreamWriter]:
+            inference = TritonInference(
                 settings.TRITON_GRPC_URL,
                 connect_timeout_s=settings.TRITON_CONNECT_TIMEOUT_S,
                 request_timeout_s=settings.TRITON_REQUEST_TIMEOUT_S,
             )
+            return inference, StreamWriter(settings)
 
-        self._inference = asyncio.run_coroutine_threadsafe(make(), self._loop).result()
+        made: tuple[TritonInference, StreamWriter] = self._call(make())
+        self._inference, self._streams = made
+
+    def _call(self, coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+
+    def open_stream(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
+        sink: StreamSink = self._call(self._streams.open(result_id, attempt))
+        return sink
+
+    def end_stream(self, sink: StreamSink, status: str) -> None:
+        self._loop.call_soon_threadsafe(sink.finish, status)
 
     def generate(
-        self, model: str, prompt: str, params: dict[str, Any], request_id: str, job_key: str | None = None
+        self,
+        model: str,
+        prompt: str,
+        params: dict[str, Any],
+        request_id: str,
+        job_key: str,
+        *,
+        stream: StreamSink | None = None,
+        timeout_s: float | None = None,
     ) -> Generation:
-        """The generation; `concurrent.futures.CancelledError` when `cancel(job_key)` aborted it."""
-        future = asyncio.run_coroutine_threadsafe(
-            self._inference.generate(model, prompt, params, request_id), self._loop
-        )
-        if job_key is None:
-            return future.result()
-        with self._running_lock:
-            self._running[job_key] = future
-        try:
-            return future.result()
-        finally:
-            with self._running_lock:
-                self._running.pop(job_key, None)
+        """The generation; `Stopped` when `cancel(job_key)` or the `timeout_s` deadline ended it."""
+        coro = self._run(job_key, model, prompt, params, request_id, stream, timeout_s)
+        generation: Generation = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return generation
 
-    def cancel(self, job_key: str) -> bool:
-        """Abort a running generation: its task is cancelled, which cancels the gRPC call, which
-        makes Triton's vLLM backend abort the request in the engine."""
-        with self._running_lock:
-            future = self._running.get(job_key)
-        return future is not None and future.cancel()
+    async def _run(
+        self,
+        job_key: str,
+        model: str,
+        prompt: str,
+        params: dict[str, Any],
+        request_id: str,
+        stream: StreamSink | None,
+        timeout_s: float | None,
+    ) -> Generation:
+        if self.was_cancelled(job_key):  # its cancel came while the job was being claimed
+            raise Stopped("cancelled", Generation("", None, None, None))
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks[job_key] = task
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._inference.generate(model, prompt, params, request_id, on_text=stream)
+        except Aborted as exc:
+            raise Stopped("cancelled" if self.was_cancelled(job_key) else "deadline", exc.partial) from None
+        except TimeoutError:  # the deadline passed before the request was sent (waiting for Triton)
+            raise Stopped("deadline", Generation("", None, None, None)) from None
+        except asyncio.CancelledError:  # cancelled before the request was sent
+            raise Stopped("cancelled", Generation("", None, None, None)) from None
+        finally:
+            self._tasks.pop(job_key, None)
+
+    def cancel(self, job_key: str) -> None:
+        """Abort the job's generation if it runs here (its gRPC call is cancelled, which makes Triton's
+        vLLM backend abort the request in the engine), and never start it if it comes later."""
+        now = time.monotonic()
+        with self._cancels_lock:
+            self._cancels[job_key] = now
+            while self._cancels and next(iter(self._cancels.values())) < now - _REMEMBER_CANCELS_S:
+                self._cancels.popitem(last=False)
+        self._loop.call_soon_threadsafe(self._cancel_task, job_key)
+
+    def _cancel_task(self, job_key: str) -> None:
+        task = self._tasks.get(job_key)
+        if task is not None:
+            task.cancel()
+
+    def was_cancelled(self, job_key: str) -> bool:
+        with self._cancels_lock:
+            return job_key in self._cancels
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self._inference.close(), self._loop).result(timeout=5)
+        self._call(self._inference.close())
+        self._call(self._streams.close())
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 
@@ -68,6 +136,8 @@ _runtime_lock = threading.Lock()
 
 def get_runtime(settings: Settings) -> InferenceRuntime:
     global _runtime
+    if _runtime is not None:  # every job asks: no lock once it exists
+        return _runtime
     with _runtime_lock:
         if _runtime is None:
             _runtime = InferenceRuntime(settings)

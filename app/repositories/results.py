@@ -3,8 +3,8 @@
 The API inserts and reads rows (async connections); the worker claims them and writes outcomes
 (sync connections, each statement taking a batch of jobs). Every write that ends a job is
 conditional on `status = 'pending'`: a redelivered or duplicated task never overwrites a
-finished result. `started_at` is the claim: a second copy of the task skips a row another
-worker is running, unless that claim is stale.
+finished result. The claim is a lease (`lease_owner`, `lease_until`) its worker renews: a second
+copy of the task skips a row another worker holds, and a lapsed lease is taken over.
 """
 
 from __future__ import annotations
@@ -24,8 +24,10 @@ from app.repositories.listing import newest_first
 
 # One statement checks that the tenant's context exists and inserts (no round trip to load the prompt).
 _SUBMIT = """
-    INSERT INTO result (id, tenant, context_id, model, params, prompt)
-    SELECT %(id)s, c.tenant, c.id, %(model)s, %(params)s, %(prompt)s FROM context AS c
+    INSERT INTO result (id, tenant, context_id, model, params, prompt, deadline_at)
+    SELECT %(id)s, c.tenant, c.id, %(model)s, %(params)s, %(prompt)s,
+           clock_timestamp() + make_interval(secs => %(timeout_s)s::float8)
+      FROM context AS c
      WHERE c.id = %(context_id)s AND c.tenant = %(tenant)s
     RETURNING created_at
 """
@@ -46,9 +48,10 @@ async def insert_for_context(
     model: str,
     params: dict[str, Any],
     prompt: str | None = None,
+    timeout_s: float | None = None,
 ) -> datetime | None:
     """The new row's created_at; None when the tenant has no such context (nothing inserted).
-    `prompt`: what the model gets when it is not the context's content."""
+    `prompt`: what the model gets when it is not the context's content; `timeout_s`: its deadline."""
     values = {
         "id": result_id,
         "tenant": tenant,
@@ -56,6 +59,7 @@ async def insert_for_context(
         "model": model,
         "params": Jsonb(params),
         "prompt": prompt,
+        "timeout_s": timeout_s,
     }
     row = await (await conn.execute(_SUBMIT, values)).fetchone()
     return None if row is None else row[0]
@@ -91,15 +95,69 @@ async def page(
     return await newest_first(conn, "result", sql.SQL("*"), filters, cursor=cursor, limit=limit)
 
 
+# Finished jobs with their prompt, oldest first from a keyset position (created_at, id): the export.
+# A NULL parameter is no filter.
+_EXPORT_PAGE = """
+    SELECT r.id, r.tenant, r.context_id, r.model, r.params, r.prompt, r.status, r.output, r.error,
+           r.finish_reason, r.prompt_tokens, r.completion_tokens, r.attempts,
+           r.created_at, r.started_at, r.finished_at, c.content
+      FROM result AS r JOIN context AS c ON c.id = r.context_id
+     WHERE r.status = ANY(%(statuses)s::text[])
+       AND (%(tenant)s::text IS NULL OR r.tenant = %(tenant)s)
+       AND (%(model)s::text IS NULL OR r.model = %(model)s)
+       AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
+       AND (%(until)s::timestamptz IS NULL OR r.created_at < %(until)s)
+       AND (%(after_created)s::timestamptz IS NULL OR (r.created_at, r.id) > (%(after_created)s, %(after_id)s::uuid))
+     ORDER BY r.created_at, r.id
+     LIMIT %(limit)s
+"""
+
+
+async def export_page(
+    conn: AsyncConnection,
+    *,
+    statuses: list[str],
+    tenant: str | None,
+    model: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[dict[str, Any]]:
+    """Up to `limit` finished jobs after `after`, oldest first, with their context's content."""
+    params = {
+        "statuses": statuses,
+        "tenant": tenant,
+        "model": model,
+        "since": since,
+        "until": until,
+        "after_created": after[0] if after else None,
+        "after_id": after[1] if after else None,
+        "limit": limit,
+    }
+    cur = conn.cursor(row_factory=dict_row)
+    return await (await cur.execute(_EXPORT_PAGE, params)).fetchall()
+
+
 # ---------------------------------------------------------------- worker side
 
+# A job is free when nobody holds a live lease on it; `owner`'s own lapsed or live lease too (a
+# claim whose answer was lost with its connection), the caller skipping what it runs already.
 _CLAIM = """
     UPDATE result AS r
-       SET started_at = now(), attempts = r.attempts + 1, updated_at = now()
+       SET started_at = now(), attempts = r.attempts + 1, updated_at = now(),
+           lease_owner = %(owner)s, lease_until = now() + make_interval(secs => %(lease)s)
       FROM context AS c
      WHERE r.id = ANY(%(ids)s::uuid[]) AND c.id = r.context_id AND r.status = 'pending'
-       AND (r.started_at IS NULL OR r.started_at < now() - make_interval(secs => %(stale_after)s))
-    RETURNING r.id, r.model, r.params, r.attempts, COALESCE(r.prompt, c.content)
+       AND (r.lease_until IS NULL OR r.lease_until < now() OR r.lease_owner = %(owner)s)
+    RETURNING r.id, r.model, r.params, r.attempts, COALESCE(r.prompt, c.content),
+              EXTRACT(EPOCH FROM r.deadline_at - now())::float8
+"""
+# The heartbeat: one statement for every job a worker process holds.
+_RENEW = """
+    UPDATE result SET lease_until = now() + make_interval(secs => %(lease)s)
+     WHERE id = ANY(%(ids)s::uuid[]) AND lease_owner = %(owner)s AND status = 'pending'
+    RETURNING id
 """
 _COMPLETE = """
     UPDATE result AS r
@@ -119,18 +177,33 @@ _FAIL = """
      WHERE r.id = v.id AND r.status = 'pending'
     RETURNING r.*
 """
+# `spent` 0: the attempt does not count (Triton was unreachable: an outage, not the job's failure).
 _RELEASE = """
-    UPDATE result SET started_at = NULL, error = %(error)s, updated_at = now()
+    UPDATE result SET started_at = NULL, lease_owner = NULL, lease_until = NULL, error = %(error)s,
+                      attempts = attempts - 1 + %(spent)s, updated_at = now()
      WHERE id = %(id)s AND status = 'pending'
+"""
+# Jobs whose worker stopped renewing its lease: released (so the next sweeps treat them as never
+# started, not sending them again each time) and returned to be sent again.
+_RELEASE_LAPSED = """
+    UPDATE result SET started_at = NULL, lease_owner = NULL, lease_until = NULL, updated_at = now(),
+                      error = 'its worker stopped renewing its lease (lease held by ' || lease_owner || '); running it again'
+     WHERE id IN (
+        SELECT id FROM result
+         WHERE status = 'pending' AND started_at IS NOT NULL
+           AND (lease_until IS NULL OR lease_until < now())
+         ORDER BY created_at
+         LIMIT %(limit)s
+         FOR UPDATE SKIP LOCKED)
+    RETURNING id
 """
 # Touching `updated_at` keeps the next sweep from sending the same rows again right away.
 _REQUEUE_CANDIDATES = """
     UPDATE result SET updated_at = now()
      WHERE id IN (
         SELECT id FROM result
-         WHERE status = 'pending'
-           AND ((started_at IS NULL AND updated_at < now() - make_interval(secs => %(requeue_after)s))
-                OR started_at < now() - make_interval(secs => %(running_stale)s))
+         WHERE status = 'pending' AND started_at IS NULL
+           AND updated_at < now() - make_interval(secs => %(requeue_after)s)
          ORDER BY created_at
          LIMIT %(limit)s
          FOR UPDATE SKIP LOCKED)
@@ -138,23 +211,31 @@ _REQUEUE_CANDIDATES = """
 """
 _FAIL_EXPIRED = """
     UPDATE result
-       SET status = 'failed', finished_at = now(), updated_at = now(),
+       SET status = 'failed', finished_at = now(), updated_at = now(), lease_owner = NULL, lease_until = NULL,
            error = 'deadline exceeded: still pending ' || round(%(deadline)s) || ' s after submission'
-                   || COALESCE(' (last error: ' || error || ')', '')
+                   || COALESCE(%(why)s, '') || COALESCE(' (last error: ' || error || ')', '')
      WHERE status = 'pending' AND created_at < now() - make_interval(secs => %(deadline)s)
     RETURNING id
 """
 
 # id -> the final row as written (all columns)
 FinalRows = dict[uuid.UUID, dict[str, Any]]
-# id -> (model, params, attempts, prompt)
-ClaimedRows = dict[uuid.UUID, tuple[str, dict[str, Any], int, str]]
+# id -> (model, params, attempts, prompt, seconds left before its own deadline or None)
+ClaimedRows = dict[uuid.UUID, tuple[str, dict[str, Any], int, str, float | None]]
 
 
-def claim_many(conn: Connection, result_ids: list[uuid.UUID], stale_after_s: float) -> ClaimedRows:
-    """Take the jobs that are pending and that nobody holds a fresh claim on."""
-    rows = conn.execute(_CLAIM, {"ids": result_ids, "stale_after": stale_after_s}).fetchall()
-    return {rid: (model, params, attempts, content) for rid, model, params, attempts, content in rows}
+def claim_many(conn: Connection, result_ids: list[uuid.UUID], owner: str, lease_s: float) -> ClaimedRows:
+    """Take the jobs that are pending and free (no live lease but `owner`'s), with a lease of `lease_s`."""
+    rows = conn.execute(_CLAIM, {"ids": result_ids, "owner": owner, "lease": lease_s}).fetchall()
+    return {
+        rid: (model, params, attempts, content, left) for rid, model, params, attempts, content, left in rows
+    }
+
+
+def renew_leases(conn: Connection, result_ids: list[uuid.UUID], owner: str, lease_s: float) -> set[uuid.UUID]:
+    """Extend `owner`'s leases; returned: the jobs it still holds (the others ended or were taken over)."""
+    params = {"ids": result_ids, "owner": owner, "lease": lease_s}
+    return {row[0] for row in conn.execute(_RENEW, params).fetchall()}
 
 
 def complete_many(
@@ -190,20 +271,93 @@ def fail_many(conn: Connection, errors: dict[uuid.UUID, str]) -> FinalRows:
     return {row["id"]: row for row in rows}
 
 
-def release(conn: Connection, result_id: uuid.UUID, error: str) -> bool:
-    """Give the claim back before a retry; `error` tells pollers why it is taking longer."""
-    return conn.execute(_RELEASE, {"id": result_id, "error": error}).rowcount > 0
+def release(conn: Connection, result_id: uuid.UUID, error: str, *, spend_attempt: bool = True) -> bool:
+    """Give the claim and its lease back before the job runs again; `error` tells pollers why it
+    is taking longer. Without `spend_attempt` the attempt the claim counted is given back too."""
+    params = {"id": result_id, "error": error, "spent": 1 if spend_attempt else 0}
+    return conn.execute(_RELEASE, params).rowcount > 0
 
 
-def requeue_candidates(
-    conn: Connection, *, requeue_after_s: float, running_stale_after_s: float, limit: int
-) -> list[uuid.UUID]:
-    """Pending jobs whose message was probably lost: never started and untouched for a while, or
-    claimed by a worker that has not finished within the longest possible run."""
-    params = {"requeue_after": requeue_after_s, "running_stale": running_stale_after_s, "limit": limit}
+def release_lapsed(conn: Connection, *, limit: int) -> list[uuid.UUID]:
+    """Jobs whose lease lapsed (their worker died or lost Postgres), released to be sent again."""
+    return [row[0] for row in conn.execute(_RELEASE_LAPSED, {"limit": limit}).fetchall()]
+
+
+def requeue_candidates(conn: Connection, *, requeue_after_s: float, limit: int) -> list[uuid.UUID]:
+    """Pending jobs whose message was probably lost: never started and untouched for a while."""
+    params = {"requeue_after": requeue_after_s, "limit": limit}
     return [row[0] for row in conn.execute(_REQUEUE_CANDIDATES, params).fetchall()]
 
 
-def fail_expired(conn: Connection, *, deadline_s: float) -> list[uuid.UUID]:
-    """Nothing stays pending forever: past the deadline a job fails, keeping its last error."""
-    return [row[0] for row in conn.execute(_FAIL_EXPIRED, {"deadline": deadline_s}).fetchall()]
+def fail_expired(conn: Connection, *, deadline_s: float, why: str | None = None) -> list[uuid.UUID]:
+    """Nothing stays pending forever: past the deadline a job fails, keeping its last error;
+    `why` (e.g. Triton unreachable) is added to the message."""
+    params = {"deadline": deadline_s, "why": f" ({why})" if why else None}
+    return [row[0] for row in conn.execute(_FAIL_EXPIRED, params).fetchall()]
+
+
+# ---------------------------------------------------------------- stopped jobs: cancel and deadlines
+
+# A job stopped before its end keeps what it had produced; `abort` is vLLM's finish reason for it.
+_RECORD_CANCELLED = """
+    UPDATE result SET output = %(output)s, prompt_tokens = %(prompt_tokens)s,
+           completion_tokens = %(completion_tokens)s, finish_reason = 'abort', updated_at = now()
+     WHERE id = %(id)s AND status = 'cancelled' AND finish_reason IS NULL
+    RETURNING *
+"""
+_END_PAST_DEADLINE = """
+    UPDATE result SET status = 'cancelled', error = %(error)s, output = %(output)s,
+           prompt_tokens = %(prompt_tokens)s, completion_tokens = %(completion_tokens)s,
+           finish_reason = 'abort', finished_at = now(), updated_at = now()
+     WHERE id = %(id)s AND status = 'pending'
+    RETURNING *
+"""
+_CANCEL_PAST_DEADLINE = """
+    UPDATE result
+       SET status = 'cancelled', finished_at = now(), updated_at = now(),
+           error = 'deadline passed: not finished within timeout_s = ' || (params->>'timeout_s')
+                   || ' s of its submission'
+     WHERE status = 'pending' AND deadline_at < now()
+    RETURNING id
+"""
+
+
+def record_cancelled(
+    conn: Connection,
+    result_id: uuid.UUID,
+    output: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+) -> dict[str, Any] | None:
+    """What a cancelled job had produced, on its (already final) row; once."""
+    values = {
+        "id": result_id,
+        "output": output,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    return conn.cursor(row_factory=dict_row).execute(_RECORD_CANCELLED, values).fetchone()
+
+
+def end_past_deadline(
+    conn: Connection,
+    result_id: uuid.UUID,
+    error: str,
+    output: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+) -> dict[str, Any] | None:
+    """A job that ran out of its own time: `cancelled`, with the reason and what it had produced."""
+    values = {
+        "id": result_id,
+        "error": error,
+        "output": output,
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+    }
+    return conn.cursor(row_factory=dict_row).execute(_END_PAST_DEADLINE, values).fetchone()
+
+
+def cancel_past_deadline(conn: Connection) -> list[uuid.UUID]:
+    """Pending jobs past their own deadline (queued, or on a worker that did not end them) end `cancelled`."""
+    return [row[0] for row in conn.execute(_CANCEL_PAST_DEADLINE).fetchall()]

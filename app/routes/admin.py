@@ -15,7 +15,6 @@ from app.schemas import (
     ErrorBody,
     TenantLimitsIn,
     TenantLimitsOut,
-    TenantName,
 )
 from app.services import keys as service
 
@@ -57,7 +56,10 @@ async def revoke_key(key_id: uuid.UUID, rt: Runtime = Depends(admin_runtime)) ->
 
 @router.put("/tenants/{tenant}/limits", response_model=TenantLimitsOut)
 async def set_tenant_limits(
-    limits: TenantLimitsIn, tenant: TenantName = Path(), rt: Runtime = Depends(admin_runtime)
+    limits: TenantLimitsIn,
+    # Constrained here: the annotation's Field constraints are not applied to a path parameter.
+    tenant: str = Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
+    rt: Runtime = Depends(admin_runtime),
 ) -> TenantLimitsOut:
     """Set a tenant's quotas (null: the settings' defaults); keys may still override them."""
     async with rt.db.connection() as conn:

@@ -13,7 +13,8 @@ from app.triton.admin import TritonAdmin, TritonUnavailable
 
 router = APIRouter(prefix="/health", tags=["health"])
 
-CHECK_TIMEOUT_S = 3.0
+# Each component answers within this, so that readiness is answered within a second, whatever is down.
+CHECK_TIMEOUT_S = 0.8
 
 
 async def _ping_postgres(db: Database) -> None:
@@ -40,13 +41,24 @@ async def _check_redis(url: str) -> ComponentHealth:
         await client.aclose()
 
 
-async def _check_triton(admin: TritonAdmin) -> ComponentHealth:
+async def _check_triton(admin: TritonAdmin, ready_window_s: float) -> ComponentHealth:
+    # Jobs are still accepted while it is down (for models seen ready lately): they wait for it.
+    waiting = (
+        f"; jobs for models seen ready in the last {ready_window_s:g} s are accepted and wait for it"
+        if ready_window_s > 0
+        else ""
+    )
     try:
-        if await admin.server_ready():
+        if await asyncio.wait_for(admin.server_ready(), CHECK_TIMEOUT_S):
             return ComponentHealth(ok=True, detail=admin.base_url)
-        return ComponentHealth(ok=False, detail=f"Triton at {admin.base_url} is not ready")
+        return ComponentHealth(ok=False, detail=f"Triton at {admin.base_url} is not ready{waiting}")
     except TritonUnavailable as exc:
-        return ComponentHealth(ok=False, detail=str(exc))
+        return ComponentHealth(ok=False, detail=f"Triton is down: {exc}{waiting}")
+    except TimeoutError:
+        return ComponentHealth(
+            ok=False,
+            detail=f"Triton is down: no answer from {admin.base_url} within {CHECK_TIMEOUT_S:g}s{waiting}",
+        )
 
 
 @router.get("", response_model=dict[str, str])
@@ -59,7 +71,9 @@ async def alive() -> dict[str, str]:
 async def ready(rt: Runtime = Depends(runtime)) -> JSONResponse:
     """Readiness: Postgres, Redis and Triton each reported; 503 when any of them is down."""
     postgres, redis_health, triton = await asyncio.gather(
-        _check_postgres(rt.db), _check_redis(rt.settings.REDIS_URL), _check_triton(rt.triton_admin)
+        _check_postgres(rt.db),
+        _check_redis(rt.settings.REDIS_URL),
+        _check_triton(rt.triton_admin, rt.settings.MODEL_READY_WINDOW_S),
     )
     components = {"postgres": postgres, "redis": redis_health, "triton": triton}
     ok = all(c.ok for c in components.values())

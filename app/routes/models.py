@@ -25,12 +25,16 @@ def _names(models: dict[str, ModelState], *, ready_only: bool) -> str:
 
 
 async def check_ready(catalog: ModelCatalog, model_name: str) -> None:
-    """Check the model against Triton's repository (cached briefly) before a job is accepted."""
+    """Check the model against Triton's repository (cached briefly) before a job is accepted. While
+    Triton is unreachable, a model the catalog saw ready within its window is accepted (its jobs
+    wait for Triton)."""
     try:
         models = await catalog.get()
         if model_name not in models or not models[model_name].ready:
             models = await catalog.get(refresh=True)  # it may have been loaded a moment ago
     except TritonUnavailable as exc:
+        if catalog.seen_ready_recently(model_name):
+            return
         raise ServiceUnavailable(f"cannot check model '{model_name}': {exc}") from exc
     model = models.get(model_name)
     if model is None:
@@ -92,7 +96,7 @@ async def send(
     wait_s = _preferred_wait(prefer)
     await check_ready(c.rt.model_catalog, model_name)
     params = params or SendOptions()
-    service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT)
+    service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT, c.rt.settings.JOB_DEADLINE_S)
     await c.rt.submit_rate.check(c.principal)
     await c.rt.pending.check(c.principal)
     if idempotency_key is None:

@@ -1,13 +1,16 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator
 
-from fastapi import APIRouter, Depends, Query, Response
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.sse import EventSourceResponse, ServerSentEvent
 
 from app.deps import Caller, caller
 from app.models import ResultStatus
 from app.schemas import ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
+from app.services import streams
 
 router = APIRouter(prefix="/results", tags=["results"])
 
@@ -66,6 +69,43 @@ async def get_result(
 )
 async def cancel_result(result_id: uuid.UUID, c: Caller = Depends(caller)) -> Response:
     """Cancel a job: `cancelled` at once. Queued, it never runs; running, the worker aborts its
-    generation in the engine. A finished job is a 409 naming its status; a cancelled one answers again."""
-    body = await service.cancel(c.rt.db, c.rt.cancel_notices, c.principal, result_id)
+    generation in the engine, and a job sent with `"stream": true` keeps the text it had produced
+    (`finish_reason` `abort`). A finished job is a 409 naming its status; a cancelled one answers again."""
+    wait_s = c.rt.settings.CANCEL_PARTIAL_WAIT_S
+    body = await service.cancel(c.rt.db, c.rt.cancel_notices, c.principal, result_id, wait_s)
     return Response(body, media_type="application/json")
+
+
+async def _visible(result_id: uuid.UUID, c: Caller = Depends(caller)) -> uuid.UUID:
+    """Checked before the stream starts, so an unknown id is a plain 404 rather than a broken stream."""
+    await service.read(c.rt.db, c.principal, result_id)
+    return result_id
+
+
+@router.get(
+    "/{result_id}/stream",
+    response_class=EventSourceResponse,
+    responses={
+        200: {"description": "`text/event-stream`: `token` events, then one `done` event."},
+        404: {"model": ErrorBody},
+    },
+)
+async def stream_result(
+    result_id: uuid.UUID = Depends(_visible),
+    last_event_id: int | None = Header(
+        None, alias="Last-Event-ID", ge=0, description="Resume after this event (sent by EventSource)."
+    ),
+    c: Caller = Depends(caller),
+) -> AsyncIterator[ServerSentEvent]:
+    """The job's text as it is generated (jobs sent with `"stream": true`; another job's text comes whole
+    when it ends): `event: token` with `data: {"text": ...}` and a sequence number as `id`, then
+    `event: done` with the final row (its `error` says why a failed or cancelled job ended). Read from
+    any API process, from the start or, with `Last-Event-ID`, after an event; after the end, all at once."""
+    events = streams.follow(
+        c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, result_id, last_event_id or 0
+    )
+    async for event in events:
+        if isinstance(event, streams.Final):
+            yield ServerSentEvent(event="done", id=str(event.seq), raw_data=event.result.model_dump_json())
+        else:
+            yield ServerSentEvent(event="token", id=str(event.seq), data={"text": event.text})

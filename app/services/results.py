@@ -23,11 +23,19 @@ log = logging.getLogger(__name__)
 Enqueue = Callable[[uuid.UUID], None]
 
 
-def check_params(params: SamplingParams, max_tokens_limit: int) -> None:
+def check_params(
+    params: SamplingParams, max_tokens_limit: int, deadline_limit_s: float | None = None
+) -> None:
     if params.max_tokens > max_tokens_limit:
         raise InvalidInput(
             f"max_tokens must be at most {max_tokens_limit}, got {params.max_tokens}",
             detail={"field": "max_tokens", "limit": max_tokens_limit},
+        )
+    timeout_s = getattr(params, "timeout_s", None)
+    if deadline_limit_s is not None and timeout_s is not None and timeout_s > deadline_limit_s:
+        raise InvalidInput(
+            f"timeout_s must be at most {deadline_limit_s:g} (the platform's deadline for any job), got {timeout_s:g}",
+            detail={"field": "timeout_s", "limit": deadline_limit_s},
         )
 
 
@@ -58,9 +66,11 @@ async def insert_job(
         model=model,
         # As asked; the flags only when set.
         params=params.model_dump(
-            exclude_none=True, exclude={k for k in ("chat", "ignore_eos") if not getattr(params, k)}
+            exclude_none=True,
+            exclude={k for k in ("chat", "ignore_eos", "stream") if not getattr(params, k)},
         ),
         prompt=prompt,
+        timeout_s=params.timeout_s,
     )
     if created_at is None:  # another tenant's context is as unknown as a missing one
         raise NotFound(f"context {context_id} not found")
@@ -139,7 +149,27 @@ def _pending(body: bytes) -> bool:
     return b'"status":"pending"' in body
 
 
-async def cancel(db: Database, notices: CancelNotices, principal: Principal, result_id: uuid.UUID) -> bytes:
+async def _with_partial_output(
+    db: Database, principal: Principal, result_id: uuid.UUID, wait_s: float
+) -> bytes | None:
+    """A streamed job's row once its worker has recorded what the job had produced (its finish
+    reason then says `abort`); None if that takes longer than `wait_s`."""
+    give_up = asyncio.get_running_loop().time() + wait_s
+    while asyncio.get_running_loop().time() < give_up:
+        await asyncio.sleep(0.02)
+        result = await read(db, principal, result_id)
+        if result.finish_reason is not None:
+            return result.model_dump_json().encode()
+    return None
+
+
+async def cancel(
+    db: Database,
+    notices: CancelNotices,
+    principal: Principal,
+    result_id: uuid.UUID,
+    partial_wait_s: float = 0.0,
+) -> bytes:
     """Cancel a pending job: queued, it never runs; running, its worker aborts the generation.
     Cancelling a cancelled job answers the same row; a finished one is a conflict."""
     async with db.connection() as conn:
@@ -151,9 +181,10 @@ async def cancel(db: Database, notices: CancelNotices, principal: Principal, res
     result = ResultOut.model_validate(row)
     body = result.model_dump_json().encode()
     if result.status == ResultStatus.CANCELLED:
-        await notices.cancelled(
-            result_id, body
-        )  # again for a repeated cancel: harmless, and a lost one is resent
+        # Again for a repeated cancel: harmless, and a lost one is resent.
+        await notices.cancelled(result_id, body)
+        if result.started_at is not None and result.params.get("stream") and result.finish_reason is None:
+            return await _with_partial_output(db, principal, result_id, partial_wait_s) or body
         return body
     raise Conflict(
         f"result {result_id} is already {result.status.value}: only a pending job can be cancelled",

@@ -81,38 +81,68 @@ class TritonAdmin:
         return sorted(models.values(), key=lambda m: m.name)
 
 
+FAILURE_TTL_S = 1.0
+
+
 class ModelCatalog:
     """Triton's model list, cached briefly so that validating every submit costs no round trip.
 
     Within `ttl_s` of the last fetch the list is used as is. For another `ttl_s` after that it is
     still used while one background task fetches a new one, so no submit waits for Triton. Older
     than 2 x `ttl_s` (e.g. Triton has stopped answering), or with `refresh=True`, the caller waits
-    for a fetch and sees its error."""
+    for a fetch and sees its error; after a failed fetch callers get its error at once while one
+    background fetch a second asks Triton again. `seen_ready_recently`: a model ready in a list of the last `ready_window_s`."""
 
-    def __init__(self, admin: TritonAdmin, ttl_s: float) -> None:
+    def __init__(self, admin: TritonAdmin, ttl_s: float, ready_window_s: float = 0.0) -> None:
         self.admin = admin
         self.ttl_s = ttl_s
+        self.ready_window_s = ready_window_s
         self._models: dict[str, ModelState] = {}
         self._fetched_at = float("-inf")
+        self._ready_seen: dict[str, float] = {}
+        self._failure: tuple[float, TritonUnavailable] | None = None
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
+
+    def seen_ready_recently(self, name: str) -> bool:
+        """Whether `name` was ready in a list fetched within the last `ready_window_s` seconds."""
+        return time.monotonic() - self._ready_seen.get(name, float("-inf")) <= self.ready_window_s
 
     async def get(self, *, refresh: bool = False) -> dict[str, ModelState]:
         age = time.monotonic() - self._fetched_at
         if not refresh and age <= self.ttl_s:
             return self._models
         if not refresh and age <= 2 * self.ttl_s:
-            if self._background is None or self._background.done():
-                self._background = asyncio.create_task(self._refresh_quietly())
+            self._refresh_in_background()
             return self._models
+        self._raise_failure()
         async with self._lock:
+            self._raise_failure()  # the fetch the lock waited for failed: no second wait
             if refresh or time.monotonic() - self._fetched_at > self.ttl_s:
                 await self._fetch()
             return self._models
 
+    def _refresh_in_background(self) -> None:
+        if self._background is None or self._background.done():
+            self._background = asyncio.create_task(self._refresh_quietly())
+
+    def _raise_failure(self) -> None:
+        # The last fetch failed: no caller waits for Triton again (an unreachable host could hold each
+        # for the whole connect timeout); one background fetch a second asks it again.
+        if self._failure is not None:
+            if time.monotonic() - self._failure[0] >= FAILURE_TTL_S:
+                self._refresh_in_background()
+            raise self._failure[1]
+
     async def _fetch(self) -> None:
-        self._models = {m.name: m for m in await self.admin.list_models()}
-        self._fetched_at = time.monotonic()
+        try:
+            models = {m.name: m for m in await self.admin.list_models()}
+        except TritonUnavailable as exc:
+            self._failure = (time.monotonic(), exc)
+            raise
+        now = time.monotonic()
+        self._models, self._fetched_at, self._failure = models, now, None
+        self._ready_seen.update((name, now) for name, m in models.items() if m.ready)
 
     async def _refresh_quietly(self) -> None:
         async with self._lock:

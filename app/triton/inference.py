@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +54,18 @@ class Generation:
     finish_reason: str | None
     prompt_tokens: int | None
     completion_tokens: int | None
+
+
+class Aborted(Exception):
+    """The generation was stopped on our side (cancel, deadline); `partial` is what it had produced."""
+
+    def __init__(self, partial: Generation) -> None:
+        super().__init__("generation aborted")
+        self.partial = partial
+
+
+# Called with each new piece of text of a streamed generation, on the event loop (must not block).
+OnText = Callable[[str], None]
 
 
 def classify_rpc_error(exc: grpc.RpcError) -> GenerationError:
@@ -119,18 +132,26 @@ def _bytes_element(value: bytes) -> bytes:
     return len(value).to_bytes(4, "little") + value
 
 
-def build_request(model: str, prompt: str, sampling_parameters: dict[str, Any], request_id: str) -> Any:
-    """The ModelInferRequest for one non-streamed generation (inputs in `_INPUT_TENSORS` order).
+def build_request(
+    model: str, prompt: str, sampling_parameters: dict[str, Any], request_id: str, *, stream: bool = False
+) -> Any:
+    """The ModelInferRequest for one generation (inputs in `_INPUT_TENSORS` order); streamed, the
+    backend answers one response per engine step with the new text only.
 
     Built directly rather than through tritonclient's numpy-based InferInput: that was ~8 % of the
     worker's CPU per job (py-spy)."""
-    return service_pb2.ModelInferRequest(
+    images = sampling_parameters.get("image")
+    if (
+        images
+    ):  # a vision job's images (base64) go to the backend's `image` input, not to vLLM's SamplingParams
+        sampling_parameters = {k: v for k, v in sampling_parameters.items() if k != "image"}
+    request = service_pb2.ModelInferRequest(
         model_name=model,
         id=request_id,
         inputs=_INPUT_TENSORS,
         raw_input_contents=[
             _bytes_element(prompt.encode("utf-8")),
-            _FALSE,  # stream: one response with the whole text
+            _TRUE if stream else _FALSE,
             _bytes_element(json.dumps(sampling_parameters).encode("utf-8")),
             _TRUE,  # exclude_input_in_output
             _TRUE,  # return_finish_reason
@@ -138,6 +159,10 @@ def build_request(model: str, prompt: str, sampling_parameters: dict[str, Any], 
             _TRUE,  # return_num_output_tokens
         ],
     )
+    if images:
+        request.inputs.add(name="image", datatype="BYTES", shape=[len(images)])
+        request.raw_input_contents.append(b"".join(_bytes_element(str(i).encode("ascii")) for i in images))
+    return request
 
 
 def _first_str(raw: bytes) -> str | None:
@@ -162,9 +187,10 @@ def _int_sum(datatype: str, raw: bytes) -> int | None:
 class _Responses:
     """The responses of one request, accumulated (text pieces, summed counts)."""
 
-    __slots__ = ("completion_tokens", "finish_reason", "pieces", "prompt_tokens", "saw_counts")
+    __slots__ = ("completion_tokens", "finish_reason", "on_text", "pieces", "prompt_tokens", "saw_counts")
 
-    def __init__(self) -> None:
+    def __init__(self, on_text: OnText | None = None) -> None:
+        self.on_text = on_text
         self.pieces: list[str] = []
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
@@ -179,6 +205,8 @@ class _Responses:
                 text = _first_str(raw)
                 if text:
                     self.pieces.append(text)
+                    if self.on_text is not None:
+                        self.on_text(text)
             elif name == "finish_reason":
                 reason = _first_str(raw)
                 if reason is not None and reason != "None":
@@ -235,18 +263,29 @@ class TritonInference:
             ) from exc
 
     async def generate(
-        self, model: str, prompt: str, sampling_parameters: dict[str, Any], request_id: str
+        self,
+        model: str,
+        prompt: str,
+        sampling_parameters: dict[str, Any],
+        request_id: str,
+        *,
+        on_text: OnText | None = None,
     ) -> Generation:
+        """The whole generation. With `on_text` it is streamed: each new piece goes to `on_text` as it
+        comes. Cancelled (our task), the request is aborted in the engine and `Aborted` carries the
+        text received so far (nothing when not streamed)."""
         await self._wait_connected()
         call = self._stub.ModelStreamInfer(timeout=self.request_timeout_s)
-        responses = _Responses()
+        responses = _Responses(on_text)
         saw_final = False
         failure: GenerationError | None = None
         try:
             # One request, then half-close: the server ends the stream after the final response.
             # (Cancelling instead is for giving up: tritonserver 2.51 handles many cancelled
             # streams badly at shutdown, holding the model until its exit timeout.)
-            await call.write(build_request(model, prompt, sampling_parameters, request_id))
+            await call.write(
+                build_request(model, prompt, sampling_parameters, request_id, stream=on_text is not None)
+            )
             await call.done_writing()
             async for message in call:
                 if message.error_message:
@@ -255,8 +294,11 @@ class TritonInference:
                 saw_final = responses.add(message.infer_response) or saw_final
         except grpc.RpcError as exc:
             raise classify_rpc_error(exc) from exc
+        except asyncio.CancelledError:
+            call.cancel()  # aborts the request in vLLM
+            raise Aborted(responses.generation()) from None
         except BaseException:
-            call.cancel()  # aborts the request in vLLM (e.g. our task was cancelled)
+            call.cancel()
             raise
         if failure is not None:
             raise failure

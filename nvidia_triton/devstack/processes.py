@@ -39,7 +39,7 @@ class ManagedProcess:
     def start(self) -> ManagedProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = self.log_path.open("ab")
-        # Own process group: stopping it reaches every child (e.g. celery's embedded beat).
+        # Own process group: stopping it reaches every child the process may have started.
         self.popen = subprocess.Popen(
             self.argv, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
@@ -108,18 +108,22 @@ def child_env(overrides: Mapping[str, str]) -> dict[str, str]:
 
 
 def worker_process(
-    env: Mapping[str, str], log_path: Path, *, concurrency: int | None = None, beat: bool = True
+    env: Mapping[str, str], log_path: Path, *, concurrency: int | None = None, sweeper: bool = True
 ) -> ManagedProcess:
+    """A Celery worker process. Every worker runs the sweeper loop (one of them sweeps at a time: a
+    Postgres advisory lock); `sweeper=False` leaves it out (a worker sharing a database with others
+    of another queue, whose rows it must not send to its own)."""
     argv = [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "-P", "threads"]
     if concurrency is not None:
         argv += ["-c", str(concurrency)]
     if "CELERY_QUEUE" in env:
         argv += ["-Q", env["CELERY_QUEUE"]]
-    if beat:
-        argv += ["-B"]
     # Unique node name: several workers (tests, dev) may share one machine and one Redis.
     argv += ["-n", f"llmq-{os.getpid()}-{free_port()}@%h"]
-    return ManagedProcess("worker", argv, child_env(env), log_path)
+    worker_env = child_env(env)
+    if not sweeper:
+        worker_env["WORKER_SWEEPER"] = "false"
+    return ManagedProcess("worker", argv, worker_env, log_path)
 
 
 def api_process(

@@ -24,6 +24,7 @@ DEFAULT_MAX_NUM_SEQS = 256
 EOS_PROBABILITY = 0.03
 PUNCT_PROBABILITY = 0.08
 GREEDY_EPSILON = 1e-5  # vLLM treats temperature below this as greedy sampling
+IMAGE_TOKENS = 16  # prompt tokens per image of the `image` input
 
 _TOKEN_RE = re.compile(r"\w+|[^\w\s]")
 
@@ -388,8 +389,23 @@ def _rng_for(prompt: str, p: SamplingParams) -> random.Random:
     return random.Random(int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big"))
 
 
-def plan(prompt: str, params: SamplingParams, max_model_len: int = DEFAULT_MAX_MODEL_LEN) -> Plan:
-    prompt_tokens = count_tokens(prompt)
+def image_tokens(images: list[bytes]) -> int:
+    """Prompt tokens the images take, like a vision encoder's patches (a fixed count per image);
+    each must be a PNG or JPEG, as the real backend's PIL requires."""
+    for raw in images:
+        if not raw.startswith((b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff")):
+            raise ValueError("cannot identify image file")
+    return IMAGE_TOKENS * len(images)
+
+
+def plan(
+    prompt: str,
+    params: SamplingParams,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    extra_prompt_tokens: int = 0,
+) -> Plan:
+    """`extra_prompt_tokens`: what the prompt's images take (see `image_tokens`)."""
+    prompt_tokens = count_tokens(prompt) + extra_prompt_tokens
     max_tokens = check_context(prompt_tokens, params.max_tokens, max_model_len)
     rng = _rng_for(prompt, params)
     pieces: list[str] = []
@@ -440,15 +456,18 @@ def _find_stop(text: str, params: SamplingParams, start: int) -> int | None:
 
 
 def simulate(
-    prompt: str, params: dict[str, Any] | str | None = None, max_model_len: int = DEFAULT_MAX_MODEL_LEN
+    prompt: str,
+    params: dict[str, Any] | str | None = None,
+    max_model_len: int = DEFAULT_MAX_MODEL_LEN,
+    images: int = 0,
 ) -> SimResult:
     """What the local Triton returns for a non-streamed request with exclude_input_in_output=true.
 
     Deterministic when ``seed`` is set or ``temperature`` is 0. Raises ValueError/TypeError with
     the message the server sends after ``Error generating stream: ``. Use the model's
-    max_model_len (512 for the built-in ``sim-llm``).
+    max_model_len (512 for the built-in ``sim-llm``); ``images``: how many the request carried.
     """
-    p = plan(prompt, parse_sampling_params(params), max_model_len)
+    p = plan(prompt, parse_sampling_params(params), max_model_len, IMAGE_TOKENS * images)
     return SimResult(p.text, p.finish_reason, p.prompt_tokens, p.completion_tokens)
 
 

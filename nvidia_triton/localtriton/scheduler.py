@@ -16,6 +16,7 @@ because tritonserver 2.51 crashes when pb_utils metrics are touched from several
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,7 +29,8 @@ from localtriton.engine import Plan
 
 log = logging.getLogger(__name__)
 
-CANCEL_CHECK_INTERVAL_S = 0.25  # is_cancelled() is an IPC round trip per sequence: poll it sparingly
+# is_cancelled() is an IPC round trip per sequence: poll it sparingly (the environment can say how often).
+CANCEL_CHECK_INTERVAL_S = float(os.environ.get("LOCALTRITON_CANCEL_CHECK_S", "0.25"))
 
 
 class Sink(Protocol):

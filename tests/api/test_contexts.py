@@ -44,7 +44,9 @@ async def test_malformed_id_is_422_naming_the_field(client: httpx.AsyncClient) -
         ({"content": "x", "extra": 1}, "body.extra"),
     ],
 )
-async def test_invalid_body_is_422_with_field(client: httpx.AsyncClient, payload: dict[str, object], field: str) -> None:
+async def test_invalid_body_is_422_with_field(
+    client: httpx.AsyncClient, payload: dict[str, object], field: str
+) -> None:
     response = await client.post("/contexts/", json=payload)
     assert response.status_code == 422
     body = response.json()
@@ -53,7 +55,9 @@ async def test_invalid_body_is_422_with_field(client: httpx.AsyncClient, payload
 
 
 async def test_not_json_is_422(client: httpx.AsyncClient) -> None:
-    response = await client.post("/contexts/", content=b"{not json", headers={"content-type": "application/json"})
+    response = await client.post(
+        "/contexts/", content=b"{not json", headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     assert "JSON" in response.json()["error"]
 

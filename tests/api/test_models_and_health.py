@@ -70,7 +70,9 @@ async def test_listing_models_with_triton_down_is_503(client_without_triton: htt
     assert "is unreachable" in response.json()["error"]
 
 
-async def test_send_with_triton_down_is_503_and_stores_nothing(client_without_triton: httpx.AsyncClient) -> None:
+async def test_send_with_triton_down_is_503_and_stores_nothing(
+    client_without_triton: httpx.AsyncClient,
+) -> None:
     client = client_without_triton
     context_id = (await client.post("/contexts/", json={"content": "hi"})).json()["id"]
     response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}")

@@ -57,7 +57,9 @@ async def test_the_long_poll_answers_with_the_row_the_notice_carries(client: htt
     assert answer.json() == final
 
 
-@pytest.mark.parametrize("row", [None, b"{not json", b'{"id": "x"}', "other"], ids=["id-only", "garbage", "invalid", "other-id"])
+@pytest.mark.parametrize(
+    "row", [None, b"{not json", b'{"id": "x"}', "other"], ids=["id-only", "garbage", "invalid", "other-id"]
+)
 async def test_a_notice_without_a_readable_row_makes_the_poll_read_the_database(
     client: httpx.AsyncClient, row: bytes | str | None, caplog: pytest.LogCaptureFixture
 ) -> None:

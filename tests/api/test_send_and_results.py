@@ -59,7 +59,9 @@ async def test_send_to_unknown_context_is_404(client: httpx.AsyncClient, enqueue
     assert enqueued.calls == []
 
 
-async def test_send_to_unknown_model_is_404_naming_models(client: httpx.AsyncClient, enqueued: EnqueueRecorder) -> None:
+async def test_send_to_unknown_model_is_404_naming_models(
+    client: httpx.AsyncClient, enqueued: EnqueueRecorder
+) -> None:
     context_id = await _context(client)
     response = await client.post(f"/models/send/no-such-model/{context_id}")
     assert response.status_code == 404
@@ -125,7 +127,9 @@ async def test_unknown_result_is_404(client: httpx.AsyncClient) -> None:
     assert response.json() == {"error": f"result {missing} not found", "detail": None}
 
 
-async def test_results_filters_and_pagination(client: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]) -> None:
+async def test_results_filters_and_pagination(
+    client: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
     ctx_a = await _context(client, "first")
     ctx_b = await _context(client, "second")
     ids = []
@@ -182,7 +186,9 @@ async def test_chat_sends_the_context_through_the_models_template(
     async with serve_in_process(app) as client:
         client.headers["authorization"] = f"Bearer {await make_key(client, 'chatty')}"
         context_id = await _context(client, "Hi there")
-        sent = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"chat": True, "max_tokens": 4})
+        sent = await client.post(
+            f"/models/send/{FAST_MODEL}/{context_id}", json={"chat": True, "max_tokens": 4}
+        )
         assert sent.status_code == 202, sent.text
         raw = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4})
         no_template = await client.post(f"/models/send/{SLOW_MODEL}/{context_id}", json={"chat": True})

@@ -26,11 +26,15 @@ class TcpProxy:
         self._threads.append(thread)
 
     def _accept(self) -> None:
-        assert self._server is not None
+        server = self._server
+        assert server is not None
         while True:
             try:
-                client, _ = self._server.accept()
+                client, _ = server.accept()
             except OSError:
+                return
+            if self._server is not server:  # stopped meanwhile
+                client.close()
                 return
             upstream = socket.create_connection(self.target)
             self._conns += [client, upstream]
@@ -47,6 +51,9 @@ class TcpProxy:
 
     def stop(self) -> None:
         if self._server is not None:
+            # Wakes the accept() blocked on it: a plain close() would let it take one more connection.
+            with contextlib.suppress(OSError):
+                self._server.shutdown(socket.SHUT_RDWR)
             self._server.close()
             self._server = None
         for conn in self._conns:

@@ -66,7 +66,9 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
     model = "sim-llm" if REAL_ENGINE_SKIPPED else "smollm2-135m-instruct"
     out = (tmp_path / "make-dev.out").open("w+b")
     # Its own session, like a terminal's foreground job: Ctrl-C reaches the whole group.
-    make = subprocess.Popen(["make", "dev"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    make = subprocess.Popen(
+        ["make", "dev"], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while b"Ready." not in (tmp_path / "make-dev.out").read_bytes():

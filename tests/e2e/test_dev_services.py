@@ -24,4 +24,3 @@ def test_stopped_local_redis_is_started(api_db_url: str) -> None:
         assert redis.Redis(port=port).ping()
     finally:
         subprocess.run(["redis-cli", "-p", str(port), "shutdown", "nosave"], check=False, capture_output=True)
-

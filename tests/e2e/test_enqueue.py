@@ -31,7 +31,10 @@ async def visibility_log(e2e_env: dict[str, str]) -> AsyncIterator[list[tuple[uu
 
 
 async def test_job_is_enqueued_only_after_its_row_is_committed(
-    e2e_env: dict[str, str], api: httpx.Client, visibility_log: list[tuple[uuid.UUID, bool]], e2e_user_key: str
+    e2e_env: dict[str, str],
+    api: httpx.Client,
+    visibility_log: list[tuple[uuid.UUID, bool]],
+    e2e_user_key: str,
 ) -> None:
     settings = _settings(e2e_env)
     engine = create_engine(settings.DATABASE_URL)

@@ -43,7 +43,7 @@ def real_api(e2e_env: dict[str, str], logs_dir: Path) -> Iterator[httpx.Client]:
             "CELERY_QUEUE": f"{e2e_env['CELERY_QUEUE']}-real",
             "CHAT_TEMPLATES_DIRS": str(BUILTIN_REPOSITORY),
         }
-        worker = worker_process(env, logs_dir / "real-worker.log", beat=False).start()
+        worker = worker_process(env, logs_dir / "real-worker.log", sweeper=False).start()
         port = free_port()
         api = api_process(env, logs_dir / "real-api.log", port=port).start()
         try:

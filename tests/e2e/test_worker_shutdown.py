@@ -27,14 +27,16 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
     engine = create_engine(database_url)
     with engine.begin() as conn:
         context_id = conn.execute(
-            text("INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'slowly') RETURNING id")
+            text(
+                "INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'slowly') RETURNING id"
+            )
         ).scalar_one()
         ids = [
             str(row[0])
             for row in conn.execute(
                 text(
                     "INSERT INTO result (id, tenant, context_id, model, params) SELECT gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
-                    "'{\"max_tokens\": 40, \"seed\": 1, \"temperature\": 1}' FROM generate_series(1, 12) RETURNING id"
+                    '\'{"max_tokens": 40, "seed": 1, "temperature": 1}\' FROM generate_series(1, 12) RETURNING id'
                 ),
                 {"c": context_id, "m": SLOW_MODEL},
             )
@@ -44,14 +46,15 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
 
     # 2 threads, prefetch 2: 2 jobs running, 2 more reserved, 8 still in Redis.
     env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
-    worker = worker_process(env, logs_dir / "shutdown-worker.log", beat=False).start()
+    worker = worker_process(env, logs_dir / "shutdown-worker.log", sweeper=False).start()
     try:
         worker.wait_for_log("ready.", timeout_s=60)
         deadline = time.monotonic() + 20
         while True:
             with engine.connect() as conn:
                 started = conn.execute(
-                    text("SELECT count(*) FROM result WHERE id = ANY(:ids) AND started_at IS NOT NULL"), {"ids": ids}
+                    text("SELECT count(*) FROM result WHERE id = ANY(:ids) AND started_at IS NOT NULL"),
+                    {"ids": ids},
                 ).scalar_one()
             if started >= 2:
                 break

@@ -64,7 +64,13 @@ def test_config_pbtxt_is_a_vllm_model(folder: Path) -> None:
     assert config.parameters["REPORT_CUSTOM_METRICS"].string_value == "true"
     # The backend adds its own inputs/outputs and the decoupled policy.
     assert not config.input and not config.output
-    assert sorted(p.name for p in folder.iterdir()) == ["1", "config.pbtxt"]
+    # The chat template (and its chat.json) are the platform's: Triton ignores them.
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "1",
+        "chat.json",
+        "chat_template.jinja",
+        "config.pbtxt",
+    ]
     assert sorted(p.name for p in (folder / "1").iterdir()) == ["model.json"]
 
 

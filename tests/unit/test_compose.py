@@ -40,7 +40,9 @@ def test_start_order_uses_health_conditions(compose: dict[str, Any]) -> None:
     for name in ("db", "redis", "api", "worker", "triton"):
         test = s[name]["healthcheck"]["test"]
         # The parser keeps CMD lists and turns CMD-SHELL into a plain shell string.
-        assert (isinstance(test, list) and test[0] == "CMD" and len(test) > 1) or (isinstance(test, str) and test)
+        assert (isinstance(test, list) and test[0] == "CMD" and len(test) > 1) or (
+            isinstance(test, str) and test
+        )
 
 
 def test_commands_point_at_real_code(compose: dict[str, Any]) -> None:
@@ -54,7 +56,9 @@ def test_commands_point_at_real_code(compose: dict[str, Any]) -> None:
     assert s["api"]["ports"] == ["8887:8887"]
     worker_cmd = s["worker"]["command"]
     assert worker_cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
-    assert "threads" in worker_cmd and "-B" in worker_cmd
+    # No embedded beat: every worker runs the sweeper loop, one at a time (an advisory lock), so
+    # `--scale worker=N` never gives a second sweeper.
+    assert "threads" in worker_cmd and "-B" not in worker_cmd and "--beat" not in worker_cmd
 
 
 def test_environment_and_env_files(compose: dict[str, Any]) -> None:
@@ -77,7 +81,9 @@ def test_environment_and_env_files(compose: dict[str, Any]) -> None:
 
 def test_gpu_triton_serves_the_model_repository(compose: dict[str, Any]) -> None:
     triton = compose["services"]["triton"]
-    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and triton["image"].endswith("-vllm-python-py3")
+    assert triton["image"].startswith("nvcr.io/nvidia/tritonserver:") and triton["image"].endswith(
+        "-vllm-python-py3"
+    )
     assert "./triton_models:/models:ro" in triton["volumes"]
     assert (ROOT / "triton_models").is_dir()
     assert "--model-repository=/models" in triton["command"]

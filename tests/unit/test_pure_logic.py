@@ -82,6 +82,9 @@ def test_rpc_errors_are_classified(code: grpc.StatusCode, transient: bool) -> No
 
 
 def test_server_messages_are_classified() -> None:
-    assert classify_server_message("Error generating stream: temperature must be non-negative").transient is False
+    assert (
+        classify_server_message("Error generating stream: temperature must be non-negative").transient
+        is False
+    )
     assert classify_server_message("Request for unknown model: 'x' is not found").transient is False
     assert classify_server_message("Request for model 'm' is not ready").transient is True

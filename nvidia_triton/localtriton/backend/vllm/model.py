@@ -11,6 +11,7 @@ engine virtualenv (the launcher arranges it).
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import os
@@ -67,6 +68,14 @@ _FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 def _bool_input(request: Any, name: str) -> bool | None:
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     return None if tensor is None else bool(tensor.as_numpy().reshape(-1)[0])
+
+
+def _images(request: Any) -> list[bytes]:
+    """The `image` input's images, decoded (base64, as the real backend takes them)."""
+    tensor = pb_utils.get_input_tensor_by_name(request, "image")
+    if tensor is None:
+        return []
+    return [base64.b64decode(item) for item in tensor.as_numpy().reshape(-1)]
 
 
 def _error_response(message: str) -> Any:
@@ -262,7 +271,7 @@ class TritonPythonModel:
         params = engine.parse_sampling_params(raw)
         if params.lora_name is not None:
             raise ValueError("LoRA feature is not enabled.")
-        plan = engine.plan(prompt, params, self.config.max_model_len)
+        plan = engine.plan(prompt, params, self.config.max_model_len, engine.image_tokens(_images(request)))
         flags = {name: bool(_bool_input(request, name)) for name in _RETURN_FLAGS}
         return Sequence(plan, _ResponseSink(sender, plan, prompt if prepend else "", flags), stream)
 

@@ -1,0 +1,69 @@
+"""`GET /results/export`: the tenant's finished jobs as JSON lines (a router of its own, included
+before the results router so that `/results/{result_id}` does not take the path)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Query
+from fastapi.responses import StreamingResponse
+
+from app.deps import Caller, caller
+from app.errors import InvalidInput
+from app.models import ResultStatus
+from app.schemas import ErrorBody, TenantName
+from app.services import export as service
+
+router = APIRouter(prefix="/results", tags=["results"])
+
+
+@router.get(
+    "/export",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/x-ndjson": {}}, "description": "One JSON object per line"},
+        422: {"model": ErrorBody},
+    },
+)
+async def export(
+    since: datetime | None = Query(None, alias="from", description="Jobs created at or after (ISO 8601)."),
+    until: datetime | None = Query(None, alias="to", description="Jobs created before (ISO 8601)."),
+    model: str | None = Query(None, max_length=255, pattern=r"^[^\x00]*$", description="Only this model's."),
+    status: list[ResultStatus] | None = Query(
+        None, description="Only these final states (repeatable); default: completed, failed, cancelled."
+    ),
+    tenant: TenantName | None = Query(None, description="Admin keys: only this tenant's jobs."),
+    c: Caller = Depends(caller),
+) -> StreamingResponse:
+    """Your tenant's finished jobs (an admin key: every tenant's), oldest first, as JSON lines: id,
+    timestamp, model, status, prompt (or messages), response, parameters, tokens."""
+    for zone, value in (("from", since), ("to", until)):
+        if value is not None and value.tzinfo is None:
+            raise InvalidInput(
+                f"'{zone}' needs a time zone (e.g. 2026-11-28T00:00:00Z)", detail={"field": f"query.{zone}"}
+            )
+    if status and ResultStatus.PENDING in status:
+        raise InvalidInput(
+            "the export holds finished jobs only: status may be completed, failed or cancelled",
+            detail={"field": "query.status"},
+        )
+    body = service.lines(
+        c.rt.db,
+        c.principal,
+        tenant=tenant,
+        statuses=[s.value for s in status] if status else None,
+        model=model,
+        since=since,
+        until=until,
+        page_size=c.rt.settings.EXPORT_PAGE_SIZE,
+    )
+    # The first page is read before answering: a database error is still a proper 503.
+    first = await anext(body, b"")
+
+    async def pages() -> AsyncIterator[bytes]:
+        yield first
+        async for page in body:
+            yield page
+
+    return StreamingResponse(pages(), media_type="application/x-ndjson")

@@ -1,0 +1,156 @@
+"""The OpenAI-compatible surface (/v1): chat completions, completions and the model list, on
+durable jobs. Each choice is a result row: the answer's `id` (and each choice's `result_id`, and the
+`X-Result-Id` header listing them) is what `GET /results/{id}` shows; a client that leaves does not
+stop its jobs. Errors are in OpenAI's shape (app/errors.py)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Header, Path
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from app.deps import Caller, caller
+from app.errors import AppError, NotFound, ServiceUnavailable
+from app.routes.models import check_ready
+from app.schemas_openai import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ModelList,
+    ModelObject,
+    OpenAIError,
+)
+from app.services import openai as service
+from app.services import openai_stream
+from app.triton.admin import TritonUnavailable
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+IDEMPOTENCY_DOC = (
+    "Any string: the same key with the same request within 24 hours answers from the same jobs "
+    "(created once)."
+)
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIError, "description": description}
+    for code, description in (
+        (
+            400,
+            "Invalid or unsupported field (named in `param`), model without a chat template, job refused by the engine",
+        ),
+        (404, "Unknown model"),
+        (409, "Model not ready, or the job was cancelled"),
+        (429, "Over the tenant's pending jobs or the key's submit rate"),
+        (502, "Triton failed the job"),
+        (503, "Triton or the database unreachable"),
+        (504, "The jobs did not finish within OPENAI_WAIT_S (they go on)"),
+    )
+}
+
+
+async def _check_model(c: Caller, model: str) -> None:
+    try:
+        await check_ready(c.rt.model_catalog, model)
+    except NotFound as exc:
+        raise AppError(exc.message, 404, detail={"field": "model"}, code="model_not_found") from exc
+
+
+async def _create(c: Caller, call: service.Call, idempotency_key: str | None) -> list[uuid.UUID]:
+    """Create the call's jobs, quotas first."""
+    await c.rt.submit_rate.check(c.principal)
+    await c.rt.pending.check(c.principal)
+    result_ids, created = await service.create_jobs(c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key)
+    if created:
+        for _ in result_ids:
+            c.rt.pending.submitted(c.principal.tenant)
+    return result_ids
+
+
+async def _run(c: Caller, call: service.Call, idempotency_key: str | None) -> list[dict[str, Any]]:
+    """Create the call's jobs, then wait for their final rows."""
+    result_ids = await _create(c, call, idempotency_key)
+    return await service.wait_final(
+        c.rt.db, c.rt.waiter, c.principal, result_ids, c.rt.settings.OPENAI_WAIT_S
+    )
+
+
+async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) -> StreamingResponse:
+    """Create the call's jobs, then answer with their chunks as they are generated."""
+    result_ids = await _create(c, call, idempotency_key)
+    body = openai_stream.chunks(c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, call, result_ids)
+    headers = {
+        "X-Result-Id": ",".join(map(str, result_ids)),
+        "Cache-Control": "no-cache",
+        "X-Accel-Buffering": "no",
+    }
+    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+
+
+def _answer(body: ChatCompletion | Completion) -> JSONResponse:
+    ids = ",".join(choice.result_id for choice in body.choices)
+    return JSONResponse(body.model_dump(mode="json"), headers={"X-Result-Id": ids})
+
+
+@router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+async def chat_completions(
+    body: ChatCompletionRequest,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_DOC),
+    c: Caller = Depends(caller),
+) -> Any:
+    """OpenAI's chat completion: the conversation goes through the model's chat template, each of
+    the `n` choices is a job, and the answer comes when they have all ended; with `stream`, as
+    `chat.completion.chunk` events while they are generated, then `data: [DONE]`."""
+    service.refuse_unsupported(body)
+    await _check_model(c, body.model)
+    call = await service.chat_call(body, c.rt.settings, c.rt.templates)
+    if body.stream:
+        return await _stream(c, call, idempotency_key)
+    rows = await _run(c, call, idempotency_key)
+    return _answer(service.chat_completion(call, rows))
+
+
+@router.post("/completions", response_model=Completion, responses=_ERRORS)
+async def completions(
+    body: CompletionRequest,
+    idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_DOC),
+    c: Caller = Depends(caller),
+) -> Any:
+    """OpenAI's (legacy) completion: each prompt is sent as is; `n` choices per prompt, each a job."""
+    service.refuse_unsupported(body)
+    await _check_model(c, body.model)
+    call = service.completion_call(body, c.rt.settings)
+    if body.stream:
+        return await _stream(c, call, idempotency_key)
+    rows = await _run(c, call, idempotency_key)
+    return _answer(service.completion(call, rows))
+
+
+async def _models(c: Caller) -> list[ModelObject]:
+    try:
+        models = await c.rt.triton_admin.list_models()
+    except TritonUnavailable as exc:
+        raise ServiceUnavailable(str(exc)) from exc
+    return [ModelObject(id=m.name, ready=m.ready) for m in models]
+
+
+@router.get("/models", response_model=ModelList, responses=_ERRORS)
+async def list_models(c: Caller = Depends(caller)) -> ModelList:
+    """The models in Triton's repository, read live (`ready`: loaded and serving)."""
+    return ModelList(data=await _models(c))
+
+
+@router.get("/models/{model_id}", response_model=ModelObject, responses=_ERRORS)
+async def get_model(
+    model_id: str = Path(min_length=1, max_length=255), c: Caller = Depends(caller)
+) -> ModelObject:
+    found = next((m for m in await _models(c) if m.id == model_id), None)
+    if found is None:
+        raise AppError(
+            f"model '{model_id}' is not served by Triton",
+            404,
+            detail={"field": "model"},
+            code="model_not_found",
+        )
+    return found

@@ -1,0 +1,180 @@
+"""Schemas of the OpenAI-compatible surface (/v1): requests as OpenAI's API defines them (the
+fields this platform honours; anything else that would change the answer is refused by the
+service, naming it), and the objects it answers."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# NUL cannot be stored in Postgres (text or JSONB): refused here with the field named.
+NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+StopString = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["text"]
+    text: NoNul
+
+
+class ImageUrl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(min_length=1, description="A `data:image/png;base64,…` or `data:image/jpeg;…` URL.")
+    detail: Literal["auto", "low", "high"] | None = None
+
+
+class ImagePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: NoNul | Annotated[list[ContentPart], Field(min_length=1)] | None = None
+    name: Annotated[str, Field(max_length=64)] | None = None
+    image: str | None = Field(
+        default=None,
+        description="Non-standard, sent by some clients: one image as a data URL, or a markdown "
+        "image link around one (`![](data:…)`).",
+    )
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool | None = None
+
+
+class _Common(BaseModel):
+    """Fields shared by chat and completions. Unknown fields are kept (`extra`) so that the service
+    can refuse those it does not support by name instead of ignoring them."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str = Field(min_length=1, max_length=255)
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    stop: StopString | Annotated[list[StopString], Field(max_length=16)] | None = None
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
+    n: int | None = Field(default=None, ge=1, description="Choices: each one is a job of its own.")
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    user: Annotated[str, Field(max_length=256, pattern=r"^[^\x00]*$")] | None = None
+    metadata: (
+        Annotated[
+            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            Field(max_length=16),
+        ]
+        | None
+    ) = Field(default=None, description="Stored with the job (up to 16 string pairs).")
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        default=None, description="Extra variables for the model's chat template (e.g. enable_thinking)."
+    )
+
+
+class CompletionRequest(_Common):
+    prompt: NoNul | Annotated[list[NoNul], Field(min_length=1, max_length=64)]
+
+    @field_validator("prompt")
+    @classmethod
+    def _not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if (value if isinstance(value, list) else [value]).count("") or value == []:
+            raise ValueError("a prompt must not be empty")
+        return value
+
+
+# ---------------------------------------------------------------- answers
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+    refusal: None = None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str | None
+    logprobs: None = None
+    result_id: str = Field(description="The job behind this choice (GET /results/{id}).")
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(description="The result id of the first choice's job.")
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str | None
+    logprobs: None = None
+    result_id: str = Field(description="The job behind this choice (GET /results/{id}).")
+
+
+class Completion(BaseModel):
+    id: str = Field(description="The result id of the first choice's job.")
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelObject(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "triton"
+    ready: bool = Field(description="Loaded and ready in Triton.")
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelObject]
+
+
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class OpenAIError(BaseModel):
+    error: OpenAIErrorDetail

@@ -1,0 +1,140 @@
+"""Streamed OpenAI answers (`stream: true`): the jobs' token streams as `chat.completion.chunk` (or
+`text_completion`) server-sent events, ending with `data: [DONE]`.
+
+Each choice is a job sent with `"stream": true`; its pieces come from the same token stream as
+`GET /results/{id}/stream` (app/services/streams.py), so the answer can come from any API process
+and a client that leaves does not stop the jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi.sse import format_sse_event
+
+from app.auth import Principal
+from app.db import Database
+from app.errors import AppError
+from app.notify import ResultWaiter
+from app.services import streams
+from app.services.openai import Call, job_error
+from app.streams import Piece, TokenStreamReader
+
+# A comment line this often while nothing else is sent keeps proxies from closing the connection.
+_KEEPALIVE_S = 15.0
+
+
+def _event(payload: Any) -> bytes:
+    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False))
+
+
+class _Chunks:
+    """The chunk objects of one call, all with the first job's id, as OpenAI gives one id per call."""
+
+    def __init__(self, call: Call, result_ids: list[uuid.UUID]) -> None:
+        self.chat = call.endpoint == "chat.completions"
+        self.base = {
+            "id": str(result_ids[0]),
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": int(time.time()),
+            "model": call.model,
+            "system_fingerprint": None,
+        }
+
+    def choice(self, index: int, text: str | None, finish_reason: str | None, first: bool = False) -> bytes:
+        if self.chat:
+            delta: dict[str, Any] = {"content": text} if text is not None else {}
+            if first:
+                delta = {"role": "assistant", "content": text or ""}
+            choice: dict[str, Any] = {"index": index, "delta": delta}
+        else:
+            choice = {"index": index, "text": text or ""}
+        choice |= {"logprobs": None, "finish_reason": finish_reason}
+        return _event({**self.base, "choices": [choice]})
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+        return _event({**self.base, "choices": [], "usage": usage})
+
+
+async def chunks(
+    db: Database,
+    waiter: ResultWaiter,
+    token_streams: TokenStreamReader,
+    principal: Principal,
+    call: Call,
+    result_ids: list[uuid.UUID],
+) -> AsyncIterator[bytes]:
+    """The SSE body: every choice's pieces as they come (choices interleaved), each choice's end
+    with its finish reason, the usage when asked, then `[DONE]`. A job that fails or is cancelled
+    ends the answer with an `error` event saying why (the SDK raises it)."""
+    out = _Chunks(call, result_ids)
+    queue: asyncio.Queue[tuple[int, Piece | streams.Final] | None] = asyncio.Queue()
+
+    async def follow(index: int, result_id: uuid.UUID) -> None:
+        async for event in streams.follow(db, waiter, token_streams, principal, result_id, 0):
+            await queue.put((index, event))
+
+    async def run_all() -> None:
+        try:
+            await asyncio.gather(*(follow(i, rid) for i, rid in enumerate(result_ids)))
+        finally:
+            await queue.put(None)
+
+    for index in range(len(result_ids)):
+        yield out.choice(index, "", None, first=True)
+    finals: dict[int, dict[str, Any]] = {}
+    feeder = asyncio.ensure_future(run_all())
+    try:
+        while True:
+            try:
+                item = await asyncio.wait_for(queue.get(), _KEEPALIVE_S)
+            except TimeoutError:
+                yield b": keep-alive\n\n"
+                continue
+            if item is None:
+                break
+            index, event = item
+            if isinstance(event, Piece):
+                yield out.choice(index, event.text, None)
+                continue
+            row = json.loads(event.result.model_dump_json())
+            if row["status"] != "completed":
+                error = job_error(row, result_ids)
+                yield _event(_error_body(error))
+                return
+            finals[index] = row
+            yield out.choice(index, None if out.chat else "", row.get("finish_reason") or "stop")
+        feeder.result()  # a failure while following (e.g. the database) is raised here
+        if call.include_usage and len(finals) == len(result_ids):
+            rows = [finals[i] for i in range(len(result_ids))]
+            prompt_tokens = sum(rows[p * call.n].get("prompt_tokens") or 0 for p in range(len(call.prompts)))
+            yield out.usage(prompt_tokens, sum(r.get("completion_tokens") or 0 for r in rows))
+        yield b"data: [DONE]\n\n"
+    except AppError as exc:
+        yield _event(_error_body(exc))
+    finally:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await feeder
+
+
+def _error_body(error: AppError) -> dict[str, Any]:
+    return {
+        "error": {
+            "message": error.message,
+            "type": "server_error" if error.status_code >= 500 else "invalid_request_error",
+            "param": None,
+            "code": error.code,
+        }
+    }

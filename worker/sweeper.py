@@ -1,0 +1,140 @@
+"""The sweeper: one at a time, whatever the number of workers and machines.
+
+Every worker process runs this loop in a thread. It holds a Postgres session advisory lock on a
+connection of its own while it sweeps; the others wait for that lock. When the leader dies (even by
+kill -9) Postgres ends its session and frees the lock: another worker takes over at once. Nothing
+runs outside the worker process, so nothing is left behind when it dies (unlike celery's -B beat).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Callable
+
+import psycopg
+
+from app.config import Settings
+from app.db import Connection, connection_kwargs, conninfo
+from app.notify import publish_cancels, publish_done
+from app.repositories import idempotency
+from app.repositories import results as repo
+from app.services.idempotency import RETENTION_S
+
+log = logging.getLogger(__name__)
+
+# The advisory lock's key: "llmq" in ASCII; one sweeper per database.
+LOCK_KEY = 0x6C6C6D71
+SWEEP_LIMIT = 1000
+
+
+def sweep_once(
+    conn: Connection,
+    settings: Settings,
+    ring: Callable[[list[uuid.UUID]], object],
+    *,
+    release_lapsed: bool,
+    triton_down: str | None = None,
+) -> dict[str, int]:
+    """One sweep: jobs past the deadline fail (saying so if Triton is unreachable), jobs whose lease
+    lapsed and jobs whose message was lost are sent again, jobs past their own deadline end."""
+    why = f"Triton unreachable: {triton_down}" if triton_down else None
+    expired = repo.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S, why=why)
+    lapsed = repo.release_lapsed(conn, limit=SWEEP_LIMIT) if release_lapsed else []
+    lost = repo.requeue_candidates(conn, requeue_after_s=settings.SWEEP_REQUEUE_AFTER_S, limit=SWEEP_LIMIT)
+    idempotency.forget_old(conn, RETENTION_S)
+    timed_out = repo.cancel_past_deadline(conn)
+    publish_cancels(settings, timed_out)  # a worker running one of them aborts it
+    publish_done(settings, expired + timed_out)
+    if lapsed or lost:
+        ring(lapsed + lost)
+    if expired or lapsed or lost:
+        log.warning(
+            "sweep: re-enqueued %d jobs whose lease lapsed and %d lost messages, failed %d past the deadline",
+            len(lapsed),
+            len(lost),
+            len(expired),
+        )
+    return {
+        "lapsed": len(lapsed),
+        "requeued": len(lost),
+        "expired": len(expired),
+        "timed_out": len(timed_out),
+    }
+
+
+class Sweeper:
+    def __init__(
+        self,
+        settings: Settings,
+        ring: Callable[[list[uuid.UUID]], object],
+        triton_down: Callable[[], str | None] = lambda: None,
+    ) -> None:
+        self.settings = settings
+        self.ring = ring
+        self.triton_down = triton_down
+        self.leading = False
+        self._stop = threading.Event()
+        self._conn: Connection | None = None
+        self._thread = threading.Thread(target=self._run, name="sweeper", daemon=True)
+
+    def start(self) -> Sweeper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Give the lead up (a warm shutdown): another worker takes over at once."""
+        self._stop.set()
+        conn = self._conn
+        if conn is not None:
+            conn.cancel_safe()  # ends a wait for the lock
+        self._thread.join(timeout=5)
+
+    def _run(self) -> None:
+        delay = 0.5
+        while not self._stop.is_set():
+            try:
+                self._lead()
+                delay = 0.5
+            except Exception as exc:  # Postgres down or restarted: connect again
+                if self._stop.is_set():
+                    break
+                if self.leading:
+                    log.warning("sweeper: lost the lead: %s", exc)
+                else:
+                    log.debug("sweeper: cannot wait for the lead: %s", exc)
+                self._stop.wait(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                self.leading = False
+        log.info("sweeper stopped")
+
+    def _lead(self) -> None:
+        kwargs = connection_kwargs(self.settings, f"llmq-sweeper-{os.getpid()}")
+        with psycopg.connect(conninfo(self.settings), **kwargs) as conn:
+            self._conn = conn
+            try:
+                # A session lock, waited for: held until this connection ends (or the process dies).
+                conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                if self._stop.is_set():
+                    return
+                self.leading = True
+                led_since = time.monotonic()
+                log.info("sweeper: this worker sweeps (every %gs)", self.settings.SWEEP_INTERVAL_S)
+                while not self._stop.is_set():
+                    # Leases that lapsed while no one could renew them (Postgres down, or no leader)
+                    # get one full lease from now to be renewed before they count as lapsed.
+                    release_lapsed = time.monotonic() - led_since >= self.settings.LEASE_S
+                    sweep_once(
+                        conn,
+                        self.settings,
+                        self.ring,
+                        release_lapsed=release_lapsed,
+                        triton_down=self.triton_down(),
+                    )
+                    self._stop.wait(self.settings.SWEEP_INTERVAL_S)
+            finally:
+                self._conn = None

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_response
+from app.errors import render_error
 
 
 class BodyLimit:
@@ -62,8 +62,12 @@ class BodyLimit:
         await discard_body(receive, self.drain_bytes - seen)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
-        response = error_response(
-            413, f"{what}; the limit is {self.max_bytes} bytes", headers={"connection": "close"}
+        response = render_error(
+            scope["path"],
+            413,
+            f"{what}; the limit is {self.max_bytes} bytes",
+            headers={"connection": "close"},
+            code="request_too_large",
         )
         await response(scope, receive, send)
 

@@ -340,3 +340,12 @@ def test_a_streamed_call_whose_job_fails_raises_the_reason(sdk: openai.OpenAI) -
     stream = sdk.completions.create(model=FAST_MODEL, prompt="word " * 600, max_tokens=8, stream=True)
     with pytest.raises(openai.APIError, match="failed"):
         list(stream)
+
+
+def test_a_body_over_the_limit_is_a_413_in_openais_shape(sdk: openai.OpenAI) -> None:
+    huge = "word " * 600_000  # ~3 MB, over the API's body limit
+    with pytest.raises(openai.APIStatusError) as refused:
+        sdk.chat.completions.create(model=FAST_MODEL, messages=[{"role": "user", "content": huge}])
+    assert refused.value.status_code == 413
+    body = refused.value.body
+    assert isinstance(body, dict) and body["code"] == "request_too_large" and "limit" in body["message"]

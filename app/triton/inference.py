@@ -32,6 +32,7 @@ _TRANSIENT_CODES = frozenset(
 )
 _TRANSIENT_MARKERS = (
     "is not ready",
+    "has no available versions",  # known to the repository, still loading (e.g. Triton restarting)
     "unavailable",
     "connection refused",
     "failed to connect",

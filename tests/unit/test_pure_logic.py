@@ -88,3 +88,6 @@ def test_server_messages_are_classified() -> None:
     )
     assert classify_server_message("Request for unknown model: 'x' is not found").transient is False
     assert classify_server_message("Request for model 'm' is not ready").transient is True
+    # Known to the repository but still loading (Triton just restarted): worth waiting for.
+    loading = "Request for unknown model: 'sim-llm-slow' has no available versions"
+    assert classify_server_message(loading).transient is True

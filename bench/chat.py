@@ -7,7 +7,6 @@ so both modes do the same work; the direct mode is `bench.direct.run_direct` giv
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import dataclass
 from functools import cache
@@ -15,7 +14,7 @@ from functools import cache
 from localtriton.engine import simulate
 
 from app.templates import ChatTemplates
-from bench.platform import Client
+from bench.platform import Client, run_clients
 from bench.stats import RunResult
 from bench.workload import MAX_MODEL_LEN, PROMPTS, SIM_MODELS, Job, JobClock, Phase, Warmup, triton_params
 
@@ -79,8 +78,6 @@ async def run_chat_platform(
     result = RunResult("platform", phase.scenario, phase.model, phase.in_flight, total, poll_mode="openai")
     result.ramp_s = phase.ramp_s
     clock = JobClock(total, warmup)
-    loop = asyncio.get_running_loop()
-    deadline = clock.start + phase.time_limit_s
 
     async def one_job(i: int) -> None:
         job = phase.jobs[i % len(phase.jobs)]
@@ -105,22 +102,5 @@ async def run_chat_platform(
         if tokens != phase.max_tokens or body["choices"][0]["finish_reason"] != "length":
             result.wrong_length += 1
 
-    async def virtual_client(k: int) -> None:
-        try:
-            async with asyncio.timeout_at(deadline - time.monotonic() + loop.time()):
-                await phase.start_of(k)
-                while True:
-                    i = clock.take()  # < 0: a warm-up job
-                    if i is None:
-                        return
-                    try:
-                        await one_job(i)
-                    except client.errors as exc:
-                        result.note_error(f"{type(exc).__name__}: {exc}")
-        except TimeoutError:
-            result.timed_out = True
-
-    await asyncio.gather(*(virtual_client(k) for k in range(phase.in_flight)))
-    result.wall_s = clock.wall_s
-    result.steady_jobs_per_s = clock.steady_jobs_per_s()
+    await run_clients(phase, clock, result, client.errors, one_job)
     return result

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
@@ -95,8 +96,6 @@ async def run_platform(
     result = RunResult("platform", phase.scenario, phase.model, phase.in_flight, total, poll_mode=poll_mode)
     result.ramp_s = phase.ramp_s
     clock = JobClock(total, warmup)
-    loop = asyncio.get_running_loop()
-    deadline = clock.start + phase.time_limit_s
     long_poll = poll_mode == "long"
     poll_suffix = f"?wait={long_poll_wait_s:g}" if long_poll else ""
 
@@ -164,6 +163,22 @@ async def run_platform(
             if not long_poll:
                 await asyncio.sleep(poll_interval_s)
 
+    await run_clients(phase, clock, result, client.errors, one_job)
+    return result
+
+
+async def run_clients(
+    phase: Phase,
+    clock: JobClock,
+    result: RunResult,
+    errors: tuple[type[BaseException], ...],
+    one_job: Callable[[int], Awaitable[None]],
+) -> None:
+    """N virtual clients, each doing one job after another until the clock has none left or the phase's
+    time limit; then the run's wall time and steady rate."""
+    loop = asyncio.get_running_loop()
+    deadline = clock.start + phase.time_limit_s
+
     async def virtual_client(k: int) -> None:
         try:
             async with asyncio.timeout_at(deadline - time.monotonic() + loop.time()):
@@ -174,7 +189,7 @@ async def run_platform(
                         return
                     try:
                         await one_job(i)
-                    except client.errors as exc:
+                    except errors as exc:
                         result.note_error(f"{type(exc).__name__}: {exc}")
         except TimeoutError:
             result.timed_out = True
@@ -182,4 +197,3 @@ async def run_platform(
     await asyncio.gather(*(virtual_client(k) for k in range(phase.in_flight)))
     result.wall_s = clock.wall_s
     result.steady_jobs_per_s = clock.steady_jobs_per_s()
-    return result

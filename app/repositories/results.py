@@ -330,13 +330,7 @@ def record_cancelled(
     completion_tokens: int | None,
 ) -> dict[str, Any] | None:
     """What a cancelled job had produced, on its (already final) row; once."""
-    values = {
-        "id": result_id,
-        "output": output,
-        "prompt_tokens": prompt_tokens,
-        "completion_tokens": completion_tokens,
-    }
-    return conn.cursor(row_factory=dict_row).execute(_RECORD_CANCELLED, values).fetchone()
+    return _write_stopped(conn, _RECORD_CANCELLED, result_id, None, output, prompt_tokens, completion_tokens)
 
 
 def end_past_deadline(
@@ -348,6 +342,20 @@ def end_past_deadline(
     completion_tokens: int | None,
 ) -> dict[str, Any] | None:
     """A job that ran out of its own time: `cancelled`, with the reason and what it had produced."""
+    return _write_stopped(
+        conn, _END_PAST_DEADLINE, result_id, error, output, prompt_tokens, completion_tokens
+    )
+
+
+def _write_stopped(
+    conn: Connection,
+    statement: str,
+    result_id: uuid.UUID,
+    error: str | None,
+    output: str | None,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+) -> dict[str, Any] | None:
     values = {
         "id": result_id,
         "error": error,
@@ -355,7 +363,7 @@ def end_past_deadline(
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
     }
-    return conn.cursor(row_factory=dict_row).execute(_END_PAST_DEADLINE, values).fetchone()
+    return conn.cursor(row_factory=dict_row).execute(statement, values).fetchone()
 
 
 def cancel_past_deadline(conn: Connection) -> list[uuid.UUID]:

@@ -72,6 +72,8 @@ class Settings(BaseSettings):
     # Sweeper: a pending job not started after this long has lost its message: enqueue it again.
     SWEEP_INTERVAL_S: float = Field(default=5.0, gt=0)
     SWEEP_REQUEUE_AFTER_S: float = Field(default=120.0, gt=0)
+    # The same when the broker's queue is empty (no message can still be waiting for a worker).
+    SWEEP_LOST_AFTER_S: float = Field(default=15.0, gt=0)
     # A job still pending this long after it was created fails with a clear error.
     JOB_DEADLINE_S: float = Field(default=3600.0, gt=0)
     # Token streams (jobs sent with "stream": true): kept this long after their last piece.

@@ -200,6 +200,19 @@ class JobQueue:
                 )
                 return False
 
+    def waiting(self) -> int | None:
+        """How many job messages wait in the broker (None: Redis could not say)."""
+        with self._producer_lock:
+            try:
+                producer: Any = self._get_producer()
+                assert self._template is not None
+                with producer.channel.conn_or_acquire() as client:
+                    return int(client.llen(self._template.key))
+            except Exception:
+                self._drop_producer()
+                log.warning("could not read the queue's length", exc_info=True)
+                return None
+
     def _publish(self, producer: Any, task_id: str) -> None:
         amqp: Any = self.celery.amqp  # args as a list, as send_task passes them (argsrepr shows it)
         message = amqp.as_task_v2(task_id, RUN_JOB_TASK, args=[task_id], ignore_result=True)

@@ -72,7 +72,7 @@ def _start_sweeper_and_gate(sender: Any = None, **_: Any) -> None:
                 return gate.down
             return f"Triton at {settings.TRITON_GRPC_URL} does not answer"
 
-        _sweeper.append(Sweeper(settings, job_queue().ring, triton_down).start())
+        _sweeper.append(Sweeper(settings, job_queue().ring, triton_down, job_queue().waiting).start())
 
 
 @worker_shutting_down.connect

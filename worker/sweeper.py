@@ -38,13 +38,17 @@ def sweep_once(
     *,
     release_lapsed: bool,
     triton_down: str | None = None,
+    waiting: Callable[[], int | None] = lambda: None,
 ) -> dict[str, int]:
     """One sweep: jobs past the deadline fail (saying so if Triton is unreachable), jobs whose lease
     lapsed and jobs whose message was lost are sent again, jobs past their own deadline end."""
     why = f"Triton unreachable: {triton_down}" if triton_down else None
     expired = repo.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S, why=why)
     lapsed = repo.release_lapsed(conn, limit=SWEEP_LIMIT) if release_lapsed else []
-    lost = repo.requeue_candidates(conn, requeue_after_s=settings.SWEEP_REQUEUE_AFTER_S, limit=SWEEP_LIMIT)
+    # With nothing left in the broker, a job not started for a while had its message lost (taken by a
+    # worker that died before claiming it): soon re-sent. With a backlog it may still be queued.
+    requeue_after_s = settings.SWEEP_REQUEUE_AFTER_S if waiting() != 0 else settings.SWEEP_LOST_AFTER_S
+    lost = repo.requeue_candidates(conn, requeue_after_s=requeue_after_s, limit=SWEEP_LIMIT)
     idempotency.forget_old(conn, RETENTION_S)
     timed_out = repo.cancel_past_deadline(conn)
     publish_cancels(settings, timed_out)  # a worker running one of them aborts it
@@ -72,10 +76,12 @@ class Sweeper:
         settings: Settings,
         ring: Callable[[list[uuid.UUID]], object],
         triton_down: Callable[[], str | None] = lambda: None,
+        waiting: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.ring = ring
         self.triton_down = triton_down
+        self.waiting = waiting
         self.leading = False
         self._stop = threading.Event()
         self._conn: Connection | None = None
@@ -134,6 +140,7 @@ class Sweeper:
                         self.ring,
                         release_lapsed=release_lapsed,
                         triton_down=self.triton_down(),
+                        waiting=self.waiting,
                     )
                     self._stop.wait(self.settings.SWEEP_INTERVAL_S)
             finally:

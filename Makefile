@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
 .DEFAULT_GOAL := help
-.PHONY: help install engine dev services test check lint typecheck migrations-check format bench bench-real clean gpu-%
+.PHONY: help install engine dev services test check lint typecheck migrations-check format bench bench-real faults clean gpu-%
 
 help: ## List the commands
 	@grep -hE '^[a-zA-Z_%-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ format: $(STAMP)
 
 bench: $(STAMP) ## Throughput benchmark: direct Triton vs through the platform (see bench/README.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
+
+faults: $(STAMP) ## Fault suite: own Postgres/Redis, Triton, workers, API; kills and outages under load (~25 min; FAULTS_ARGS=--quick: ~3 min)
+	$(BIN)/python -m bench.faults $(FAULTS_ARGS)
 
 bench-real: engine ## The real model: direct through Triton vs the platform, tokens/s at 1, 16, 32 jobs
 	$(BIN)/python -m bench.real_engine $(BENCH_ARGS)

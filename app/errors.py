@@ -89,9 +89,16 @@ def openai_error_response(
     headers: dict[str, str] | None = None,
 ) -> JSONResponse:
     """An error of the /v1 surface: {"error": {"message", "type", "param", "code"}}."""
-    kind = _OPENAI_TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    body = openai_error_body(status_code, message, param=param, code=code)
     return JSONResponse(status_code=status_code, content=body, headers=headers)
+
+
+def openai_error_body(
+    status_code: int, message: str, *, param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error object (also sent inside a stream, where no status code can say it)."""
+    kind = _OPENAI_TYPES.get(status_code, "server_error" if status_code >= 500 else "invalid_request_error")
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 def render_error(

@@ -399,7 +399,7 @@ def job_error(row: dict[str, Any], result_ids: list[uuid.UUID]) -> AppError:
 # ---------------------------------------------------------------- answers
 
 
-def _usage(call: Call, rows: list[dict[str, Any]]) -> Usage:
+def usage(call: Call, rows: list[dict[str, Any]]) -> Usage:
     # The prompt counts once per prompt, as OpenAI counts it, however many choices it has.
     prompt_tokens = sum(rows[p * call.n].get("prompt_tokens") or 0 for p in range(len(call.prompts)))
     completion_tokens = sum(row.get("completion_tokens") or 0 for row in rows)
@@ -429,7 +429,7 @@ def chat_completion(call: Call, rows: list[dict[str, Any]]) -> ChatCompletion:
             )
             for i, row in enumerate(rows)
         ],
-        usage=_usage(call, rows),
+        usage=usage(call, rows),
     )
 
 
@@ -448,5 +448,5 @@ def completion(call: Call, rows: list[dict[str, Any]]) -> Completion:
             )
             for i, row in enumerate(rows)
         ],
-        usage=_usage(call, rows),
+        usage=usage(call, rows),
     )

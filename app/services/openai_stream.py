@@ -20,10 +20,11 @@ from fastapi.sse import format_sse_event
 
 from app.auth import Principal
 from app.db import Database
-from app.errors import AppError
+from app.errors import AppError, openai_error_body
 from app.notify import ResultWaiter
+from app.schemas_openai import Usage
 from app.services import streams
-from app.services.openai import Call, job_error
+from app.services.openai import Call, job_error, usage
 from app.streams import Piece, TokenStreamReader
 
 # A comment line this often while nothing else is sent keeps proxies from closing the connection.
@@ -58,13 +59,8 @@ class _Chunks:
         choice |= {"logprobs": None, "finish_reason": finish_reason}
         return _event({**self.base, "choices": [choice]})
 
-    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        return _event({**self.base, "choices": [], "usage": usage})
+    def usage(self, counts: Usage) -> bytes:
+        return _event({**self.base, "choices": [], "usage": counts.model_dump()})
 
 
 async def chunks(
@@ -110,16 +106,13 @@ async def chunks(
                 continue
             row = json.loads(event.result.model_dump_json())
             if row["status"] != "completed":
-                error = job_error(row, result_ids)
-                yield _event(_error_body(error))
+                yield _event(_error_body(job_error(row, result_ids)))
                 return
             finals[index] = row
             yield out.choice(index, None if out.chat else "", row.get("finish_reason") or "stop")
         feeder.result()  # a failure while following (e.g. the database) is raised here
         if call.include_usage and len(finals) == len(result_ids):
-            rows = [finals[i] for i in range(len(result_ids))]
-            prompt_tokens = sum(rows[p * call.n].get("prompt_tokens") or 0 for p in range(len(call.prompts)))
-            yield out.usage(prompt_tokens, sum(r.get("completion_tokens") or 0 for r in rows))
+            yield out.usage(usage(call, [finals[i] for i in range(len(result_ids))]))
         yield b"data: [DONE]\n\n"
     except AppError as exc:
         yield _event(_error_body(exc))
@@ -130,11 +123,4 @@ async def chunks(
 
 
 def _error_body(error: AppError) -> dict[str, Any]:
-    return {
-        "error": {
-            "message": error.message,
-            "type": "server_error" if error.status_code >= 500 else "invalid_request_error",
-            "param": None,
-            "code": error.code,
-        }
-    }
+    return openai_error_body(error.status_code, error.message, code=error.code)

@@ -80,9 +80,9 @@ async def follow(
                 seq = piece.seq
             if entries.done:
                 break
-    elif not ended and after == 0:
-        result = await results.read(db, principal, result_id)
-        if result.output:
-            yield Piece(1, result.output)
-            seq = 1
-    yield Final(seq + 1, await results.read(db, principal, result_id))
+        ended = True
+    final = await results.read(db, principal, result_id)
+    if not ended and after == 0 and final.output:  # never streamed (or its stream expired)
+        yield Piece(1, final.output)
+        seq = 1
+    yield Final(seq + 1, final)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import gc
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -62,6 +62,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await db.open()  # connects in the background: Postgres may be down
+        await rt.waiter.listening()  # at most a second: without Redis, polls read Postgres
         # What exists now lives as long as the process: out of the collector's generations, a full
         # collection no longer walks it (a walk stalls the event loop and every request on it).
         gc.freeze()
@@ -86,10 +87,16 @@ def create_app(
         dependencies=list(dependencies),
     )
     app.state.runtime = rt
-    # Middleware added last runs first: the body limit, then authentication, then submit and poll
-    # from their routes' definitions (app.fastpath), then FastAPI for everything.
+    # Middleware added last runs first: the body limit, then authentication, then the calls every
+    # job makes from their routes' definitions (app.fastpath), then FastAPI for everything.
     if fast_path:
-        app.add_middleware(FastPath, api=app, endpoints=[models.send, results.get_result], dependency=caller)
+        per_job: list[Callable[..., Any]] = [
+            models.send,
+            results.get_result,
+            openai.chat_completions,
+            openai.completions,
+        ]
+        app.add_middleware(FastPath, api=app, endpoints=per_job, dependency=caller)
     app.add_middleware(Authentication, keyring=rt.keyring)
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)

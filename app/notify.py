@@ -112,8 +112,22 @@ def publish_cancels(settings: Settings, result_ids: list[uuid.UUID]) -> None:
         log.warning("could not publish the cancel of %d result(s)", len(result_ids), exc_info=True)
 
 
+# What the notices teach each API process, so that most polls need no read of Postgres: the final
+# rows of recently finished jobs, and which jobs it created that have not finished yet.
+RECENT_ROWS = 8192
+RECENT_BYTES = 32 * 1024 * 1024
+CREATED_JOBS = 65536
+
+# `known()`: this process created the job, under this subscription, and no notice has come for it.
+PENDING = b""
+
+
 class ResultWaiter:
-    """One Redis subscription per API process, fanned out to the requests that wait."""
+    """One Redis subscription per API process, fanned out to the requests that wait.
+
+    It also remembers what the notices say (`known`). A job created here while subscribed is
+    pending until its notice comes, since every job's end is published and this process receives
+    every notice; a lost subscription forgets those jobs (notices may have been missed meanwhile)."""
 
     def __init__(self, redis_url: str, channel: str) -> None:
         self.redis_url = redis_url
@@ -121,6 +135,44 @@ class ResultWaiter:
         self._waiters: dict[str, set[asyncio.Future[bytes | None]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
+        self._recent: dict[str, bytes] = {}  # id -> final row (ResultOut JSON), oldest first
+        self._recent_bytes = 0
+        self._created: dict[str, str] = {}  # id -> tenant: created here, no notice seen yet
+
+    def created(self, result_id: uuid.UUID, tenant: str) -> None:
+        """A job this process has just committed and not yet enqueued (no notice can precede this)."""
+        if self._subscribed is None or not self._subscribed.is_set():
+            return  # notices may be missed: its polls read Postgres
+        if len(self._created) >= CREATED_JOBS:  # jobs whose notice was lost: forget the oldest
+            del self._created[next(iter(self._created))]
+        self._created[str(result_id)] = tenant
+
+    def known(self, result_id: uuid.UUID, tenant: str | None) -> bytes | None:
+        """The job's final row if a notice brought it, PENDING if it is a job created here that has
+        not ended, None if only Postgres can say. `tenant`: whose it must be (None: anyone's)."""
+        key = str(result_id)
+        row = self._recent.get(key)
+        if row is not None:
+            if tenant is None or row.startswith(
+                b'{"id":"%s","tenant":"%s",' % (key.encode(), tenant.encode())
+            ):
+                return row
+            return None  # another tenant's: Postgres answers (404), as for any id
+        if key in self._created and (tenant is None or self._created[key] == tenant):
+            return PENDING
+        return None
+
+    def _remember(self, key: str, row_json: bytes | None) -> None:
+        self._created.pop(key, None)
+        old = self._recent.pop(key, None)
+        if old is not None:
+            self._recent_bytes -= len(old)
+        if row_json is None or not row_json.startswith(b'{"id":"%s","tenant":"' % key.encode()):
+            return  # a notice without the row (the sweeper's): polls read Postgres
+        self._recent[key] = row_json
+        self._recent_bytes += len(row_json)
+        while len(self._recent) > RECENT_ROWS or self._recent_bytes > RECENT_BYTES:
+            self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
 
     async def _listen(self) -> None:
         assert self._subscribed is not None
@@ -132,11 +184,15 @@ class ResultWaiter:
                 self._subscribed.set()
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
-                        self._wake(*parse_notice(message["data"]))
+                        key, row_json = parse_notice(message["data"])
+                        self._remember(key, row_json)
+                        self._wake(key, row_json)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.warning("result notices: subscription lost, reconnecting", exc_info=True)
+                self._subscribed.clear()
+                self._created.clear()
                 # Notices may have been missed meanwhile: let every waiter re-read the database.
                 for key in list(self._waiters):
                     self._wake(key)
@@ -160,22 +216,35 @@ class ResultWaiter:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 1.0)
 
+    async def listening(self) -> None:
+        """Subscribed (or Redis is down and waiters will time out): `expect` may be used."""
+        await self._ensure_listening()
+
+    def expect(self, result_id: uuid.UUID) -> asyncio.Future[bytes | None]:
+        """Like `watch`, for a job this process has just created and not enqueued yet: nobody
+        else can have finished it, so its row need not be read first. `forget` it afterwards."""
+        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(str(result_id), set()).add(future)
+        return future
+
+    def forget(self, result_id: uuid.UUID, future: asyncio.Future[bytes | None]) -> None:
+        key = str(result_id)
+        waiters = self._waiters.get(key)
+        if waiters is not None:
+            waiters.discard(future)
+            if not waiters:
+                del self._waiters[key]
+
     @contextlib.asynccontextmanager
     async def watch(self, result_id: uuid.UUID) -> AsyncIterator[asyncio.Future[bytes | None]]:
         """Register interest before re-reading the row, so a notice in between is not lost.
         The future's result is the final row's JSON if the notice carried it, else None."""
         await self._ensure_listening()
-        key = str(result_id)
-        future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
-        self._waiters.setdefault(key, set()).add(future)
+        future = self.expect(result_id)
         try:
             yield future
         finally:
-            waiters = self._waiters.get(key)
-            if waiters is not None:
-                waiters.discard(future)
-                if not waiters:
-                    del self._waiters[key]
+            self.forget(result_id, future)
 
     async def close(self) -> None:
         if self._task is not None:

@@ -65,6 +65,44 @@ async def insert_for_context(
     return None if row is None else row[0]
 
 
+# A prompt the call brings with it (OpenAI's API): its context and its choices' rows in one statement.
+_INSERT_WITH_CONTEXT = """
+    WITH c AS (
+        INSERT INTO context (id, tenant, content) VALUES (%(context_id)s, %(tenant)s, %(content)s)
+        RETURNING id, tenant
+    )
+    INSERT INTO result (id, tenant, context_id, model, params, prompt)
+    SELECT r.id, c.tenant, c.id, %(model)s, r.params, %(prompt)s
+      FROM c, unnest(%(ids)s::uuid[], %(params)s::jsonb[]) WITH ORDINALITY AS r(id, params, n)
+     ORDER BY r.n
+"""
+
+
+async def insert_with_context(
+    conn: AsyncConnection,
+    *,
+    tenant: str,
+    content: str,
+    model: str,
+    jobs: list[tuple[uuid.UUID, dict[str, Any]]],
+    prompt: str | None = None,
+) -> uuid.UUID:
+    """A new context holding `content` and one pending result per (id, params) of `jobs`, in one
+    round trip; the context's id. `prompt`: what the model gets when it is not `content`."""
+    context_id = uuid.uuid4()
+    values = {
+        "context_id": context_id,
+        "tenant": tenant,
+        "content": content,
+        "model": model,
+        "prompt": prompt,
+        "ids": [result_id for result_id, _ in jobs],
+        "params": [Jsonb(params) for _, params in jobs],
+    }
+    await conn.execute(_INSERT_WITH_CONTEXT, values)
+    return context_id
+
+
 # Conditional like every write that ends a job: only a pending job is cancelled.
 _CANCEL = """
     UPDATE result SET status = 'cancelled', error = 'cancelled by the client', finished_at = now(), updated_at = now()

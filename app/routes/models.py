@@ -108,6 +108,7 @@ async def send(
             context_id=context_id,
             params=params,
             templates=c.rt.templates,
+            waiter=c.rt.waiter,
         )
         c.rt.pending.submitted(c.principal.tenant)
         if wait_s:
@@ -141,6 +142,7 @@ async def send(
         create,
     )
     if created:  # committed by now
+        c.rt.waiter.created(uuid.UUID(answer["result_id"]), c.principal.tenant)
         c.rt.enqueue(uuid.UUID(answer["result_id"]))
         c.rt.pending.submitted(c.principal.tenant)
     return JSONResponse(answer, status_code=status, headers={"Location": answer["url"]})

@@ -12,6 +12,7 @@ uses the same `create_jobs` and the same final rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -26,7 +27,6 @@ from app.db import AsyncConnection, Database
 from app.errors import AppError, InvalidInput, PayloadTooLarge
 from app.images import image_base64
 from app.notify import ResultWaiter
-from app.repositories import contexts as contexts_repo
 from app.repositories import results as results_repo
 from app.schemas_openai import (
     AssistantMessage,
@@ -91,8 +91,14 @@ class Call:
     prompts: list[Prompt]
     n: int
     params: dict[str, Any]  # every job's parameters; the choice index (and seed) are set per job
-    fingerprint: bytes = field(repr=False)
+    request: ChatCompletionRequest | CompletionRequest = field(repr=False)
     include_usage: bool = False  # stream_options.include_usage: for the streamed answer's usage chunk
+
+    def fingerprint(self) -> bytes:
+        """What an Idempotency-Key is bound to (only computed when a call has one)."""
+        return idempotency.fingerprint(
+            f"POST /v1/{self.endpoint.replace('.', '/')}", self.request.model_dump_json()
+        )
 
     def job_params(self, index: int, choice: int) -> dict[str, Any]:
         params = {**self.params, OPENAI_KEY: {**self.params[OPENAI_KEY], "index": index}}
@@ -223,7 +229,7 @@ async def chat_call(body: ChatCompletionRequest, settings: Settings, templates: 
         prompts=[Prompt(conversation, prompt)],
         n=params[OPENAI_KEY]["n"],
         params=params,
-        fingerprint=idempotency.fingerprint("POST /v1/chat/completions", body.model_dump_json()),
+        request=body,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
 
@@ -300,7 +306,7 @@ def completion_call(body: CompletionRequest, settings: Settings) -> Call:
         prompts=[Prompt(p) for p in prompts],
         n=n,
         params=params,
-        fingerprint=idempotency.fingerprint("POST /v1/completions", body.model_dump_json()),
+        request=body,
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
 
@@ -311,19 +317,16 @@ def completion_call(body: CompletionRequest, settings: Settings) -> Call:
 async def _insert(conn: AsyncConnection, principal: Principal, call: Call) -> JobsCreated:
     result_ids: list[uuid.UUID] = []
     for p, prompt in enumerate(call.prompts):
-        context = await contexts_repo.insert(conn, principal.tenant, prompt.content)
-        for choice in range(call.n):
-            result_id = uuid.uuid4()
-            await results_repo.insert_for_context(
-                conn,
-                result_id=result_id,
-                tenant=principal.tenant,
-                context_id=context["id"],
-                model=call.model,
-                params=call.job_params(p * call.n + choice, choice),
-                prompt=prompt.rendered,
-            )
-            result_ids.append(result_id)
+        jobs = [(uuid.uuid4(), call.job_params(p * call.n + choice, choice)) for choice in range(call.n)]
+        await results_repo.insert_with_context(
+            conn,
+            tenant=principal.tenant,
+            content=prompt.content,
+            model=call.model,
+            jobs=jobs,
+            prompt=prompt.rendered,
+        )
+        result_ids += [result_id for result_id, _ in jobs]
     return JobsCreated(result_ids=result_ids)
 
 
@@ -333,8 +336,12 @@ async def create_jobs(
     """The call's result ids in choice order, and whether they were created now (False: replayed for
     a repeated Idempotency-Key). Rings the doorbell once the rows are committed."""
     if idempotency_key is None:
-        async with db.connection() as conn, conn.transaction():
-            jobs = await _insert(conn, principal, call)
+        async with db.connection() as conn:
+            if len(call.prompts) == 1:  # one statement: atomic without a transaction's round trips
+                jobs = await _insert(conn, principal, call)
+            else:
+                async with conn.transaction():
+                    jobs = await _insert(conn, principal, call)
         created = True
     else:
 
@@ -342,7 +349,7 @@ async def create_jobs(
             return 200, await _insert(conn, principal, call)
 
         _, answer, created = await idempotency.first_answer(
-            db, principal, idempotency.check_key(idempotency_key), call.fingerprint, create
+            db, principal, idempotency.check_key(idempotency_key), call.fingerprint(), create
         )
         jobs = JobsCreated.model_validate(answer)
     if created:
@@ -351,13 +358,42 @@ async def create_jobs(
     return jobs.result_ids, created
 
 
+async def _final_row(
+    db: Database,
+    waiter: ResultWaiter,
+    principal: Principal,
+    result_id: uuid.UUID,
+    wait_s: float,
+    expected: asyncio.Future[bytes | None] | None,
+) -> bytes | None:
+    if expected is None:
+        return await results_service.final_within(db, waiter, principal, result_id, wait_s)
+    loop = asyncio.get_running_loop()
+    give_up = loop.time() + wait_s
+    with contextlib.suppress(TimeoutError):
+        row_json = await asyncio.wait_for(expected, wait_s)
+        if row_json is not None:  # the notice carried the final row
+            return row_json
+    # A notice without the row, a lost one, or the wait is over: Postgres has the answer.
+    return await results_service.final_within(
+        db, waiter, principal, result_id, max(0.0, give_up - loop.time())
+    )
+
+
 async def wait_final(
-    db: Database, waiter: ResultWaiter, principal: Principal, result_ids: list[uuid.UUID], wait_s: float
+    db: Database,
+    waiter: ResultWaiter,
+    principal: Principal,
+    result_ids: list[uuid.UUID],
+    wait_s: float,
+    expected: dict[uuid.UUID, asyncio.Future[bytes | None]] | None = None,
 ) -> list[dict[str, Any]]:
     """The final rows (as GET /results/{id} shows them), once every job has ended; a 504 naming
-    them past `wait_s` (the jobs go on)."""
+    them past `wait_s` (the jobs go on). `expected`: the notices of jobs created by this call,
+    watched since before they were enqueued (see `ResultWaiter.expect`)."""
+    expected = expected or {}
     bodies = await asyncio.gather(
-        *(results_service.final_within(db, waiter, principal, rid, wait_s) for rid in result_ids)
+        *(_final_row(db, waiter, principal, rid, wait_s, expected.get(rid)) for rid in result_ids)
     )
     if any(body is None for body in bodies):
         raise AppError(

@@ -12,7 +12,7 @@ from app.auth import Principal
 from app.db import AsyncConnection, Database
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import ResultStatus
-from app.notify import CancelNotices, ResultWaiter
+from app.notify import PENDING, CancelNotices, ResultWaiter
 from app.repositories import contexts as contexts_repo
 from app.repositories import results as repo
 from app.schemas import Page, ResultOut, SamplingParams, SendAccepted, SendOptions
@@ -21,6 +21,9 @@ from app.templates import ChatTemplates
 log = logging.getLogger(__name__)
 
 Enqueue = Callable[[uuid.UUID], None]
+
+# A long poll on a job this process created trusts the notices for this long before it reads Postgres.
+TRUST_PENDING_S = 5.0
 
 
 def check_params(
@@ -93,12 +96,15 @@ async def submit(
     context_id: uuid.UUID,
     params: SendOptions,
     templates: ChatTemplates | None = None,
+    waiter: ResultWaiter | None = None,
 ) -> SendAccepted:
     """Record a pending result, then ring the doorbell: only once the row is committed."""
     async with db.connection() as conn:
         accepted = await insert_job(
             conn, principal, model=model, context_id=context_id, params=params, templates=templates
         )
+    if waiter is not None:
+        waiter.created(accepted.result_id, principal.tenant)
     enqueue(accepted.result_id)  # the statement above has committed: the worker can see the row
     return accepted
 
@@ -115,15 +121,24 @@ async def poll(
     db: Database, waiter: ResultWaiter, principal: Principal, result_id: uuid.UUID, wait_s: float
 ) -> bytes:
     """The result as JSON now, or with `wait_s` > 0 as soon as it is final (at most `wait_s` later)."""
+    known = waiter.known(result_id, principal.tenant_filter)
+    if known:  # a notice brought its final row
+        return known
     if wait_s <= 0:
         return (await read(db, principal, result_id)).model_dump_json().encode()
     # Watch before reading, so that a notice sent between the read and the wait is not missed.
     async with waiter.watch(result_id) as finished:
-        result = await read(db, principal, result_id)  # the tenant check
-        if result.status != ResultStatus.PENDING:
-            return result.model_dump_json().encode()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(finished, wait_s)
+        if known == PENDING:  # created here and not ended: no read, but a lost notice costs little
+            trusted_s = min(wait_s, TRUST_PENDING_S)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(finished), trusted_s)
+            wait_s -= trusted_s
+        if not finished.done():
+            result = await read(db, principal, result_id)  # the tenant check
+            if result.status != ResultStatus.PENDING:
+                return result.model_dump_json().encode()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(finished, wait_s)
     row_json = finished.result() if finished.done() and not finished.cancelled() else None
     # The notice carries the final row as ResultOut renders it (its id first): answer with it as is.
     if row_json is not None and row_json.startswith(b'{"id":"%s"' % str(result_id).encode()):

@@ -48,6 +48,8 @@ async def both(
         assert _fast_path_of(fast_app).served() == [
             "/models/send/{model_name}/{context_id}",
             "/results/{result_id}",
+            "/v1/chat/completions",
+            "/v1/completions",
         ]
         yield fast, plain, enqueued
 
@@ -69,6 +71,7 @@ def _drop(text: str, field: str) -> str:
     return json.dumps(data, sort_keys=True)
 
 
+JSON = {"content-type": "application/json"}
 CASES: list[tuple[str, str, dict[str, str], bytes | None]] = [
     (
         "POST",
@@ -94,6 +97,42 @@ CASES: list[tuple[str, str, dict[str, str], bytes | None]] = [
     ("GET", "/results/{rid}?wait=abc", {}, None),
     ("GET", "/results/{missing}", {}, None),
     ("GET", "/results/not-a-uuid", {}, None),
+    # The OpenAI calls' refusals (an accepted call waits for a worker, which this app has not).
+    ("POST", "/v1/chat/completions", JSON, b'{"model": "{model}"}'),
+    ("POST", "/v1/chat/completions", JSON, b"{not json"),
+    ("POST", "/v1/chat/completions", {}, None),
+    (
+        "POST",
+        "/v1/chat/completions",
+        JSON,
+        b'{"model": "no-such-model", "messages": [{"role": "user", "content": "hi"}]}',
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        JSON,
+        b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "logprobs": true}',
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        JSON,
+        b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "temperature": 5}',
+    ),
+    (
+        "POST",
+        "/v1/chat/completions",
+        JSON,
+        b'{"model": "{model}", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}',
+    ),
+    ("POST", "/v1/completions", JSON, b'{"model": "{model}", "prompt": "x", "n": 1000}'),
+    ("POST", "/v1/completions", JSON, b'{"model": "{model}"}'),
+    (
+        "POST",
+        "/v1/completions",
+        {**JSON, "idempotency-key": "k" * 300},
+        b'{"model": "{model}", "prompt": "x"}',
+    ),
 ]
 
 
@@ -109,6 +148,8 @@ async def test_the_fast_path_answers_as_fastapi_does(
     ctx = (await fast.post("/contexts/", json={"content": "compare"})).json()["id"]
     rid = (await plain.post(f"/models/send/{FAST_MODEL}/{ctx}")).json()["result_id"]
     path = template.format(model=FAST_MODEL, ctx=ctx, rid=rid, missing=uuid.uuid4())
+    if body is not None:
+        body = body.replace(b"{model}", FAST_MODEL.encode())
     before = len(enqueued.calls)
     answers = [await client.request(method, path, headers=headers, content=body) for client in (fast, plain)]
     new_ids = [str(i) for i in enqueued.calls[before:]]

@@ -6,15 +6,26 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 import redis.asyncio as aioredis
 
 from app.config import get_settings
-from app.notify import MAX_NOTICE_ROW_BYTES, done_channel, notice, parse_notice
+from app.notify import (
+    MAX_NOTICE_ROW_BYTES,
+    PENDING,
+    RECENT_ROWS,
+    ResultWaiter,
+    done_channel,
+    notice,
+    parse_notice,
+)
 from app.schemas import ResultOut
-from tests.conftest import FAST_MODEL
+from app.services import results as results_service
+from tests.conftest import FAST_MODEL, InProcessApi
 
 pytestmark = pytest.mark.anyio
 
@@ -83,3 +94,80 @@ def test_notice_format() -> None:
     # Too large to fan out to every API process: the id only, the waiters read the database.
     assert parse_notice(notice(rid, b"x" * (MAX_NOTICE_ROW_BYTES + 1))) == (str(rid), None)
     assert parse_notice(str(rid).encode() + b"\n") == (str(rid), None)
+
+
+def _final_of(pending: dict[str, object], output: str) -> tuple[dict[str, object], bytes]:
+    final = {**pending, "status": "completed", "output": output, "finish_reason": "stop"}
+    final |= {"completion_tokens": 3, "prompt_tokens": 2, "finished_at": pending["updated_at"]}
+    return final, notice(
+        uuid.UUID(str(pending["id"])), ResultOut.model_validate(final).model_dump_json().encode()
+    )
+
+
+async def test_polls_of_a_job_created_here_are_answered_from_the_notices_not_postgres(
+    api_app: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = api_app.user
+    pending = await _pending_result(client)  # sent through this process: it knows the job is pending
+    reads: list[uuid.UUID] = []
+    real_read = results_service.read
+
+    async def counted_read(db: object, principal: object, result_id: uuid.UUID) -> ResultOut:
+        reads.append(result_id)
+        return await real_read(db, principal, result_id)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(results_service, "read", counted_read)
+    # The database still says pending: the answers below can only come from the notice.
+    final, message = _final_of(pending, "from the notice")
+    answer = await _long_poll_woken_by(client, str(pending["id"]), message)
+    assert answer.status_code == 200 and answer.json() == final
+    again = await client.get(f"/results/{pending['id']}")  # a plain GET of a finished job
+    assert again.status_code == 200 and again.json() == final
+    assert reads == []
+    # Another tenant's key: as unknown as a missing id, whatever this process remembers.
+    stranger = await api_app.client_of(f"stranger-{uuid.uuid4().hex[:8]}")
+    for params in ({}, {"wait": 0.1}):
+        refused = await stranger.get(f"/results/{pending['id']}", params=params)
+        assert refused.status_code == 404, refused.text
+    assert api_app.admin is not None
+    seen_by_admin = await api_app.admin.get(f"/results/{pending['id']}")
+    assert seen_by_admin.json() == final
+
+
+async def test_a_lost_notice_costs_a_job_created_here_at_most_the_trusted_wait(
+    api_app: InProcessApi, db: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(results_service, "TRUST_PENDING_S", 0.3)
+    client = api_app.user
+    pending = await _pending_result(client)
+    # Finished in Postgres without any notice (as if Redis dropped it).
+    await db.execute(
+        "UPDATE result SET status = 'completed', output = 'no notice', finished_at = now() WHERE id = %s",
+        (pending["id"],),
+    )
+    answer = await client.get(f"/results/{pending['id']}", params={"wait": 20}, timeout=30)
+    assert answer.json()["status"] == "completed" and answer.json()["output"] == "no notice"
+
+
+async def test_the_waiter_remembers_within_bounds_and_forgets_jobs_when_the_subscription_drops() -> None:
+    waiter = ResultWaiter(get_settings().REDIS_URL, "unused")
+    waiter._subscribed = asyncio.Event()
+    mine = uuid.uuid4()
+    waiter.created(mine, "t1")
+    assert waiter.known(mine, "t1") is None  # not subscribed: notices may be missed
+    waiter._subscribed.set()
+    waiter.created(mine, "t1")
+    assert waiter.known(mine, "t1") == PENDING and waiter.known(mine, None) == PENDING
+    assert waiter.known(mine, "t2") is None
+    row = b'{"id":"%s","tenant":"t1","status":"completed"}' % str(mine).encode()
+    waiter._remember(str(mine), row)
+    assert waiter.known(mine, "t1") == row and waiter.known(mine, None) == row
+    assert waiter.known(mine, "t2") is None
+    # The sweeper's notice (no row) replaces what was remembered: Postgres answers.
+    waiter._remember(str(mine), None)
+    assert waiter.known(mine, "t1") is None
+    ids = [uuid.uuid4() for _ in range(RECENT_ROWS + 10)]
+    for rid in ids:
+        waiter._remember(str(rid), b'{"id":"%s","tenant":"t1","status":"failed"}' % str(rid).encode())
+    assert waiter.known(ids[0], "t1") is None and waiter.known(ids[-1], "t1") is not None
+    assert len(waiter._recent) == RECENT_ROWS

@@ -218,7 +218,9 @@ def test_worker_keeps_many_requests_in_flight(
 def test_prefer_wait_answers_with_the_final_row_when_the_job_ends_in_time(api: httpx.Client) -> None:
     context_id = create_context(api, "Answer while I wait.")
     quick = api.post(
-        f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4, "seed": 2}, headers={"Prefer": "wait=10"}
+        f"/models/send/{FAST_MODEL}/{context_id}",
+        json={"max_tokens": 4, "seed": 2},
+        headers={"Prefer": "wait=10"},
     )
     assert quick.status_code == 200, quick.text
     assert quick.json()["status"] == "completed" and quick.json()["output"]

@@ -328,11 +328,16 @@ def test_streamed_choices_and_a_streamed_completion(sdk: openai.OpenAI, api: htt
     for index, result_id in enumerate(result_ids):
         assert wait_for_result(api, result_id)["output"] == texts[index]
 
-    completion = sdk.completions.create(model=FAST_MODEL, prompt="Once upon", max_tokens=8, seed=2, stream=True)
+    completion = sdk.completions.create(
+        model=FAST_MODEL, prompt="Once upon", max_tokens=8, seed=2, stream=True
+    )
     parts = list(completion)
     assert all(p.object == "text_completion" for p in parts)
     text = "".join(p.choices[0].text for p in parts if p.choices)
-    assert text == simulate("Once upon", {"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": 2}, 512).text
+    assert (
+        text
+        == simulate("Once upon", {"max_tokens": 8, "temperature": 1.0, "top_p": 1.0, "seed": 2}, 512).text
+    )
     assert wait_for_result(api, parts[0].id)["output"] == text and text
 
 

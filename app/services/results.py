@@ -121,13 +121,16 @@ async def poll(
     db: Database, waiter: ResultWaiter, principal: Principal, result_id: uuid.UUID, wait_s: float
 ) -> bytes:
     """The result as JSON now, or with `wait_s` > 0 as soon as it is final (at most `wait_s` later)."""
-    known = waiter.known(result_id, principal.tenant_filter)
-    if known:  # a notice brought its final row
-        return known
     if wait_s <= 0:
+        known = waiter.known(result_id, principal.tenant_filter)
+        if known:  # a notice brought its final row
+            return known
         return (await read(db, principal, result_id)).model_dump_json().encode()
     # Watch before reading, so that a notice sent between the read and the wait is not missed.
     async with waiter.watch(result_id) as finished:
+        known = waiter.known(result_id, principal.tenant_filter)  # no await since the watch began
+        if known:
+            return known
         if known == PENDING:  # created here and not ended: no read, but a lost notice costs little
             trusted_s = min(wait_s, TRUST_PENDING_S)
             with contextlib.suppress(TimeoutError):

@@ -171,3 +171,25 @@ async def test_the_waiter_remembers_within_bounds_and_forgets_jobs_when_the_subs
         waiter._remember(str(rid), b'{"id":"%s","tenant":"t1","status":"failed"}' % str(rid).encode())
     assert waiter.known(ids[0], "t1") is None and waiter.known(ids[-1], "t1") is not None
     assert len(waiter._recent) == RECENT_ROWS
+
+
+async def test_a_notice_that_comes_while_the_long_poll_starts_watching_is_not_missed(
+    api_app: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = api_app.user
+    pending = await _pending_result(client)
+    final, message = _final_of(pending, "arrived while the watch began")
+    waiter: ResultWaiter = api_app.app.state.runtime.waiter
+    start_watching = waiter._ensure_listening
+
+    async def notice_meanwhile() -> None:
+        await start_watching()
+        key, row = parse_notice(message)  # as the subscription would hand it over, before the watch exists
+        waiter._remember(key, row)
+        waiter._wake(key, row)
+
+    monkeypatch.setattr(waiter, "_ensure_listening", notice_meanwhile)
+    monkeypatch.setattr(results_service, "TRUST_PENDING_S", 30.0)
+    # Missed, the poll would wait out its 3 s and answer what Postgres says: pending.
+    answer = await client.get(f"/results/{pending['id']}", params={"wait": 3}, timeout=10)
+    assert answer.json() == final

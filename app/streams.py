@@ -5,17 +5,29 @@ SSE event id), then an entry with a `done` field once the row is final. Every AP
 same stream, so a client can read it from any of them, from the start, or resume after an event id.
 A stream is bounded by its job (at most one entry per generated token, plus the end) and expires
 `STREAM_TTL_S` after its last entry; the row in Postgres stays the record.
+
+Live pieces also travel on a channel: each worker flush publishes what it appended, for every job,
+in one message. An API process that has clients following streams subscribes to it and hands each
+client its pieces, instead of one blocking read per client per piece; the stream itself serves the
+catch-up (a late start, a resume, a gap after a lost message).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
+import logging
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 
 from app.config import Settings
+
+log = logging.getLogger(__name__)
 
 TEXT_FIELD = b"t"
 DONE_FIELD = b"done"
@@ -33,6 +45,18 @@ def entry_seq(raw_id: bytes) -> int:
     return int(raw_id.split(b"-", 1)[1])
 
 
+def pieces_channel(queue: str) -> str:
+    return f"{queue}:tokens"
+
+
+# A published piece: [result id, event seq, text], or [result id, event seq, null, end status].
+Published = list[Any]
+
+
+def encode_published(pieces: list[Published]) -> bytes:
+    return json.dumps(pieces, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 @dataclass(frozen=True)
 class Piece:
     seq: int
@@ -45,12 +69,102 @@ class Entries:
     done: bool  # the worker wrote its end marker: nothing follows
 
 
+@dataclass(eq=False)
+class Follower:
+    """One client's live pieces, as the channel brings them (`seq`, `text`; `text` None: the end)."""
+
+    queued: list[tuple[int, str | None]] = field(default_factory=list)
+    _wakeup: asyncio.Future[None] | None = None
+
+    def push(self, seq: int, text: str | None) -> None:
+        self.queued.append((seq, text))
+        self.wake()
+
+    def wake(self) -> None:
+        if self._wakeup is not None and not self._wakeup.done():
+            self._wakeup.set_result(None)
+
+    async def wait(self, timeout_s: float) -> None:
+        """Until something is queued or `wake()` is called (at most `timeout_s`)."""
+        if self.queued:
+            return
+        self._wakeup = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait((self._wakeup,), timeout=timeout_s)
+        finally:
+            self._wakeup = None
+
+    def take(self) -> list[tuple[int, str | None]]:
+        taken, self.queued = self.queued, []
+        return taken
+
+
 class TokenStreamReader:
-    """The API's side: one client (its own connection pool) per process."""
+    """The API's side: one client (its own connection pool) per process, and one subscription to
+    the pieces channel, opened when a client first follows a stream."""
 
     def __init__(self, settings: Settings) -> None:
         self._queue = settings.CELERY_QUEUE
         self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1)
+        self._followers: dict[str, set[Follower]] = {}
+        self._task: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    @contextlib.asynccontextmanager
+    async def follow(self, result_id: uuid.UUID) -> AsyncIterator[Follower]:
+        """Live pieces of the job from now on: read the stream for what came before."""
+        if self._task is None or self._task.done():
+            self._subscribed = asyncio.Event()
+            self._task = asyncio.create_task(self._listen())
+        # Briefly: without the subscription, the follower reads the stream when it is quiet.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._subscribed.wait(), 1.0)
+        key = str(result_id)
+        follower = Follower()
+        self._followers.setdefault(key, set()).add(follower)
+        try:
+            yield follower
+        finally:
+            followers = self._followers.get(key)
+            if followers is not None:
+                followers.discard(follower)
+                if not followers:
+                    del self._followers[key]
+
+    async def _listen(self) -> None:
+        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
+        try:
+            while True:
+                try:
+                    await pubsub.subscribe(pieces_channel(self._queue))
+                    self._subscribed.set()
+                    async for message in pubsub.listen():
+                        if message.get("type") == "message":
+                            self._dispatch(message["data"])
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.warning("token streams: subscription lost, reconnecting", exc_info=True)
+                    self._subscribed.clear()
+                    for followers in self._followers.values():  # pieces may be missed: read the streams
+                        for follower in followers:
+                            follower.wake()
+                    await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, data: bytes) -> None:
+        try:
+            pieces = json.loads(data)
+        except ValueError:
+            log.warning("token streams: unreadable message on the pieces channel")
+            return
+        for piece in pieces:
+            followers = self._followers.get(piece[0])
+            if followers:
+                for follower in followers:
+                    follower.push(piece[1], piece[2])
 
     async def exists(self, result_id: uuid.UUID) -> bool:
         return bool(await self._redis.exists(stream_key(self._queue, result_id)))
@@ -74,4 +188,9 @@ class TokenStreamReader:
         return Entries(pieces, done)
 
     async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
         await self._redis.aclose()

@@ -17,7 +17,16 @@ import redis
 import redis.asyncio as aioredis
 
 from app.config import Settings
-from app.streams import DONE_FIELD, TEXT_FIELD, entry_id, entry_seq, stream_key
+from app.streams import (
+    DONE_FIELD,
+    TEXT_FIELD,
+    Published,
+    encode_published,
+    entry_id,
+    entry_seq,
+    pieces_channel,
+    stream_key,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +34,11 @@ log = logging.getLogger(__name__)
 class StreamSink:
     """One job's stream: the next event id, and what was already published by an earlier attempt."""
 
-    def __init__(self, writer: StreamWriter, key: str, next_seq: int, skip_chars: int) -> None:
+    def __init__(
+        self, writer: StreamWriter, result_id: uuid.UUID, key: str, next_seq: int, skip_chars: int
+    ) -> None:
         self._writer = writer
+        self.result_id = str(result_id)
         self.key = key
         self.next_seq = next_seq
         self._skip = skip_chars
@@ -51,6 +63,7 @@ class StreamSink:
 class StreamWriter:
     def __init__(self, settings: Settings) -> None:
         self._queue = settings.CELERY_QUEUE
+        self._channel = pieces_channel(settings.CELERY_QUEUE)
         self._ttl_s = settings.STREAM_TTL_S
         self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
         self._dirty: dict[str, StreamSink] = {}
@@ -69,7 +82,7 @@ class StreamWriter:
                     published += len(fields.get(TEXT_FIELD, b"").decode("utf-8", errors="replace"))
             except (redis.RedisError, OSError) as exc:
                 log.warning("result %s: earlier stream unreadable (%s)", result_id, exc)
-        return StreamSink(self, key, next_seq, published)
+        return StreamSink(self, result_id, key, next_seq, published)
 
     def wake(self, sink: StreamSink) -> None:
         self._dirty[sink.key] = sink
@@ -89,16 +102,21 @@ class StreamWriter:
                     self._warned = True
 
     async def _flush(self, sinks: list[StreamSink]) -> None:
+        published: list[Published] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for sink in sinks:
                 if sink.pending:
                     text, sink.pending = "".join(sink.pending), []
                     pipe.xadd(sink.key, {TEXT_FIELD: text.encode()}, id=entry_id(sink.next_seq))
+                    published.append([sink.result_id, sink.next_seq, text])
                     sink.next_seq += 1
                 if sink.done is not None:
                     pipe.xadd(sink.key, {DONE_FIELD: sink.done.encode()}, id=entry_id(sink.next_seq))
+                    published.append([sink.result_id, sink.next_seq, None, sink.done])
                     sink.next_seq += 1
                 pipe.expire(sink.key, self._ttl_s)
+            if published:  # after the appends: a follower that misses this reads them from the stream
+                pipe.publish(self._channel, encode_published(published))
             await pipe.execute()
 
     async def close(self) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -15,10 +13,10 @@ from app.models import ResultStatus
 from app.notify import ResultWaiter
 from app.schemas import ResultOut
 from app.services import results
-from app.streams import Entries, Piece, TokenStreamReader
+from app.streams import Piece, TokenStreamReader
 
-# A blocked read gives up after this long to look at the row itself (a notice may have been lost).
-_READ_BLOCK_MS = 5000
+# A quiet spell after which a follower reads the stream and the row itself (a message may be lost).
+_QUIET_S = 5.0
 # Once the row is final, how long the last pieces and the worker's end marker may take to arrive.
 _TAIL_WAIT_S = 2.0
 
@@ -27,21 +25,6 @@ _TAIL_WAIT_S = 2.0
 class Final:
     seq: int
     result: ResultOut
-
-
-async def _read_or_finish(
-    streams: TokenStreamReader, result_id: uuid.UUID, after: int, finished: asyncio.Future[bytes | None]
-) -> Entries | None:
-    """The next entries, or None if the job's completion notice comes first."""
-    read = asyncio.ensure_future(streams.read(result_id, after, block_ms=_READ_BLOCK_MS))
-    waits: set[asyncio.Future[object]] = {read, finished}  # type: ignore[arg-type]
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    if read.done():
-        return read.result()
-    read.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await read
-    return None
 
 
 async def follow(
@@ -55,21 +38,43 @@ async def follow(
     """The pieces after event `after`, live while the job runs, then its final row. A job that was
     not streamed (or whose stream expired) gives its whole text as one piece when it ends."""
     seq = after
-    async with waiter.watch(result_id) as finished:  # before reading the row: no notice is missed
+    # Both watches before reading anything: no notice and no piece is missed.
+    async with waiter.watch(result_id) as finished, streams.follow(result_id) as live:
+        finished.add_done_callback(lambda _: live.wake())
         result = await results.read(db, principal, result_id)
         ended = False
-        while result.status == ResultStatus.PENDING and not finished.done():
-            entries = await _read_or_finish(streams, result_id, seq, finished)
-            if entries is None:
-                break
-            for piece in entries.pieces:
-                yield piece
-                seq = piece.seq
-            if entries.done:
-                ended = True
-                break
-            if not entries.pieces:  # a quiet spell: the notice may have been lost, look at the row
-                result = await results.read(db, principal, result_id)
+        caught_up = False
+        while result.status == ResultStatus.PENDING and not finished.done() and not ended:
+            if not caught_up:  # what the stream holds already, or what a lost message carried
+                entries = await streams.read(result_id, seq, block_ms=None)
+                for piece in entries.pieces:
+                    yield piece
+                    seq = piece.seq
+                ended, caught_up = entries.done, True
+                continue
+            await live.wait(_QUIET_S)
+            taken = live.take()
+            if not taken:
+                if not finished.done():  # a quiet spell: the worker may be gone, look at the row
+                    result = await results.read(db, principal, result_id)
+                    caught_up = False
+                continue
+            for piece_seq, text in taken:
+                if piece_seq > seq + 1:  # a message was missed: the stream has what it carried
+                    entries = await streams.read(result_id, seq, block_ms=None)
+                    for piece in entries.pieces:
+                        yield piece
+                        seq = piece.seq
+                    if entries.done:
+                        ended = True
+                        break
+                if piece_seq <= seq:
+                    continue  # sent already (read from the stream)
+                if text is None:
+                    ended = True
+                    break
+                yield Piece(piece_seq, text)
+                seq = piece_seq
     if not ended and await streams.exists(result_id):
         # The job ended (possibly cancelled by someone else): its last pieces may be on their way.
         give_up = time.monotonic() + _TAIL_WAIT_S

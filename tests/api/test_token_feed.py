@@ -1,0 +1,76 @@
+"""Live pieces reach a stream's follower through the pieces channel, and the stream itself fills
+what a lost message carried. Real Redis and database; the worker's side is played by hand here
+(the same commands its StreamWriter sends), so a message can be dropped on purpose."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from app.config import get_settings
+from app.streams import DONE_FIELD, TEXT_FIELD, encode_published, entry_id, pieces_channel, stream_key
+from tests.conftest import FAST_MODEL
+
+pytestmark = pytest.mark.anyio
+
+
+def _events(body: str) -> list[tuple[str, str, str]]:
+    """(event, id, data) of each SSE event."""
+    found = []
+    for block in body.replace("\r\n", "\n").split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if ": " in line)
+        if "event" in fields:
+            found.append((fields["event"], fields.get("id", ""), fields.get("data", "")))
+    return found
+
+
+async def test_pieces_come_from_the_channel_and_a_lost_message_is_read_from_the_stream(
+    client: httpx.AsyncClient,
+) -> None:
+    settings = get_settings()
+    context = await client.post("/contexts/", json={"content": "stream me"})
+    sent = await client.post(
+        f"/models/send/{FAST_MODEL}/{context.json()['id']}", json={"max_tokens": 4, "stream": True}
+    )
+    result_id = sent.json()["result_id"]
+    key = stream_key(settings.CELERY_QUEUE, result_id)
+    worker = aioredis.from_url(settings.REDIS_URL)
+
+    async def append(seq: int, text: str | None, publish: bool, store: bool = True) -> None:
+        fields = {TEXT_FIELD: text.encode()} if text is not None else {DONE_FIELD: b"completed"}
+        if store:
+            await worker.xadd(key, fields, id=entry_id(seq))  # type: ignore[arg-type]
+        if publish:
+            piece = [result_id, seq, text] if text is not None else [result_id, seq, None, "completed"]
+            await worker.publish(pieces_channel(settings.CELERY_QUEUE), encode_published([piece]))
+
+    async def play() -> None:
+        # Wait for the follower's subscription, then play the worker: message 2 is lost (its
+        # text only in the stream), and text 3 only on the channel, so each source must be read.
+        for _ in range(100):
+            if (await worker.pubsub_numsub(pieces_channel(settings.CELERY_QUEUE)))[0][1]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+        await append(1, "Hello", True)
+        await append(2, ",", False)
+        await append(3, " world", True, store=False)
+        await asyncio.sleep(0.3)  # the follower fills the gap before the end is in the stream
+        await append(4, None, True)
+
+    try:
+        stream, _ = await asyncio.gather(client.get(f"/results/{result_id}/stream", timeout=20), play())
+        events = _events(stream.text)
+        tokens = [(e, i, json.loads(d)["text"]) for e, i, d in events if e == "token"]
+        assert tokens == [("token", "1", "Hello"), ("token", "2", ","), ("token", "3", " world")]
+        assert events[-1][0] == "done" and events[-1][1] == "4"
+        # Read again after its end marker: all of it at once, from the stream (which lacks text 3).
+        again = _events((await client.get(f"/results/{result_id}/stream", timeout=20)).text)
+        assert [json.loads(d)["text"] for e, _, d in again if e == "token"] == ["Hello", ","]
+    finally:
+        await worker.delete(key)
+        await worker.aclose()

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from app.auth import Principal
 from app.db import Database
 from app.models import ResultStatus
-from app.notify import ResultWaiter
+from app.notify import PENDING, ResultWaiter
 from app.schemas import ResultOut
 from app.services import results
 from app.streams import Piece, TokenStreamReader
@@ -41,10 +41,14 @@ async def follow(
     # Both watches before reading anything: no notice and no piece is missed.
     async with waiter.watch(result_id) as finished, streams.follow(result_id) as live:
         finished.add_done_callback(lambda _: live.wake())
-        result = await results.read(db, principal, result_id)
+        known = waiter.known(result_id, principal.tenant_filter)
+        # Created by this process and not ended: no need to read the row to know it is pending.
+        pending = known == PENDING or (
+            not known and (await results.read(db, principal, result_id)).status == ResultStatus.PENDING
+        )
         ended = False
         caught_up = False
-        while result.status == ResultStatus.PENDING and not finished.done() and not ended:
+        while pending and not finished.done() and not ended:
             if not caught_up:  # what the stream holds already, or what a lost message carried
                 entries = await streams.read(result_id, seq, block_ms=None)
                 for piece in entries.pieces:
@@ -57,7 +61,7 @@ async def follow(
             if not taken:
                 if not finished.done():  # a quiet spell: the worker may be gone, look at the row
                     result = await results.read(db, principal, result_id)
-                    caught_up = False
+                    pending, caught_up = result.status == ResultStatus.PENDING, False
                 continue
             for piece_seq, text in taken:
                 if piece_seq > seq + 1:  # a message was missed: the stream has what it carried

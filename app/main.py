@@ -19,7 +19,7 @@ from app.deps import Runtime, caller
 from app.errors import install_error_handlers
 from app.fastpath import FastPath
 from app.notify import CancelNotices, ResultWaiter, done_channel
-from app.queue import JobQueue, make_celery
+from app.queue import Doorbell, JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, export, health, models, openai, results
@@ -42,12 +42,13 @@ def create_app(
     settings = settings or get_settings()
     db = Database(settings)
     job_queue = JobQueue(make_celery(settings), settings.CELERY_QUEUE)
+    doorbell = Doorbell(job_queue, settings.REDIS_URL)
     admin = TritonAdmin(settings.TRITON_URL, settings.TRITON_CONNECT_TIMEOUT_S)
     rt = Runtime(
         settings=settings,
         db=db,
         job_queue=job_queue,
-        enqueue=enqueue or job_queue.enqueue_later,
+        enqueue=enqueue or doorbell,
         waiter=ResultWaiter(settings.REDIS_URL, done_channel(settings)),
         triton_admin=admin,
         model_catalog=ModelCatalog(admin, settings.MODEL_CACHE_TTL_S, settings.MODEL_READY_WINDOW_S),
@@ -75,6 +76,7 @@ def create_app(
             await rt.token_streams.close()
             await rt.model_catalog.close()
             await admin.close()
+            await doorbell.close()
             await run_in_threadpool(job_queue.close)
             await db.close()
 

@@ -10,15 +10,17 @@ change where a task goes are refused at start rather than ignored.
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import logging
-import queue
 import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Connection, Producer
 
@@ -124,8 +126,7 @@ class _Template:
 
 
 class JobQueue:
-    """Rings the doorbell for committed results: at once (`ring`) or from a publisher thread
-    (`enqueue_later`, which never blocks the caller)."""
+    """Rings the doorbell for committed results (`ring`; the API's event loop uses `Doorbell`)."""
 
     def __init__(self, celery: Celery, queue_name: str) -> None:
         check_publishable(celery)
@@ -135,9 +136,6 @@ class JobQueue:
         self._producer: Producer | None = None
         self._template: _Template | None = None
         self._producer_lock = threading.Lock()
-        self._later: queue.SimpleQueue[uuid.UUID | None] = queue.SimpleQueue()
-        self._publisher: threading.Thread | None = None
-        self._lock = threading.Lock()
 
     def _get_producer(self) -> Producer:
         if self._producer is None:
@@ -168,6 +166,9 @@ class JobQueue:
             body_json=base64.b64decode(message["body"]).decode(),
             delivery_tag=message["properties"]["delivery_tag"],
         )
+
+    def has_template(self) -> bool:
+        return self._template is not None
 
     def _drop_producer(self) -> None:
         if self._connection is not None:
@@ -225,40 +226,85 @@ class JobQueue:
             **message.properties,
         )
 
+    def messages(self, result_ids: list[uuid.UUID]) -> tuple[str, list[str]]:
+        """The Redis list (with kombu's key prefix) and the messages `ring` would push there.
+        May connect to Redis (blocking) the first time."""
+        with self._producer_lock:
+            try:
+                producer: Any = self._get_producer()
+            except Exception:
+                self._drop_producer()
+                raise
+            template = self._template
+            assert template is not None  # made with the producer
+            key = f"{producer.channel.global_keyprefix or ''}{template.key}"
+            return key, [template.message(str(result_id)) for result_id in result_ids]
+
     def enqueue(self, result_id: uuid.UUID) -> bool:
         return self.ring([result_id])
 
-    def enqueue_later(self, result_id: uuid.UUID) -> None:
-        """Hand the doorbell to this process's publisher thread and return at once.
-
-        Called after the commit: the request does not wait for Redis. If the process dies before
-        the publish, the sweeper finds the pending row and sends it."""
-        if self._publisher is None:
-            with self._lock:
-                if self._publisher is None:
-                    self._publisher = threading.Thread(
-                        target=self._publish_loop, name="job-publisher", daemon=True
-                    )
-                    self._publisher.start()
-        self._later.put(result_id)
-
-    def _publish_loop(self) -> None:
-        while True:
-            batch = [self._later.get()]
-            # Whatever has queued up meanwhile goes in the same round trip.
-            while len(batch) < _MAX_BATCH and not self._later.empty():
-                batch.append(self._later.get_nowait())
-            ids = [rid for rid in batch if rid is not None]
-            if ids:
-                self.ring(ids)
-            if len(ids) < len(batch):
-                return
-
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Publish what is queued, then stop the publisher thread."""
-        if self._publisher is not None:
-            self._later.put(None)
-            self._publisher.join(timeout_s)
-            self._publisher = None
+    def close(self) -> None:
         with self._producer_lock:
             self._drop_producer()
+
+
+class Doorbell:
+    """The API's doorbell, rung from its event loop: ids rung while a push is on its way go in
+    the next one, one LPUSH each (no thread, no blocking call on the loop). Best effort like
+    `JobQueue.ring`: the rows are committed, and the sweeper re-sends what was not pushed."""
+
+    def __init__(self, job_queue: JobQueue, redis_url: str) -> None:
+        self._job_queue = job_queue
+        self._redis = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+        self._ids: list[uuid.UUID] = []
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __call__(self, result_id: uuid.UUID) -> None:
+        self._ids.append(result_id)
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._push_forever())
+        assert self._wake is not None
+        self._wake.set()
+
+    async def _push_forever(self) -> None:
+        assert self._wake is not None
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._push()
+
+    async def _push(self) -> None:
+        ids, self._ids = self._ids[:_MAX_BATCH], self._ids[_MAX_BATCH:]
+        if self._ids:
+            assert self._wake is not None
+            self._wake.set()
+        if not ids:
+            return
+        try:
+            if self._job_queue.has_template():
+                key, messages = self._job_queue.messages(ids)
+            else:  # connects to Redis through kombu once: not on the loop
+                key, messages = await asyncio.to_thread(self._job_queue.messages, ids)
+            await self._redis.lpush(key, *messages)
+        except (
+            asyncio.CancelledError
+        ):  # closing: `close` pushes them (twice at worst: a claim runs a job once)
+            self._ids[:0] = ids
+            raise
+        except Exception:
+            log.warning(
+                "could not enqueue %d result(s); the sweeper will re-enqueue them", len(ids), exc_info=True
+            )
+
+    async def close(self) -> None:
+        """Push what is waiting, then stop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        while self._ids:
+            await self._push()
+        await self._redis.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -14,7 +15,7 @@ from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from app.main import create_app
-from app.queue import RUN_JOB_TASK, JobQueue, make_celery
+from app.queue import RUN_JOB_TASK, Doorbell, JobQueue, make_celery
 from tests.conftest import FAST_MODEL, bearer
 from tests.e2e.helpers import wait_for_result
 
@@ -88,21 +89,41 @@ async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
     assert wait_for_result(api, result_id, timeout_s=30)["status"] == "completed"
 
 
-def test_doorbell_is_the_message_celery_itself_would_write(e2e_env: dict[str, str]) -> None:
+@pytest.mark.parametrize("prefix", ["", "shared-redis:"], ids=["no-prefix", "key-prefix"])
+@pytest.mark.parametrize("via", ["ring", "doorbell"])
+def test_doorbell_is_the_message_celery_itself_would_write(
+    e2e_env: dict[str, str], via: str, prefix: str
+) -> None:
     # JobQueue builds the message with Celery's as_task_v2 and kombu's publish (no send_task per job);
-    # Celery's own send_task is the reference. Both go to a scratch queue in the real Redis.
+    # Celery's own send_task is the reference. Both go to a scratch queue in the real Redis: the
+    # worker's `ring`, and the API's Doorbell from an event loop, with and without kombu's key prefix.
     settings = _settings(e2e_env, CELERY_QUEUE=f"doorbell-{uuid.uuid4().hex[:8]}")
-    queue = JobQueue(make_celery(settings), settings.CELERY_QUEUE)
+    celery = make_celery(settings)
+    if prefix:
+        options = celery.conf.broker_transport_options
+        celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
+    queue = JobQueue(celery, settings.CELERY_QUEUE)
     client = redis.Redis.from_url(settings.REDIS_URL)
+    key = prefix + settings.CELERY_QUEUE
     try:
         rid = uuid.uuid4()
         queue.celery.send_task(
             RUN_JOB_TASK, args=[str(rid)], queue=settings.CELERY_QUEUE, task_id=str(rid), ignore_result=True
         )
-        assert queue.enqueue(rid)
-        ours, celerys = (json.loads(raw) for raw in client.lrange(settings.CELERY_QUEUE, 0, -1))
+        if via == "ring":
+            assert queue.enqueue(rid)
+        else:
+
+            async def ring_from_the_loop() -> None:
+                doorbell = Doorbell(queue, settings.REDIS_URL)
+                doorbell(rid)
+                await asyncio.sleep(0.5)
+                await doorbell.close()
+
+            asyncio.run(ring_from_the_loop())
+        ours, celerys = (json.loads(raw) for raw in client.lrange(key, 0, -1))
     finally:
-        client.delete(settings.CELERY_QUEUE)
+        client.delete(key)
         queue.close()
         client.close()
     for message in (ours, celerys):

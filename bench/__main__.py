@@ -24,7 +24,7 @@ from bench.platform import CLIENTS, create_contexts, make_client, run_platform
 from bench.report import print_report, write_json
 from bench.stack import BENCH_BIN, BenchStack, CpuMeter, StackOptions
 from bench.stats import RunResult
-from bench.streaming import StreamProbes, direct_probes, platform_probes
+from bench.streaming import StreamProbes, chat_probes, direct_probes, platform_probes
 from bench.workload import Phase, Polling, Warmup, choose_jobs, nominal_job_s
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,7 +182,11 @@ async def run_scenario(
         )
         probing = Probing(stream_probes)
         probing.start(
-            platform_probes(api_url, api_key, context_ids, phase, stream_probes, probing.stop, metrics_url)
+            chat_probes(api_url, api_key, phase, stream_probes, probing.stop)
+            if name == "chat"
+            else platform_probes(
+                api_url, api_key, context_ids, phase, stream_probes, probing.stop, metrics_url
+            )
         )
         try:
             if name == "chat":  # one call per job: created, run and answered
@@ -264,8 +268,9 @@ def main(
     stream_probes: int = typer.Option(
         8,
         min=0,
-        help="latency scenario: K streaming clients (time to first token, between pieces) and one "
-        "cancelling client beside the load, in both modes; 0: none.",
+        help="latency and chat scenarios: K streaming clients (time to first token, between pieces) "
+        "beside the load, in both modes (chat: streamed /v1/chat/completions), and in latency one "
+        "cancelling client; 0: none.",
     ),
     sim_cancel_check_ms: float | None = typer.Option(
         None,
@@ -297,7 +302,8 @@ def main(
     run_dir = ROOT / ".run" / "bench" / stamp
     options = StackOptions(
         # The streaming probes' jobs come on top of the N clients': room for them too.
-        worker_in_flight=worker_in_flight or in_flight + (stream_probes + 1 if "latency" in names else 0),
+        worker_in_flight=worker_in_flight
+        or in_flight + (stream_probes + 1 if {"latency", "chat"} & set(names) else 0),
         db_pool_size=db_pool_size,
         api_workers=api_workers,
         worker_processes=worker_processes,
@@ -372,8 +378,8 @@ def main(
                         client_kind=client,
                         api_key=key,
                         profile_gil=profile_gil,
-                        stream_probes=stream_probes if name == "latency" else 0,
-                        metrics_url=metrics,
+                        stream_probes=stream_probes if name in ("latency", "chat") else 0,
+                        metrics_url=metrics if name == "latency" else None,  # cancels: latency only
                     )
                 )
             )

@@ -4,7 +4,8 @@ it is generating (time from the cancel request to the engine's abort counter ris
 
 direct: `TritonInference.generate(..., on_text=...)` (Triton's own streaming) and cancelling its task.
 platform: `POST /models/send` with `"stream": true`, then `GET /results/{id}/stream` (SSE), and
-`POST /results/{id}/cancel`.
+`POST /results/{id}/cancel`; in the chat scenario `POST /v1/chat/completions` with `stream: true`
+(no cancel: the OpenAI API has none).
 """
 
 from __future__ import annotations
@@ -251,4 +252,47 @@ async def platform_probes(
         await http.aclose()
         if counter is not None:
             await counter.close()
+    return probes
+
+
+async def chat_probes(
+    api_url: str, api_key: str | None, phase: Phase, k: int, stop: asyncio.Event
+) -> StreamProbes:
+    """The chat scenario's platform probes: K clients streaming `POST /v1/chat/completions`
+    (`stream: true`) one conversation after another; a piece is a chunk with new content."""
+    from bench.chat import ChatJob, chat_body  # bench.chat imports the load generator
+
+    probes = StreamProbes()
+    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+    http = httpx.AsyncClient(
+        base_url=api_url, headers=headers, timeout=120, limits=httpx.Limits(max_connections=k + 4)
+    )
+    seq = itertools.count()
+
+    async def streamer(i: int) -> None:
+        while not stop.is_set():
+            job = phase.jobs[(i * 7 + next(seq)) % len(phase.jobs)]
+            assert isinstance(job, ChatJob)
+            body = {**chat_body(phase, job), "stream": True, "stream_options": {"include_usage": True}}
+            timing = _Timing(time.monotonic())
+            try:
+                async with http.stream("POST", "/v1/chat/completions", json=body) as response:
+                    if response.status_code != 200:
+                        raise RuntimeError(f"chat stream: HTTP {response.status_code}")
+                    async for line in response.aiter_lines():
+                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                            continue
+                        chunk = json.loads(line[5:])
+                        if chunk.get("usage"):
+                            probes.tokens += chunk["usage"]["completion_tokens"]
+                        if any(c["delta"].get("content") for c in chunk.get("choices", [])):
+                            timing.piece(probes)
+            except (httpx.HTTPError, RuntimeError) as exc:
+                probes.note(f"{type(exc).__name__}: {exc}")
+                await asyncio.sleep(0.5)
+
+    try:
+        await asyncio.gather(*(streamer(i) for i in range(k)))
+    finally:
+        await http.aclose()
     return probes

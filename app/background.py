@@ -1,8 +1,10 @@
-"""Background refreshes of what a request may use a little stale (keys, pending counts, last use)."""
+"""Background work of the API process: refreshes of what a request may use a little stale (keys,
+pending counts, last use), and stopping the long-lived tasks (subscriptions, the doorbell)."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Hashable
 from typing import Any
@@ -29,3 +31,11 @@ class Refreshes:
             log.warning("%s (%s) failed: %s", self._what, key, exc)
         finally:
             self._running.pop(key, None)
+
+
+async def stop(task: asyncio.Task[Any] | None) -> None:
+    """Cancel a long-lived task and wait for it to end (whatever it raised on the way)."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

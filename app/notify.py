@@ -21,6 +21,7 @@ from functools import lru_cache
 import redis
 import redis.asyncio as aioredis
 
+from app import background
 from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -247,8 +248,5 @@ class ResultWaiter:
             self.forget(result_id, future)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import logging
 import threading
@@ -24,6 +23,7 @@ import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Connection, Producer
 
+from app import background
 from app.config import Settings
 from app.kombu_patch import reuse_redis_clients
 
@@ -300,11 +300,8 @@ class Doorbell:
 
     async def close(self) -> None:
         """Push what is waiting, then stop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         while self._ids:
             await self._push()
         await self._redis.aclose()

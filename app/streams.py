@@ -25,6 +25,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
+from app import background
 from app.config import Settings
 
 log = logging.getLogger(__name__)
@@ -188,9 +189,6 @@ class TokenStreamReader:
         return Entries(pieces, done)
 
     async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
-            self._task = None
+        await background.stop(self._task)
+        self._task = None
         await self._redis.aclose()

@@ -55,6 +55,8 @@ class InferenceRuntime:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def open_stream(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
+        if attempt == 1:  # the common case: no hop to the loop before the generation starts
+            return self._streams.first_sink(result_id)
         sink: StreamSink = self._call(self._streams.open(result_id, attempt))
         return sink
 

@@ -71,6 +71,10 @@ class StreamWriter:
         self._task = asyncio.get_running_loop().create_task(self._flush_forever())
         self._warned = False
 
+    def first_sink(self, result_id: uuid.UUID) -> StreamSink:
+        """A first attempt's stream: nothing was published before, no need to look (any thread)."""
+        return StreamSink(self, result_id, stream_key(self._queue, result_id), 1, 0)
+
     async def open(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
         key = stream_key(self._queue, result_id)
         next_seq, published = 1, 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
 
 import httpx
 import pytest
@@ -74,3 +75,39 @@ async def test_pieces_come_from_the_channel_and_a_lost_message_is_read_from_the_
     finally:
         await worker.delete(key)
         await worker.aclose()
+
+
+async def test_a_retried_job_streams_on_after_what_its_first_attempt_published(
+    client: httpx.AsyncClient,
+) -> None:
+    from worker.token_streams import StreamWriter  # the worker's side, on this test's loop
+
+    settings = get_settings()
+    context = await client.post("/contexts/", json={"content": "stream me twice"})
+    sent = await client.post(
+        f"/models/send/{FAST_MODEL}/{context.json()['id']}", json={"max_tokens": 4, "stream": True}
+    )
+    result_id = uuid.UUID(sent.json()["result_id"])
+    writer = StreamWriter(settings)
+    try:
+        first = writer.first_sink(result_id)  # attempt 1 is cut after "Hello wor"
+        first("Hello")
+        await asyncio.sleep(0.1)
+        first(" wor")
+        await asyncio.sleep(0.1)
+        second = await writer.open(result_id, 2)  # attempt 2 generates the whole text again
+        for piece in ("Hello", " world", "!"):
+            second(piece)
+            await asyncio.sleep(0.05)
+        second.finish("completed")
+        await asyncio.sleep(0.2)
+        events = _events((await client.get(f"/results/{result_id}/stream", timeout=20)).text)
+    finally:
+        await writer.close()
+        cleanup = aioredis.from_url(settings.REDIS_URL)
+        await cleanup.delete(stream_key(settings.CELERY_QUEUE, result_id))
+        await cleanup.aclose()
+    tokens = [(int(i), json.loads(d)["text"]) for e, i, d in events if e == "token"]
+    assert "".join(text for _, text in tokens) == "Hello world!"
+    assert [seq for seq, _ in tokens] == list(range(1, len(tokens) + 1))
+    assert events[-1][0] == "done" and int(events[-1][1]) == len(tokens) + 1

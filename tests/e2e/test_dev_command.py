@@ -43,6 +43,22 @@ def _readme_example() -> str:
 REAL_ENGINE_SKIPPED = os.environ.get("LLMQ_SKIP_REAL_ENGINE") == "1"
 
 
+def _diagnosis() -> str:
+    engine = create_engine(f"{PG_BASE}/{DEV_DB}")
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text("SELECT id, status, attempts, error, created_at, started_at, finished_at FROM result")
+            ).all()
+    finally:
+        engine.dispose()
+    logs = "\n".join(
+        f"--- {path.name}:\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:])
+        for path in sorted((ROOT / ".run" / "logs").glob("*.log"))
+    )
+    return f"result rows: {rows}\n{logs}"
+
+
 def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) -> None:
     admin = create_engine(f"{PG_BASE}/postgres", isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:  # make dev must create the database itself
@@ -81,13 +97,23 @@ def test_make_dev_serves_the_readme_example_and_stops_cleanly(tmp_path: Path) ->
         key = re.search(r"admin key: (llmq_\S+)", printed)
         assert key, printed
 
-        example = subprocess.run(
-            ["bash", "-c", _readme_example()],
-            env={**os.environ, "API": f"http://127.0.0.1:{api_port}", "KEY": key.group(1), "MODEL": model},
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        try:
+            example = subprocess.run(
+                ["bash", "-x", "-c", _readme_example()],
+                env={
+                    **os.environ,
+                    "API": f"http://127.0.0.1:{api_port}",
+                    "KEY": key.group(1),
+                    "MODEL": model,
+                },
+                capture_output=True,
+                text=True,
+                timeout=90,
+            )
+        except (
+            subprocess.TimeoutExpired
+        ) as exc:  # say where it stood: the commands run, the job's row, the logs
+            raise AssertionError(f"the README example hung:\n{exc.stderr!r}\n{_diagnosis()}") from None
         assert example.returncode == 0, example.stderr
         result = json.loads(example.stdout.strip().splitlines()[-1])
         assert result["status"] == "completed", result

@@ -223,6 +223,8 @@ def up(
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, shutdown)
+    # Ctrl-C stops everything even when started with SIGINT ignored (e.g. from a background job).
+    signal.signal(signal.SIGINT, shutdown)
     try:
         env: dict[str, str] = {}
         triton_host = urlsplit(settings.TRITON_URL).hostname or "127.0.0.1"

@@ -29,15 +29,21 @@ def _events(body: str) -> list[tuple[str, str, str]]:
     return found
 
 
+async def _streamed_job(client: httpx.AsyncClient, content: str) -> str:
+    """A pending job sent with `"stream": true` (no worker runs it: the test plays the worker)."""
+    context = await client.post("/contexts/", json={"content": content})
+    sent = await client.post(
+        f"/models/send/{FAST_MODEL}/{context.json()['id']}", json={"max_tokens": 4, "stream": True}
+    )
+    assert sent.status_code == 202, sent.text
+    return str(sent.json()["result_id"])
+
+
 async def test_pieces_come_from_the_channel_and_a_lost_message_is_read_from_the_stream(
     client: httpx.AsyncClient,
 ) -> None:
     settings = get_settings()
-    context = await client.post("/contexts/", json={"content": "stream me"})
-    sent = await client.post(
-        f"/models/send/{FAST_MODEL}/{context.json()['id']}", json={"max_tokens": 4, "stream": True}
-    )
-    result_id = sent.json()["result_id"]
+    result_id = await _streamed_job(client, "stream me")
     key = stream_key(settings.CELERY_QUEUE, result_id)
     worker = aioredis.from_url(settings.REDIS_URL)
 
@@ -83,11 +89,7 @@ async def test_a_retried_job_streams_on_after_what_its_first_attempt_published(
     from worker.token_streams import StreamWriter  # the worker's side, on this test's loop
 
     settings = get_settings()
-    context = await client.post("/contexts/", json={"content": "stream me twice"})
-    sent = await client.post(
-        f"/models/send/{FAST_MODEL}/{context.json()['id']}", json={"max_tokens": 4, "stream": True}
-    )
-    result_id = uuid.UUID(sent.json()["result_id"])
+    result_id = uuid.UUID(await _streamed_job(client, "stream me twice"))
     writer = StreamWriter(settings)
     try:
         first = writer.first_sink(result_id)  # attempt 1 is cut after "Hello wor"

@@ -33,9 +33,21 @@ class Refreshes:
             self._running.pop(key, None)
 
 
-async def stop(task: asyncio.Task[Any] | None) -> None:
-    """Cancel a long-lived task and wait for it to end (whatever it raised on the way)."""
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+async def stop(task: asyncio.Task[Any] | None, timeout_s: float = 5.0) -> None:
+    """Cancel a long-lived task and wait for it to end (whatever it raised on the way), but never
+    hang a shutdown on it: a client library that swallows a cancel would keep it running."""
+    if task is None or task.done():
+        return
+    task.cancel()
+    done, _ = await asyncio.wait({task}, timeout=timeout_s)
+    if not done:
+        log.warning("background task %s did not stop within %.0f s; left behind", task.get_name(), timeout_s)
+        return
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        task.result()
+
+
+def cancelling() -> bool:
+    """Whether the running task has been asked to stop."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -191,6 +191,8 @@ class ResultWaiter:
             except asyncio.CancelledError:
                 raise
             except Exception:
+                if background.cancelling():  # a cancel the client library turned into an error
+                    raise asyncio.CancelledError from None
                 log.warning("result notices: subscription lost, reconnecting", exc_info=True)
                 self._subscribed.clear()
                 self._created.clear()

@@ -145,6 +145,8 @@ class TokenStreamReader:
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    if background.cancelling():  # a cancel the client library turned into an error
+                        raise asyncio.CancelledError from None
                     log.warning("token streams: subscription lost, reconnecting", exc_info=True)
                     self._subscribed.clear()
                     for followers in self._followers.values():  # pieces may be missed: read the streams

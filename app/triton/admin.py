@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 import httpx
+
+from app import background
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +156,5 @@ class ModelCatalog:
                 log.warning("model list refresh failed: %s", exc)
 
     async def close(self) -> None:
-        if self._background is not None:
-            self._background.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._background
-            self._background = None
+        await background.stop(self._background)
+        self._background = None

@@ -23,6 +23,7 @@ import redis.asyncio as aioredis
 
 from app import background
 from app.config import Settings
+from app.subscription import subscribe_forever
 
 log = logging.getLogger(__name__)
 
@@ -177,33 +178,20 @@ class ResultWaiter:
 
     async def _listen(self) -> None:
         assert self._subscribed is not None
-        while True:
-            client = aioredis.from_url(self.redis_url)
-            pubsub = client.pubsub(ignore_subscribe_messages=True)
-            try:
-                await pubsub.subscribe(self.channel)
-                self._subscribed.set()
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
-                        key, row_json = parse_notice(message["data"])
-                        self._remember(key, row_json)
-                        self._wake(key, row_json)
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                if background.cancelling():  # a cancel the client library turned into an error
-                    raise asyncio.CancelledError from None
-                log.warning("result notices: subscription lost, reconnecting", exc_info=True)
-                self._subscribed.clear()
-                self._created.clear()
-                # Notices may have been missed meanwhile: let every waiter re-read the database.
-                for key in list(self._waiters):
-                    self._wake(key)
-                await asyncio.sleep(1)
-            finally:
-                with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
-                    await client.aclose()
+        await subscribe_forever(
+            self.redis_url, self.channel, "result notices", self._subscribed, self._notice, self._lost
+        )
+
+    def _notice(self, data: bytes) -> None:
+        key, row_json = parse_notice(data)
+        self._remember(key, row_json)
+        self._wake(key, row_json)
+
+    def _lost(self) -> None:
+        self._created.clear()
+        # Notices may have been missed meanwhile: let every waiter re-read the database.
+        for key in list(self._waiters):
+            self._wake(key)
 
     def _wake(self, key: str, row_json: bytes | None = None) -> None:
         for future in self._waiters.pop(key, ()):

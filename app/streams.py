@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 
 from app import background
 from app.config import Settings
+from app.subscription import subscribe_forever
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +107,7 @@ class TokenStreamReader:
 
     def __init__(self, settings: Settings) -> None:
         self._queue = settings.CELERY_QUEUE
+        self._redis_url = settings.REDIS_URL
         self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1)
         self._followers: dict[str, set[Follower]] = {}
         self._task: asyncio.Task[None] | None = None
@@ -133,29 +135,19 @@ class TokenStreamReader:
                     del self._followers[key]
 
     async def _listen(self) -> None:
-        pubsub = self._redis.pubsub(ignore_subscribe_messages=True)
-        try:
-            while True:
-                try:
-                    await pubsub.subscribe(pieces_channel(self._queue))
-                    self._subscribed.set()
-                    async for message in pubsub.listen():
-                        if message.get("type") == "message":
-                            self._dispatch(message["data"])
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    if background.cancelling():  # a cancel the client library turned into an error
-                        raise asyncio.CancelledError from None
-                    log.warning("token streams: subscription lost, reconnecting", exc_info=True)
-                    self._subscribed.clear()
-                    for followers in self._followers.values():  # pieces may be missed: read the streams
-                        for follower in followers:
-                            follower.wake()
-                    await asyncio.sleep(1)
-        finally:
-            with contextlib.suppress(Exception):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+        await subscribe_forever(
+            self._redis_url,
+            pieces_channel(self._queue),
+            "token streams",
+            self._subscribed,
+            self._dispatch,
+            self._lost,
+        )
+
+    def _lost(self) -> None:
+        for followers in self._followers.values():  # pieces may be missed: read the streams
+            for follower in followers:
+                follower.wake()
 
     def _dispatch(self, data: bytes) -> None:
         try:

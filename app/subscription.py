@@ -1,0 +1,50 @@
+"""One Redis pub/sub subscription kept alive for the API process's lifetime (completion notices,
+token pieces)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+
+import redis.asyncio as aioredis
+
+from app import background
+
+log = logging.getLogger(__name__)
+
+
+async def subscribe_forever(
+    redis_url: str,
+    channel: str,
+    what: str,
+    subscribed: asyncio.Event,
+    on_message: Callable[[bytes], None],
+    on_lost: Callable[[], None],
+) -> None:
+    """Hand each message of `channel` to `on_message` until cancelled. A lost connection is
+    reopened a second later, after `on_lost` (messages may have been missed meanwhile);
+    `subscribed` is set while the subscription stands."""
+    while True:
+        client = aioredis.from_url(redis_url)
+        pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(channel)
+            subscribed.set()
+            async for message in pubsub.listen():
+                if message.get("type") == "message":
+                    on_message(message["data"])
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            if background.cancelling():  # a cancel the client library turned into an error
+                raise asyncio.CancelledError from None
+            log.warning("%s: subscription lost, reconnecting", what, exc_info=True)
+            subscribed.clear()
+            on_lost()
+            await asyncio.sleep(1)
+        finally:
+            with contextlib.suppress(Exception):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await client.aclose()

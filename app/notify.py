@@ -208,17 +208,15 @@ class ResultWaiter:
             await asyncio.wait_for(self._subscribed.wait(), 1.0)
 
     async def listening(self) -> None:
-        """Subscribed (or Redis is down and waiters will time out): `expect` may be used."""
+        """Subscribed (or Redis is down and waiters will time out): `created` may be used."""
         await self._ensure_listening()
 
-    def expect(self, result_id: uuid.UUID) -> asyncio.Future[bytes | None]:
-        """Like `watch`, for a job this process has just created and not enqueued yet: nobody
-        else can have finished it, so its row need not be read first. `forget` it afterwards."""
+    def _expect(self, result_id: uuid.UUID) -> asyncio.Future[bytes | None]:
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
         self._waiters.setdefault(str(result_id), set()).add(future)
         return future
 
-    def forget(self, result_id: uuid.UUID, future: asyncio.Future[bytes | None]) -> None:
+    def _forget(self, result_id: uuid.UUID, future: asyncio.Future[bytes | None]) -> None:
         key = str(result_id)
         waiters = self._waiters.get(key)
         if waiters is not None:
@@ -231,11 +229,11 @@ class ResultWaiter:
         """Register interest before re-reading the row, so a notice in between is not lost.
         The future's result is the final row's JSON if the notice carried it, else None."""
         await self._ensure_listening()
-        future = self.expect(result_id)
+        future = self._expect(result_id)
         try:
             yield future
         finally:
-            self.forget(result_id, future)
+            self._forget(result_id, future)
 
     async def close(self) -> None:
         await background.stop(self._task)

@@ -5,7 +5,6 @@ stop its jobs. Errors are in OpenAI's shape (app/errors.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from typing import Any
 
@@ -26,7 +25,6 @@ from app.schemas_openai import (
 )
 from app.services import openai as service
 from app.services import openai_stream
-from app.services.results import Enqueue
 from app.triton.admin import TritonUnavailable
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -59,14 +57,12 @@ async def _check_model(c: Caller, model: str) -> None:
         raise AppError(exc.message, 404, detail={"field": "model"}, code="model_not_found") from exc
 
 
-async def _create(
-    c: Caller, call: service.Call, idempotency_key: str | None, enqueue: Enqueue | None = None
-) -> list[uuid.UUID]:
+async def _create(c: Caller, call: service.Call, idempotency_key: str | None) -> list[uuid.UUID]:
     """Create the call's jobs, quotas first."""
     await c.rt.submit_rate.check(c.principal)
     await c.rt.pending.check(c.principal)
     result_ids, created = await service.create_jobs(
-        c.rt.db, enqueue or c.rt.enqueue, c.principal, call, idempotency_key
+        c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter
     )
     if created:
         for _ in result_ids:
@@ -76,22 +72,10 @@ async def _create(
 
 async def _run(c: Caller, call: service.Call, idempotency_key: str | None) -> list[dict[str, Any]]:
     """Create the call's jobs, then wait for their final rows."""
-    waiter = c.rt.waiter
-    await waiter.listening()
-    expected: dict[uuid.UUID, asyncio.Future[bytes | None]] = {}
-
-    def watch_and_enqueue(result_id: uuid.UUID) -> None:
-        expected[result_id] = waiter.expect(result_id)
-        c.rt.enqueue(result_id)
-
-    try:
-        result_ids = await _create(c, call, idempotency_key, watch_and_enqueue)
-        return await service.wait_final(
-            c.rt.db, waiter, c.principal, result_ids, c.rt.settings.OPENAI_WAIT_S, expected
-        )
-    finally:
-        for result_id, future in expected.items():
-            waiter.forget(result_id, future)
+    result_ids = await _create(c, call, idempotency_key)
+    return await service.wait_final(
+        c.rt.db, c.rt.waiter, c.principal, result_ids, c.rt.settings.OPENAI_WAIT_S
+    )
 
 
 async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) -> StreamingResponse:

@@ -12,7 +12,6 @@ uses the same `create_jobs` and the same final rows.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -331,10 +330,16 @@ async def _insert(conn: AsyncConnection, principal: Principal, call: Call) -> Jo
 
 
 async def create_jobs(
-    db: Database, enqueue: Enqueue, principal: Principal, call: Call, idempotency_key: str | None
+    db: Database,
+    enqueue: Enqueue,
+    principal: Principal,
+    call: Call,
+    idempotency_key: str | None,
+    waiter: ResultWaiter | None = None,
 ) -> tuple[list[uuid.UUID], bool]:
     """The call's result ids in choice order, and whether they were created now (False: replayed for
-    a repeated Idempotency-Key). Rings the doorbell once the rows are committed."""
+    a repeated Idempotency-Key). Rings the doorbell once the rows are committed (after telling
+    `waiter` the jobs are this process's, so that waiting for them needs no read of their rows)."""
     if idempotency_key is None:
         async with db.connection() as conn:
             if len(call.prompts) == 1:  # one statement: atomic without a transaction's round trips
@@ -354,46 +359,19 @@ async def create_jobs(
         jobs = JobsCreated.model_validate(answer)
     if created:
         for result_id in jobs.result_ids:
+            if waiter is not None:
+                waiter.created(result_id, principal.tenant)
             enqueue(result_id)
     return jobs.result_ids, created
 
 
-async def _final_row(
-    db: Database,
-    waiter: ResultWaiter,
-    principal: Principal,
-    result_id: uuid.UUID,
-    wait_s: float,
-    expected: asyncio.Future[bytes | None] | None,
-) -> bytes | None:
-    if expected is None:
-        return await results_service.final_within(db, waiter, principal, result_id, wait_s)
-    loop = asyncio.get_running_loop()
-    give_up = loop.time() + wait_s
-    with contextlib.suppress(TimeoutError):
-        row_json = await asyncio.wait_for(expected, wait_s)
-        if row_json is not None:  # the notice carried the final row
-            return row_json
-    # A notice without the row, a lost one, or the wait is over: Postgres has the answer.
-    return await results_service.final_within(
-        db, waiter, principal, result_id, max(0.0, give_up - loop.time())
-    )
-
-
 async def wait_final(
-    db: Database,
-    waiter: ResultWaiter,
-    principal: Principal,
-    result_ids: list[uuid.UUID],
-    wait_s: float,
-    expected: dict[uuid.UUID, asyncio.Future[bytes | None]] | None = None,
+    db: Database, waiter: ResultWaiter, principal: Principal, result_ids: list[uuid.UUID], wait_s: float
 ) -> list[dict[str, Any]]:
     """The final rows (as GET /results/{id} shows them), once every job has ended; a 504 naming
-    them past `wait_s` (the jobs go on). `expected`: the notices of jobs created by this call,
-    watched since before they were enqueued (see `ResultWaiter.expect`)."""
-    expected = expected or {}
+    them past `wait_s` (the jobs go on)."""
     bodies = await asyncio.gather(
-        *(_final_row(db, waiter, principal, rid, wait_s, expected.get(rid)) for rid in result_ids)
+        *(results_service.final_within(db, waiter, principal, rid, wait_s) for rid in result_ids)
     )
     if any(body is None for body in bodies):
         raise AppError(

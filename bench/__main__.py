@@ -108,6 +108,7 @@ class Probing:
         self.stop.set()
         probes = await self._task
         run.stream_ttft_s, run.stream_gap_s, run.cancel_s = probes.ttft_s, probes.gaps_s, probes.cancel_s
+        run.cancel_answer_s = probes.cancel_answer_s
         run.stream_pieces, run.stream_tokens, run.stream_errors = probes.pieces, probes.tokens, probes.errors
         for error in probes.errors:
             console.print(f"  [red]{run.mode} stream probe error:[/] {error}")
@@ -274,8 +275,9 @@ def main(
     ),
     sim_cancel_check_ms: float | None = typer.Option(
         None,
-        help="How often the simulated engine looks for cancelled sequences (default 250 ms: an IPC round "
-        "trip per running sequence); bounds the cancel → abort figures from below.",
+        help="How often the simulated engine asks each running sequence whether it was cancelled "
+        "(default 50 ms, in the steps' idle time: an IPC round trip each); bounds the cancel → abort "
+        "figures from below.",
     ),
     triton_metrics_url: str | None = typer.Option(
         None, help="With --api-url: that stack's Triton metrics URL (for the cancel probe)."
@@ -340,7 +342,7 @@ def main(
 
     if sim_cancel_check_ms is not None:  # inherited by tritonserver and its backend stubs
         os.environ["LOCALTRITON_CANCEL_CHECK_S"] = str(sim_cancel_check_ms / 1000)
-    config["sim_cancel_check_ms"] = sim_cancel_check_ms or 250
+    config["sim_cancel_check_ms"] = sim_cancel_check_ms or 50
     signal.signal(signal.SIGTERM, on_term)
     stack: BenchStack | None = None
     pairs: list[tuple[RunResult, RunResult]] = []

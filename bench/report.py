@@ -103,6 +103,7 @@ def stream_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str, 
     ttft = [summary_ms(r.stream_ttft_s) for r in (direct, platform)]
     gap = [summary_ms(r.stream_gap_s) for r in (direct, platform)]
     cancel = [summary_ms(r.cancel_s) for r in (direct, platform)]
+    answer = summary_ms(platform.cancel_answer_s)
     per_piece = [r.stream_tokens / r.stream_pieces if r.stream_pieces else None for r in (direct, platform)]
     rows = [
         (
@@ -114,6 +115,10 @@ def stream_rows(direct: RunResult, platform: RunResult) -> list[tuple[str, str, 
         (
             "cancel → engine abort p50 / p99 ms",
             [f"{_f(c['p50'])} / {_f(c['p99'])} (n={c['n']})" for c in cancel],
+        ),
+        (
+            "cancel request answered p50 / p99 ms (with the partial text)",
+            ["", f"{_f(answer['p50'])} / {_f(answer['p99'])}" if answer["n"] else ""],
         ),
     ]
     return [(name, d, p) for name, (d, p) in rows]

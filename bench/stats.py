@@ -69,6 +69,7 @@ class RunResult:
     stream_ttft_s: list[float] = field(default_factory=list)
     stream_gap_s: list[float] = field(default_factory=list)
     cancel_s: list[float] = field(default_factory=list)
+    cancel_answer_s: list[float] = field(default_factory=list)
     stream_pieces: int = 0
     stream_tokens: int = 0
     stream_errors: list[str] = field(default_factory=list)
@@ -104,12 +105,15 @@ class RunResult:
             "stream_ttft_s",
             "stream_gap_s",
             "cancel_s",
+            "cancel_answer_s",
         ):
             data.pop(key)
         if self.stream_pieces:
             data["stream_ttft_ms"] = summary_ms(self.stream_ttft_s)
             data["stream_gap_ms"] = summary_ms(self.stream_gap_s)
             data["cancel_ms"] = summary_ms(self.cancel_s)
+            if self.cancel_answer_s:
+                data["cancel_answer_ms"] = summary_ms(self.cancel_answer_s)
         data["jobs_per_s"] = round(self.jobs_per_s, 2)
         data["tokens_per_s"] = round(self.tokens_per_s, 1)
         data["job_latency_ms"] = summary_ms(self.job_latency_s)

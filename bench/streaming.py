@@ -35,6 +35,7 @@ class StreamProbes:
     ttft_s: list[float] = field(default_factory=list)
     gaps_s: list[float] = field(default_factory=list)
     cancel_s: list[float] = field(default_factory=list)
+    cancel_answer_s: list[float] = field(default_factory=list)  # platform: the cancel request's own latency
     pieces: int = 0
     tokens: int = 0
     errors: list[str] = field(default_factory=list)
@@ -235,10 +236,19 @@ async def platform_probes(
                     break
         before = await counter.read()
         t0 = time.monotonic()
-        r = await http.post(f"/results/{result_id}/cancel")
+
+        async def request() -> httpx.Response:
+            response = await http.post(f"/results/{result_id}/cancel")
+            probes.cancel_answer_s.append(time.monotonic() - t0)
+            return response
+
+        # The engine's abort is watched from the request's start: the answer may come after it (a
+        # streamed job's answer waits for the text produced so far), and is timed on its own.
+        post = asyncio.ensure_future(request())
+        took = await counter.time_until_above(before, t0)
+        r = await post
         if r.status_code != 200:
             raise RuntimeError(f"cancel: HTTP {r.status_code} {r.text[:200]}")
-        took = await counter.time_until_above(before, t0)
         if took is None:
             probes.note("platform cancel: the engine did not abort within 5 s")
         else:

@@ -14,7 +14,6 @@ from app.config import get_settings
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
 from app.queue import JobQueue, celery_config, check_publishable
-from worker.cancels import reset_listener
 from worker.job_store import reset_store
 from worker.outage import get_gate, triton_ready
 from worker.runtime import reset_runtime
@@ -86,5 +85,4 @@ def _after_fork(**_: Any) -> None:
     # Only with a forking pool: never share DB connections or the gRPC loop across a fork.
     job_queue.cache_clear()
     reset_runtime()
-    reset_listener()
     reset_store()

@@ -2,11 +2,15 @@
 
 Celery's thread pool gives each job a thread; the threads hand their Triton call to this
 loop, so a process holds as many requests in flight as it has threads on one connection.
+The loop also listens for cancel notices (the API publishes a cancelled job's id; every worker
+process hears it, the one running the job aborts it on the spot, the others remember it a while
+so that a job claimed just after its cancel never starts).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 import uuid
@@ -14,11 +18,15 @@ from collections import OrderedDict
 from typing import Any
 
 from app.config import Settings
+from app.notify import cancel_channel
+from app.subscription import subscribe_forever
 from app.triton.inference import Aborted, Generation, TritonInference
 from worker.token_streams import StreamSink, StreamWriter
 
 # A cancel that arrives before its job started is remembered this long (the job then never runs).
 _REMEMBER_CANCELS_S = 60.0
+# How long a new process waits for its cancel subscription before taking its first job.
+_SUBSCRIBE_WAIT_S = 2.0
 
 
 class Stopped(Exception):
@@ -40,16 +48,29 @@ class InferenceRuntime:
         self._thread = threading.Thread(target=self._loop.run_forever, name="triton-io", daemon=True)
         self._thread.start()
 
-        async def make() -> tuple[TritonInference, StreamWriter]:
+        async def make() -> tuple[TritonInference, StreamWriter, asyncio.Task[None]]:
             inference = TritonInference(
                 settings.TRITON_GRPC_URL,
                 connect_timeout_s=settings.TRITON_CONNECT_TIMEOUT_S,
                 request_timeout_s=settings.TRITON_REQUEST_TIMEOUT_S,
             )
-            return inference, StreamWriter(settings)
+            subscribed = asyncio.Event()
+            listener = asyncio.create_task(
+                subscribe_forever(
+                    settings.REDIS_URL,
+                    cancel_channel(settings),
+                    "cancel notices",  # while lost, cancels are missed: those jobs run to their end
+                    subscribed,
+                    self._on_cancel_notice,
+                    lambda: None,
+                )
+            )
+            with contextlib.suppress(TimeoutError):  # Redis late: jobs go on, the subscription follows
+                await asyncio.wait_for(subscribed.wait(), _SUBSCRIBE_WAIT_S)
+            return inference, StreamWriter(settings), listener
 
-        made: tuple[TritonInference, StreamWriter] = self._call(make())
-        self._inference, self._streams = made
+        made: tuple[TritonInference, StreamWriter, asyncio.Task[None]] = self._call(make())
+        self._inference, self._streams, self._listener = made
 
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
@@ -106,17 +127,15 @@ class InferenceRuntime:
         finally:
             self._tasks.pop(job_key, None)
 
-    def cancel(self, job_key: str) -> None:
-        """Abort the job's generation if it runs here (its gRPC call is cancelled, which makes Triton's
-        vLLM backend abort the request in the engine), and never start it if it comes later."""
+    def _on_cancel_notice(self, data: bytes) -> None:
+        """On the loop: abort the job's generation if it runs here (its gRPC call is cancelled, which
+        makes Triton's vLLM backend abort the request in the engine), and never start it later."""
+        job_key = data.decode()
         now = time.monotonic()
         with self._cancels_lock:
             self._cancels[job_key] = now
             while self._cancels and next(iter(self._cancels.values())) < now - _REMEMBER_CANCELS_S:
                 self._cancels.popitem(last=False)
-        self._loop.call_soon_threadsafe(self._cancel_task, job_key)
-
-    def _cancel_task(self, job_key: str) -> None:
         task = self._tasks.get(job_key)
         if task is not None:
             task.cancel()
@@ -126,6 +145,7 @@ class InferenceRuntime:
             return job_key in self._cancels
 
     def close(self) -> None:
+        self._loop.call_soon_threadsafe(self._listener.cancel)
         self._call(self._inference.close())
         self._call(self._streams.close())
         self._loop.call_soon_threadsafe(self._loop.stop)

@@ -13,7 +13,6 @@ from app.notify import publish_done
 from app.queue import RUN_JOB_TASK
 from app.repositories import results as repo
 from app.triton.inference import Generation, GenerationError
-from worker.cancels import get_listener
 from worker.celery_app import celery_app, job_queue
 from worker.job_store import ClaimedJob, Outcome, final_notice, get_database, get_store
 from worker.outage import get_gate
@@ -60,8 +59,7 @@ def run_job(self: Task, result_id: str) -> None:  # type: ignore[type-arg]
         log.info("result %s is finished or held by another worker; skipping", rid)
         return
 
-    runtime = get_runtime(settings)
-    get_listener(settings, runtime)  # cancels reach this process from now on
+    runtime = get_runtime(settings)  # cancels reach this process from its creation on
     if runtime.was_cancelled(str(rid)):
         log.info("result %s was cancelled before it started", rid)
         return

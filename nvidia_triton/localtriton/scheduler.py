@@ -29,8 +29,11 @@ from localtriton.engine import Plan
 
 log = logging.getLogger(__name__)
 
-# is_cancelled() is an IPC round trip per sequence: poll it sparingly (the environment can say how often).
-CANCEL_CHECK_INTERVAL_S = float(os.environ.get("LOCALTRITON_CANCEL_CHECK_S", "0.25"))
+# How often each running sequence is asked is_cancelled(), an IPC round trip (~50 µs): the asking
+# fills the steps' idle time, as vLLM's backend asks between steps, so it never lengthens a step.
+CANCEL_CHECK_INTERVAL_S = float(os.environ.get("LOCALTRITON_CANCEL_CHECK_S", "0.05"))
+# Asked per step even when a step has no idle time left, so that a starved engine still sees cancels.
+MIN_CANCEL_CHECKS_PER_STEP = 4
 
 
 class Sink(Protocol):
@@ -52,6 +55,7 @@ class Sequence:
     stream: bool
     pos: int = 0  # tokens produced so far
     sent_chars: int = 0
+    checked_at: float = 0.0  # last asked whether it was cancelled (monotonic)
 
 
 @dataclass
@@ -67,6 +71,10 @@ class EngineStats:
 
 
 _STOP = object()
+
+
+def _checked_at(seq: Sequence) -> float:
+    return seq.checked_at
 
 
 class BatchEngine:
@@ -87,7 +95,6 @@ class BatchEngine:
         self._inbox: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._waiting: deque[Sequence] = deque()
         self._running: list[Sequence] = []
-        self._last_cancel_check = 0.0
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
 
@@ -144,6 +151,7 @@ class BatchEngine:
         admitted: list[Sequence] = []
         while self._waiting and len(self._running) + len(admitted) < self.max_num_seqs:
             seq = self._waiting.popleft()
+            seq.checked_at = started
             self.stats.prompt_tokens += seq.plan.prompt_tokens
             admitted.append(seq)
         self._running.extend(admitted)
@@ -157,14 +165,13 @@ class BatchEngine:
         decoding = len(self._running) - len(admitted)
         if admitted and not decoding:
             # Nothing else running: a plain prefill step (its length is the time to first token).
-            self._sleep_until(started + self.prefill_s)
+            self._idle_until(started + self.prefill_s)
         else:
             # vLLM V1 chunked prefill: new prompts ride along in the decode step instead of
             # pausing it; the step grows with the share of the batch that is prefilling.
             extra = self.prefill_s * len(admitted) / self.max_num_seqs
-            self._sleep_until(started + self.decode_s + extra)
+            self._idle_until(started + self.decode_s + extra)
         batch = self._running  # every sequence, new or old, gets a token from this step
-        self._check_cancelled()
         for seq in batch:
             if seq.pos >= 0:  # -1 marks a sequence dropped by the cancellation check
                 self._advance(seq, 1)
@@ -209,18 +216,33 @@ class BatchEngine:
             except Exception as exc:
                 log.debug("cancel notification failed: %s", exc)
 
-    def _check_cancelled(self) -> None:
-        now = time.monotonic()
-        if now - self._last_cancel_check < CANCEL_CHECK_INTERVAL_S:
-            return
-        self._last_cancel_check = now
-        for seq in self._running:
+    def _idle_until(self, deadline: float) -> None:
+        """The step's wait: ask the sequences that are due whether they were cancelled, then sleep."""
+        self._check_cancelled(deadline)
+        self._sleep_until(deadline)
+
+    def _check_cancelled(self, deadline: float) -> None:
+        due = time.monotonic() - CANCEL_CHECK_INTERVAL_S
+        asked = dropped = 0
+        # Longest unasked first: whoever a short step left out comes first in the next one.
+        for seq in sorted(self._running, key=_checked_at):
+            if seq.checked_at > due:
+                break
+            if seq.pos < 0:
+                continue
+            if asked >= MIN_CANCEL_CHECKS_PER_STEP and time.monotonic() >= deadline:
+                break
+            asked += 1
+            seq.checked_at = time.monotonic()
             try:
-                cancelled = seq.pos >= 0 and seq.sink.is_cancelled()
+                cancelled = seq.sink.is_cancelled()
             except Exception:
                 cancelled = True
             if cancelled:
                 self._drop(seq, notify=True)
+                dropped += 1
+        if dropped:  # the metrics show the sequence gone now, not after the step
+            self._publish()
 
     def _reap(self) -> None:
         keep: list[Sequence] = []
@@ -239,7 +261,7 @@ class BatchEngine:
             time.sleep(delay)
 
     def _publish(self) -> None:
-        self.stats.running = len(self._running)
+        self.stats.running = sum(1 for seq in self._running if seq.pos >= 0)
         self.stats.waiting = len(self._waiting)
         if self._on_stats is not None:
             try:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
-from localtriton import engine
+from localtriton import engine, scheduler
 from localtriton.engine import parse_sampling_params, plan, simulate, tokenize
 from localtriton.scheduler import BatchEngine, Sequence
 from localtriton.vllm_args import KNOWN_ENGINE_ARGS
@@ -115,8 +115,13 @@ class FakeSink:
         self.done = threading.Event()
         self.cancel = False
         self.was_cancelled = False
+        self.asked: list[float] = []  # when is_cancelled() was called
+        self.ask_cost_s = 0.0  # an IPC round trip's duration in the real backend
 
     def is_cancelled(self) -> bool:
+        self.asked.append(time.monotonic())
+        if self.ask_cost_s:
+            time.sleep(self.ask_cost_s)
         return self.cancel
 
     def send(self, delta: str, n_new: int, n_total: int, finish_reason: str | None) -> None:
@@ -177,3 +182,42 @@ def test_batch_engine_drops_cancelled_sequence() -> None:
     eng.stop()
     assert eng.stats.cancelled == 1 and eng.stats.running == 0
     assert len(k.pieces) < 1000
+
+
+def test_each_sequence_is_asked_about_cancellation_once_per_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(scheduler, "CANCEL_CHECK_INTERVAL_S", 0.05)
+    eng = BatchEngine(decode_ms=5)
+    seqs = [_seq(f"p{i}", stream=False, max_tokens=2000) for i in range(8)]
+    eng.start()
+    for s, _ in seqs:
+        eng.submit(s)
+    time.sleep(0.6)
+    seqs[3][1].cancel = True
+    assert seqs[3][1].done.wait(2) and seqs[3][1].was_cancelled
+    assert not any(sink.was_cancelled for i, (_, sink) in enumerate(seqs) if i != 3)
+    eng.stop()
+    for _, sink in seqs:
+        gaps = [b - a for a, b in zip(sink.asked, sink.asked[1:], strict=False)]
+        assert len(sink.asked) >= 5, "every running sequence is asked, not only some"
+        assert min(gaps) >= 0.05, "never asked again before its interval has passed"
+
+
+def test_cancellation_checks_fill_the_step_instead_of_lengthening_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 40 sequences whose is_cancelled() takes 1 ms: asking all of them takes 40 ms, four 10 ms steps.
+    monkeypatch.setattr(scheduler, "CANCEL_CHECK_INTERVAL_S", 0.0)
+    eng = BatchEngine(decode_ms=10)
+    seqs = [_seq(f"p{i}", stream=False, max_tokens=2000) for i in range(40)]
+    for _, sink in seqs:
+        sink.ask_cost_s = 0.001
+    eng.start()
+    for s, _ in seqs:
+        eng.submit(s)
+    time.sleep(0.5)
+    eng.stop()
+    asked = sorted(t for _, sink in seqs for t in sink.asked)
+    steps = eng.stats.generation_tokens / 40
+    # Asked in rotation (each step asks those left out by the one before), at most a step's worth each
+    # step: the steps keep their length, so the 0.5 s hold about 50 of them rather than about 10.
+    assert steps >= 30
+    assert len(asked) <= steps * 10 + 40
+    assert all(len(sink.asked) >= steps / 5 for _, sink in seqs)

@@ -136,6 +136,7 @@ class JobQueue:
         self._producer: Producer | None = None
         self._template: _Template | None = None
         self._producer_lock = threading.Lock()
+        self._marker_seen = False
 
     def _get_producer(self) -> Producer:
         if self._producer is None:
@@ -200,6 +201,23 @@ class JobQueue:
                     exc_info=True,
                 )
                 return False
+
+    def broker_reset(self) -> bool:
+        """Whether Redis lost its keys since the last call (flushed, or restarted without persistence),
+        taking every queued message with them: a marker kept beside the queue is gone. False on the
+        first call (nothing to compare with) and when Redis cannot say."""
+        with self._producer_lock:
+            try:
+                producer: Any = self._get_producer()
+                assert self._template is not None
+                with producer.channel.conn_or_acquire() as client:
+                    created = bool(client.set(f"{self._template.key}:marker", b"1", nx=True))
+            except Exception:
+                self._drop_producer()
+                log.warning("could not look for the queue's marker", exc_info=True)
+                return False
+            reset, self._marker_seen = created and self._marker_seen, True
+            return reset
 
     def waiting(self) -> int | None:
         """How many job messages wait in the broker (None: Redis could not say)."""

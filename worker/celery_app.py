@@ -71,7 +71,8 @@ def _start_sweeper_and_gate(sender: Any = None, **_: Any) -> None:
                 return gate.down
             return f"Triton at {settings.TRITON_GRPC_URL} does not answer"
 
-        _sweeper.append(Sweeper(settings, job_queue().ring, triton_down, job_queue().waiting).start())
+        queue = job_queue()
+        _sweeper.append(Sweeper(settings, queue.ring, triton_down, queue.waiting, queue.broker_reset).start())
 
 
 @worker_shutting_down.connect

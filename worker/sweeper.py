@@ -39,15 +39,19 @@ def sweep_once(
     release_lapsed: bool,
     triton_down: str | None = None,
     waiting: Callable[[], int | None] = lambda: None,
+    broker_reset_s: float | None = None,
 ) -> dict[str, int]:
     """One sweep: jobs past the deadline fail (saying so if Triton is unreachable), jobs whose lease
-    lapsed and jobs whose message was lost are sent again, jobs past their own deadline end."""
+    lapsed and jobs whose message was lost are sent again, jobs past their own deadline end.
+    `broker_reset_s`: Redis lost its keys that long ago, so every job not started since then was lost."""
     why = f"Triton unreachable: {triton_down}" if triton_down else None
     expired = repo.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S, why=why)
     lapsed = repo.release_lapsed(conn, limit=SWEEP_LIMIT) if release_lapsed else []
     # With nothing left in the broker, a job not started for a while had its message lost (taken by a
     # worker that died before claiming it): soon re-sent. With a backlog it may still be queued.
     requeue_after_s = settings.SWEEP_REQUEUE_AFTER_S if waiting() != 0 else settings.SWEEP_LOST_AFTER_S
+    if broker_reset_s is not None:
+        requeue_after_s = min(requeue_after_s, broker_reset_s)
     lost = repo.requeue_candidates(conn, requeue_after_s=requeue_after_s, limit=SWEEP_LIMIT)
     idempotency.forget_old(conn, RETENTION_S)
     timed_out = repo.cancel_past_deadline(conn)
@@ -77,11 +81,14 @@ class Sweeper:
         ring: Callable[[list[uuid.UUID]], object],
         triton_down: Callable[[], str | None] = lambda: None,
         waiting: Callable[[], int | None] = lambda: None,
+        broker_reset: Callable[[], bool] = lambda: False,
     ) -> None:
         self.settings = settings
         self.ring = ring
         self.triton_down = triton_down
         self.waiting = waiting
+        self.broker_reset = broker_reset
+        self._reset_at: float | None = None  # when Redis was seen to have lost its keys
         self.leading = False
         self._stop = threading.Event()
         self._conn: Connection | None = None
@@ -134,14 +141,21 @@ class Sweeper:
                     # Leases that lapsed while no one could renew them (Postgres down, or no leader)
                     # get one full lease from now to be renewed before they count as lapsed.
                     release_lapsed = time.monotonic() - led_since >= self.settings.LEASE_S
-                    sweep_once(
+                    if self.broker_reset():
+                        log.warning("sweeper: Redis lost its keys; re-sending every job not started")
+                        self._reset_at = time.monotonic()
+                    reset_s = None if self._reset_at is None else time.monotonic() - self._reset_at
+                    swept = sweep_once(
                         conn,
                         self.settings,
                         self.ring,
                         release_lapsed=release_lapsed,
                         triton_down=self.triton_down(),
                         waiting=self.waiting,
+                        broker_reset_s=reset_s,
                     )
+                    if swept["requeued"] < SWEEP_LIMIT:  # all re-sent (a backlog takes several sweeps)
+                        self._reset_at = None
                     self._stop.wait(self.settings.SWEEP_INTERVAL_S)
             finally:
                 self._conn = None

@@ -131,3 +131,26 @@ def test_doorbell_is_the_message_celery_itself_would_write(
         message["headers"].pop("origin")  # the sending process
         message["properties"].pop("reply_to")  # where results would go: no result backend here
     assert ours == celerys
+
+
+@pytest.mark.parametrize("prefix", ["", "shared-redis:"], ids=["no-prefix", "key-prefix"])
+def test_a_redis_that_lost_its_keys_is_noticed(e2e_env: dict[str, str], prefix: str) -> None:
+    settings = _settings(e2e_env, CELERY_QUEUE=f"marker-{uuid.uuid4().hex[:8]}")
+    celery = make_celery(settings)
+    if prefix:
+        options = celery.conf.broker_transport_options
+        celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
+    queue = JobQueue(celery, settings.CELERY_QUEUE)
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    marker = f"{prefix}{settings.CELERY_QUEUE}:marker"  # beside the queue's list, under kombu's prefix
+    try:
+        assert queue.broker_reset() is False  # the first look has nothing to compare with
+        assert client.exists(marker)
+        assert queue.broker_reset() is False
+        client.delete(marker)  # what a FLUSHALL or a restart without persistence does to it
+        assert queue.broker_reset() is True
+        assert queue.broker_reset() is False
+    finally:
+        client.delete(marker)
+        queue.close()
+        client.close()

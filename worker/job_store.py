@@ -5,7 +5,8 @@ hundreds of jobs in flight spends more CPU on per-statement overhead than on the
 the threads queue their requests and wait, and one thread executes whatever has queued up as
 one statement per kind, then publishes the completion notices (with the final rows, see
 app/notify.py) in one Redis pipeline. Nothing waits for a batch to fill: under light load a
-batch is a single job.
+batch is a single job. Claims go first and are answered as soon as they are committed: a job
+starts without waiting for the outcomes and notices of its batch.
 A thread still returns only after its write is committed, so the Celery message is acked
 after the result is safely in Postgres.
 
@@ -29,6 +30,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -203,36 +205,42 @@ class JobStore:
         for rid, error, _ in batch.failures:
             errors.setdefault(rid, error)
         with self.db.connection() as conn:
-            claimed_rows = (
-                repo.claim_many(conn, claim_ids, self.owner, self.settings.LEASE_S) if claim_ids else {}
-            )
+            if batch.claims:
+                claimed_rows = (
+                    repo.claim_many(conn, claim_ids, self.owner, self.settings.LEASE_S) if claim_ids else {}
+                )
+                with self._held_lock:
+                    self._held.update(claimed_rows)
+                # The claimed jobs start now, not after the outcomes' statements and notices; done
+                # with, the claims are not run again if writing the outcomes has to be tried again.
+                self._answer_claims(batch.claims, claimed_rows)
+                batch.claims = []
             completed = repo.complete_many(conn, outcomes)
             failed = repo.fail_many(conn, errors)
         with self._held_lock:
-            self._held.update(claimed_rows)
             self._held.difference_update(outcomes.keys() | errors.keys())
-        claimed = {
-            rid: ClaimedJob(rid, model, params, attempts, prompt, left)
-            for rid, (model, params, attempts, prompt, left) in claimed_rows.items()
-        }
         publish_done(self.settings, [final_notice(rid, row) for rid, row in (completed | failed).items()])
+        _answer_once([(rid, f) for rid, _, f in batch.completions], lambda rid: rid in completed, False)
+        _answer_once([(rid, f) for rid, _, f in batch.failures], lambda rid: rid in failed, False)
 
-        first: set[uuid.UUID] = set()
+    @staticmethod
+    def _answer_claims(claims: list[tuple[uuid.UUID, Future[Any]]], rows: repo.ClaimedRows) -> None:
+        jobs = {
+            rid: ClaimedJob(rid, model, params, attempts, prompt, left)
+            for rid, (model, params, attempts, prompt, left) in rows.items()
+        }
+        _answer_once(claims, jobs.get, None)
 
-        def once(rid: uuid.UUID, won: bool) -> bool:
-            if rid in first:
-                return False
-            first.add(rid)
-            return won
 
-        for rid, future in batch.claims:
-            future.set_result(claimed.get(rid) if once(rid, rid in claimed) else None)
-        first.clear()
-        for rid, _, future in batch.completions:
-            future.set_result(once(rid, rid in completed))
-        first.clear()
-        for rid, _, future in batch.failures:
-            future.set_result(once(rid, rid in failed))
+def _answer_once(
+    requests: list[tuple[uuid.UUID, Future[Any]]], answer: Callable[[uuid.UUID], object], loser: object
+) -> None:
+    """Each request gets its answer, but a second request for the same id in the batch gets `loser`:
+    a job runs, and is written, once."""
+    seen: set[uuid.UUID] = set()
+    for rid, future in requests:
+        future.set_result(loser if rid in seen else answer(rid))
+        seen.add(rid)
 
 
 def final_notice(result_id: uuid.UUID, row: dict[str, Any]) -> bytes:

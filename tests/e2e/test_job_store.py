@@ -80,6 +80,55 @@ def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e
         assert (rows[rid].status, rows[rid].error) == ("failed", f"err {rid}")
 
 
+def _wait_for_a_lock_wait(engine: Engine) -> None:
+    """Until this process's store connection waits for a row lock."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            waiting = conn.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND wait_event_type = 'Lock'"
+                ),
+                {"name": f"llmq-worker-{os.getpid()}"},
+            ).scalar_one()
+        if waiting:
+            return
+        time.sleep(0.02)
+    raise AssertionError("the store never waited for the row lock")
+
+
+def test_a_claim_does_not_wait_for_the_outcomes_written_in_its_batch(engine: Engine, e2e_db_url: str) -> None:
+    """A job starts as soon as its claim is committed, even when its batch also writes an outcome
+    that takes long (here: a row another transaction holds locked)."""
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
+    first, slow, fresh = _pending(engine, 3)
+    assert store.claim(first) is not None and store.claim(slow) is not None
+    lock_first, lock_slow = engine.connect(), engine.connect()
+    pool = ThreadPoolExecutor(max_workers=3)
+    try:
+        for conn, rid in ((lock_first, first), (lock_slow, slow)):
+            conn.execute(text("SELECT 1 FROM result WHERE id = :id FOR UPDATE"), {"id": rid})
+        # The store's thread waits on `first`'s row lock; meanwhile the next batch gathers a claim
+        # and `slow`'s outcome, which will wait on its own row lock.
+        blocked = pool.submit(store.complete, first, Outcome("a", "stop", 1, 1))
+        _wait_for_a_lock_wait(engine)
+        written = pool.submit(store.complete, slow, Outcome("b", "stop", 1, 1))
+        claim = pool.submit(store.claim, fresh)
+        time.sleep(0.3)
+        lock_first.commit()
+        assert blocked.result(timeout=5)
+        claimed = claim.result(timeout=5)  # before `slow`'s row is free
+        assert claimed is not None and claimed.result_id == fresh
+        assert not written.done()
+        lock_slow.commit()
+        assert written.result(timeout=5)
+    finally:
+        lock_first.close()
+        lock_slow.close()
+        pool.shutdown()
+
+
 def test_a_broken_connection_is_replaced_and_its_batch_written(engine: Engine, e2e_db_url: str) -> None:
     """Postgres restarts or kills the store's backend: the batch it broke is kept and written again
     on a new connection (its writers only wait), and the next batches run there too."""

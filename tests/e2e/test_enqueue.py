@@ -26,6 +26,16 @@ def _settings(e2e_env: dict[str, str], **overrides: str) -> Settings:
     return Settings(**{**e2e_env, **overrides})  # type: ignore[arg-type]
 
 
+def _scratch_queue(e2e_env: dict[str, str], name: str, prefix: str) -> tuple[Settings, JobQueue]:
+    """A producer for a queue of its own in the real Redis, with kombu's key prefix if given."""
+    settings = _settings(e2e_env, CELERY_QUEUE=f"{name}-{uuid.uuid4().hex[:8]}")
+    celery = make_celery(settings)
+    if prefix:
+        options = celery.conf.broker_transport_options
+        celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
+    return settings, JobQueue(celery, settings.CELERY_QUEUE)
+
+
 @pytest.fixture
 async def visibility_log(e2e_env: dict[str, str]) -> AsyncIterator[list[tuple[uuid.UUID, bool]]]:
     yield []
@@ -97,12 +107,7 @@ def test_doorbell_is_the_message_celery_itself_would_write(
     # JobQueue builds the message with Celery's as_task_v2 and kombu's publish (no send_task per job);
     # Celery's own send_task is the reference. Both go to a scratch queue in the real Redis: the
     # worker's `ring`, and the API's Doorbell from an event loop, with and without kombu's key prefix.
-    settings = _settings(e2e_env, CELERY_QUEUE=f"doorbell-{uuid.uuid4().hex[:8]}")
-    celery = make_celery(settings)
-    if prefix:
-        options = celery.conf.broker_transport_options
-        celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
-    queue = JobQueue(celery, settings.CELERY_QUEUE)
+    settings, queue = _scratch_queue(e2e_env, "doorbell", prefix)
     client = redis.Redis.from_url(settings.REDIS_URL)
     key = prefix + settings.CELERY_QUEUE
     try:
@@ -135,12 +140,7 @@ def test_doorbell_is_the_message_celery_itself_would_write(
 
 @pytest.mark.parametrize("prefix", ["", "shared-redis:"], ids=["no-prefix", "key-prefix"])
 def test_a_redis_that_lost_its_keys_is_noticed(e2e_env: dict[str, str], prefix: str) -> None:
-    settings = _settings(e2e_env, CELERY_QUEUE=f"marker-{uuid.uuid4().hex[:8]}")
-    celery = make_celery(settings)
-    if prefix:
-        options = celery.conf.broker_transport_options
-        celery.conf.broker_transport_options = {**options, "global_keyprefix": prefix}
-    queue = JobQueue(celery, settings.CELERY_QUEUE)
+    settings, queue = _scratch_queue(e2e_env, "marker", prefix)
     client = redis.Redis.from_url(settings.REDIS_URL)
     marker = f"{prefix}{settings.CELERY_QUEUE}:marker"  # beside the queue's list, under kombu's prefix
     try:

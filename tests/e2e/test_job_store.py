@@ -80,18 +80,18 @@ def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e
         assert (rows[rid].status, rows[rid].error) == ("failed", f"err {rid}")
 
 
+def _store_backends(engine: Engine, select: str, where: str = "") -> int:
+    """`select` (an aggregate) over the Postgres sessions of this process's job store."""
+    with engine.begin() as conn:
+        query = f"SELECT {select} FROM pg_stat_activity WHERE application_name = :name {where}"
+        return int(conn.execute(text(query), {"name": f"llmq-worker-{os.getpid()}"}).scalar_one())
+
+
 def _wait_for_a_lock_wait(engine: Engine) -> None:
     """Until this process's store connection waits for a row lock."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
-        with engine.connect() as conn:
-            waiting = conn.execute(
-                text(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = :name AND wait_event_type = 'Lock'"
-                ),
-                {"name": f"llmq-worker-{os.getpid()}"},
-            ).scalar_one()
-        if waiting:
+        if _store_backends(engine, "count(*)", "AND wait_event_type = 'Lock'"):
             return
         time.sleep(0.02)
     raise AssertionError("the store never waited for the row lock")
@@ -136,13 +136,7 @@ def test_a_broken_connection_is_replaced_and_its_batch_written(engine: Engine, e
     store = JobStore(settings, SyncDatabase(settings))
     first, second, third = _pending(engine, 3)
     assert store.claim(first) is not None
-    with engine.begin() as conn:
-        killed = conn.execute(
-            text(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = :name"
-            ),
-            {"name": f"llmq-worker-{os.getpid()}"},
-        ).scalar_one()
+    killed = _store_backends(engine, "count(pg_terminate_backend(pid))")
     assert killed >= 1
     again = store.claim(second)
     assert again is not None and again.result_id == second

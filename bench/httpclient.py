@@ -4,7 +4,8 @@ httpx costs ~5 ms of CPU per request on this machine (a third of the 2 cores at 
 and the client is not the system under test. This one does the minimum: a pool of
 ``asyncio.open_connection`` streams (at most ``pool_size`` open, one request at a time on each),
 requests written as raw bytes with ``Content-Length``, responses read as status line + headers +
-``Content-Length`` body (``Transfer-Encoding: chunked`` is understood too, for completeness).
+``Content-Length`` body (``Transfer-Encoding: chunked`` is understood too), and an event stream line
+by line as it arrives (``lines``: the streaming probes, which time its first piece).
 
 Correctness rules: a connection goes back to the pool only after a complete response that did not say
 ``Connection: close``; a connection interrupted mid-request (timeout, cancellation, error) is closed,
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -87,7 +89,7 @@ class LeanClient:
     async def get(self, url: str) -> Reply:
         return await self.request("GET", url, None)
 
-    async def request(self, method: str, url: str, body: bytes | None) -> Reply:
+    def _raw(self, method: str, url: str, body: bytes | None) -> bytes:
         head = [
             f"{method} {self.prefix}{url} HTTP/1.1\r\n".encode(),
             b"Host: ",
@@ -100,7 +102,56 @@ class LeanClient:
         head.append(b"\r\n")
         if body is not None:
             head.append(body)
-        raw = b"".join(head)
+        return b"".join(head)
+
+    async def lines(self, method: str, url: str, body: dict[str, Any] | None = None) -> AsyncGenerator[str]:
+        """A response's body line by line as it arrives (an event stream), for a 200 answer; another
+        status is an HTTPClientError. Its connection is kept only if the body was read to its end."""
+        data = None if body is None else json.dumps(body, separators=(",", ":")).encode()
+        raw = self._raw(method, url, data)
+        async with self._slots:
+            conn: _Conn | None = None
+            complete = False
+            try:
+                for attempt in (0, 1):
+                    conn = await self._checkout()
+                    reused = conn.used
+                    try:
+                        status, headers, keep = await self._head(conn, raw)
+                        break
+                    except _NothingReceived:
+                        self._discard(conn)
+                        conn = None
+                        if reused and attempt == 0:
+                            self.retries += 1
+                            continue
+                        raise HTTPClientError(f"{method} {url}: connection closed") from None
+                assert conn is not None
+                if status != 200:
+                    raise HTTPClientError(f"{method} {url}: HTTP {status}")
+                if headers.get("transfer-encoding", "").lower() != "chunked":
+                    raise HTTPClientError(f"{method} {url}: not a chunked stream")
+                pending = b""
+                async for chunk in self._chunks(conn.reader):
+                    pending += chunk
+                    *done, pending = pending.split(b"\n")
+                    for line in done:
+                        yield line.rstrip(b"\r").decode("utf-8", "replace")
+                if pending:
+                    yield pending.decode("utf-8", "replace")
+                complete = keep
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+                raise HTTPClientError(f"{method} {url}: {type(exc).__name__}: {exc}") from None
+            finally:
+                if conn is not None:
+                    if complete:
+                        conn.used = True
+                        self._idle.append(conn)
+                    else:
+                        self._discard(conn)  # left mid-stream: the connection's state is unknown
+
+    async def request(self, method: str, url: str, body: bytes | None) -> Reply:
+        raw = self._raw(method, url, body)
         async with self._slots:
             try:
                 async with asyncio.timeout(self.timeout_s):
@@ -149,7 +200,8 @@ class LeanClient:
         conn.close()
 
     @staticmethod
-    async def _exchange(conn: _Conn, raw: bytes) -> tuple[Reply, bool]:
+    async def _head(conn: _Conn, raw: bytes) -> tuple[int, dict[str, str], bool]:
+        """Send the request; the answer's status, headers and whether the connection may be kept."""
         reader = conn.reader
         try:
             conn.writer.write(raw)
@@ -173,17 +225,26 @@ class LeanClient:
             keep = False
         elif connection == "keep-alive":
             keep = True
+        return status, headers, keep
+
+    @staticmethod
+    async def _chunks(reader: asyncio.StreamReader) -> AsyncIterator[bytes]:
+        """A chunked body's chunks as they arrive (trailers read and dropped)."""
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
+            if size == 0:
+                while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
+                    pass
+                return
+            yield await reader.readexactly(size)
+            await reader.readexactly(2)
+
+    @classmethod
+    async def _exchange(cls, conn: _Conn, raw: bytes) -> tuple[Reply, bool]:
+        status, headers, keep = await cls._head(conn, raw)
+        reader = conn.reader
         if headers.get("transfer-encoding", "").lower() == "chunked":
-            chunks = []
-            while True:
-                size = int((await reader.readuntil(b"\r\n")).split(b";", 1)[0], 16)
-                if size == 0:
-                    while (await reader.readuntil(b"\r\n")) != b"\r\n":  # trailers
-                        pass
-                    break
-                chunks.append(await reader.readexactly(size))
-                await reader.readexactly(2)
-            body = b"".join(chunks)
+            body = b"".join([chunk async for chunk in cls._chunks(reader)])
         elif "content-length" in headers:
             length = int(headers["content-length"])
             body = await reader.readexactly(length) if length else b""

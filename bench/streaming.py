@@ -24,6 +24,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.triton.inference import Aborted, GenerationError, TritonInference
+from bench.httpclient import HTTPClientError, LeanClient, Reply
 from bench.workload import Phase, api_params, triton_params
 
 CANCEL_MAX_TOKENS = 400  # long enough to be running when the cancel comes
@@ -167,13 +168,11 @@ async def direct_probes(
     return probes
 
 
-async def _events(http: httpx.AsyncClient, result_id: str) -> AsyncGenerator[tuple[str, Any]]:
+async def _events(http: LeanClient, result_id: str) -> AsyncGenerator[tuple[str, Any]]:
     """(event, data) of a result's SSE stream."""
-    async with http.stream("GET", f"/results/{result_id}/stream") as response:
-        if response.status_code != 200:
-            raise RuntimeError(f"stream: HTTP {response.status_code}")
-        event = data = None
-        async for line in response.aiter_lines():
+    event = data = None
+    async with contextlib.aclosing(http.lines("GET", f"/results/{result_id}/stream")) as lines:
+        async for line in lines:
             if line.startswith("event:"):
                 event = line[6:].strip()
             elif line.startswith("data:"):
@@ -193,9 +192,8 @@ async def platform_probes(
     metrics_url: str | None,
 ) -> StreamProbes:
     probes = StreamProbes()
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    limits = httpx.Limits(max_connections=2 * k + 8)
-    http = httpx.AsyncClient(base_url=api_url, headers=headers, timeout=120, limits=limits)
+    # The load's own lean client: the probes time the platform, not an HTTP library's CPU.
+    http = LeanClient(api_url, pool_size=2 * k + 8, timeout_s=120, api_key=api_key)
     counter = AbortCounter(metrics_url, phase.model) if metrics_url else None
     seq = itertools.count()
 
@@ -204,7 +202,7 @@ async def platform_probes(
         if ignore_eos:
             body["ignore_eos"] = True
         ctx = context_ids[next(seq) % len(context_ids)]
-        r = await http.post(f"/models/send/{phase.model}/{ctx}", json=body)
+        r = await http.post(f"/models/send/{phase.model}/{ctx}", body)
         if r.status_code != 202:
             raise RuntimeError(f"send: HTTP {r.status_code} {r.text[:200]}")
         return str(r.json()["result_id"])
@@ -221,7 +219,7 @@ async def platform_probes(
                             timing.piece(probes)
                         elif event == "done":
                             probes.tokens += data.get("completion_tokens") or 0
-            except (httpx.HTTPError, RuntimeError) as exc:
+            except (HTTPClientError, RuntimeError) as exc:
                 probes.note(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
 
@@ -237,8 +235,8 @@ async def platform_probes(
         before = await counter.read()
         t0 = time.monotonic()
 
-        async def request() -> httpx.Response:
-            response = await http.post(f"/results/{result_id}/cancel")
+        async def request() -> Reply:
+            response = await http.request("POST", f"/results/{result_id}/cancel", None)
             probes.cancel_answer_s.append(time.monotonic() - t0)
             return response
 
@@ -273,10 +271,7 @@ async def chat_probes(
     from bench.chat import ChatJob, chat_body  # bench.chat imports the load generator
 
     probes = StreamProbes()
-    headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
-    http = httpx.AsyncClient(
-        base_url=api_url, headers=headers, timeout=120, limits=httpx.Limits(max_connections=k + 4)
-    )
+    http = LeanClient(api_url, pool_size=k + 4, timeout_s=120, api_key=api_key)
     seq = itertools.count()
 
     async def streamer(i: int) -> None:
@@ -286,10 +281,8 @@ async def chat_probes(
             body = {**chat_body(phase, job), "stream": True, "stream_options": {"include_usage": True}}
             timing = _Timing(time.monotonic())
             try:
-                async with http.stream("POST", "/v1/chat/completions", json=body) as response:
-                    if response.status_code != 200:
-                        raise RuntimeError(f"chat stream: HTTP {response.status_code}")
-                    async for line in response.aiter_lines():
+                async with contextlib.aclosing(http.lines("POST", "/v1/chat/completions", body)) as lines:
+                    async for line in lines:
                         if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                             continue
                         chunk = json.loads(line[5:])
@@ -297,7 +290,7 @@ async def chat_probes(
                             probes.tokens += chunk["usage"]["completion_tokens"]
                         if any(c["delta"].get("content") for c in chunk.get("choices", [])):
                             timing.piece(probes)
-            except (httpx.HTTPError, RuntimeError) as exc:
+            except (HTTPClientError, RuntimeError) as exc:
                 probes.note(f"{type(exc).__name__}: {exc}")
                 await asyncio.sleep(0.5)
 

@@ -192,10 +192,18 @@ _CLAIM = """
               EXTRACT(EPOCH FROM r.deadline_at - now())::float8
 """
 # The heartbeat: one statement for every job a worker process holds.
+# A row another statement holds locked (its outcome being written, a cancel) is skipped, not waited
+# for: the heartbeat never joins a lock cycle with the batched writes, which lock in another order.
+# It still counts as held (the snapshot says so); the next beat renews it.
 _RENEW = """
-    UPDATE result SET lease_until = now() + make_interval(secs => %(lease)s)
+    WITH renewed AS (
+        UPDATE result SET lease_until = now() + make_interval(secs => %(lease)s)
+         WHERE id IN (SELECT id FROM result
+                       WHERE id = ANY(%(ids)s::uuid[]) AND lease_owner = %(owner)s AND status = 'pending'
+                         FOR UPDATE SKIP LOCKED)
+        RETURNING id)
+    SELECT id FROM result
      WHERE id = ANY(%(ids)s::uuid[]) AND lease_owner = %(owner)s AND status = 'pending'
-    RETURNING id
 """
 _COMPLETE = """
     UPDATE result AS r
@@ -235,6 +243,8 @@ _RELEASE_LAPSED = """
          FOR UPDATE SKIP LOCKED)
     RETURNING id
 """
+# The sweeper's statements skip rows another statement holds locked (a worker writing them): no lock
+# cycle with the batched writes, and a skipped row is looked at again by the next sweep.
 # Touching `updated_at` keeps the next sweep from sending the same rows again right away.
 _REQUEUE_CANDIDATES = """
     UPDATE result SET updated_at = now()
@@ -252,7 +262,10 @@ _FAIL_EXPIRED = """
        SET status = 'failed', finished_at = now(), updated_at = now(), lease_owner = NULL, lease_until = NULL,
            error = 'deadline exceeded: still pending ' || round(%(deadline)s) || ' s after submission'
                    || COALESCE(%(why)s, '') || COALESCE(' (last error: ' || error || ')', '')
-     WHERE status = 'pending' AND created_at < now() - make_interval(secs => %(deadline)s)
+     WHERE id IN (
+        SELECT id FROM result
+         WHERE status = 'pending' AND created_at < now() - make_interval(secs => %(deadline)s)
+         FOR UPDATE SKIP LOCKED)
     RETURNING id
 """
 
@@ -355,7 +368,7 @@ _CANCEL_PAST_DEADLINE = """
        SET status = 'cancelled', finished_at = now(), updated_at = now(),
            error = 'deadline passed: not finished within timeout_s = ' || (params->>'timeout_s')
                    || ' s of its submission'
-     WHERE status = 'pending' AND deadline_at < now()
+     WHERE id IN (SELECT id FROM result WHERE status = 'pending' AND deadline_at < now() FOR UPDATE SKIP LOCKED)
     RETURNING id
 """
 

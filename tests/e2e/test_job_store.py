@@ -129,6 +129,44 @@ def test_a_claim_does_not_wait_for_the_outcomes_written_in_its_batch(engine: Eng
         pool.shutdown()
 
 
+def test_the_lease_heartbeat_skips_a_locked_row_instead_of_waiting(engine: Engine, e2e_db_url: str) -> None:
+    """The heartbeat renews every lease in one statement while the batched writes update the same rows
+    in another order: waiting for their locks made a deadlock (a 1 s stall of the store, then an
+    error). A row held locked is skipped and kept; the next beat renews it."""
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
+    locked, free = _pending(engine, 2)
+    assert store.claim(locked) is not None and store.claim(free) is not None
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE result SET lease_until = now() WHERE id = ANY(:ids)"), {"ids": [locked, free]}
+        )
+    holder = engine.connect()
+    pool = ThreadPoolExecutor(max_workers=1)
+    try:
+        holder.execute(text("SELECT 1 FROM result WHERE id = :id FOR UPDATE"), {"id": locked})
+        pool.submit(store.renew).result(timeout=5)  # does not wait for the lock
+        assert store.held() == {locked, free}
+        with engine.connect() as conn:
+            renewed = dict(
+                conn.execute(
+                    text("SELECT id, lease_until > now() + interval '5 s' FROM result WHERE id = ANY(:ids)"),
+                    {"ids": [locked, free]},
+                ).all()
+            )
+        assert renewed == {locked: False, free: True}
+        holder.commit()
+        store.renew()
+        with engine.connect() as conn:
+            later = conn.execute(
+                text("SELECT lease_until > now() + interval '5 s' FROM result WHERE id = :id"), {"id": locked}
+            ).scalar_one()
+        assert later
+    finally:
+        holder.close()
+        pool.shutdown()
+
+
 def test_a_broken_connection_is_replaced_and_its_batch_written(engine: Engine, e2e_db_url: str) -> None:
     """Postgres restarts or kills the store's backend: the batch it broke is kept and written again
     on a new connection (its writers only wait), and the next batches run there too."""

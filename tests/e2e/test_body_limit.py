@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 from urllib.parse import urlsplit
@@ -47,3 +48,27 @@ def test_a_chunked_body_is_bounded_while_it_is_read(api_server: str) -> None:
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 413 Request Entity Too Large", answer[:300]
     assert b'"request body is over ' in rest
+
+
+def test_a_request_the_parser_refuses_gets_its_400_while_the_client_still_sends(api_server: str) -> None:
+    # uvicorn refuses Content-Length with chunked at the headers; the client goes on sending its
+    # body. Closed at once, the server's socket would reset the connection and take the 400 with it.
+    url = urlsplit(api_server)
+    head = (
+        b"POST /contexts/ HTTP/1.1\r\nHost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: 5\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    piece = b"z" * 65536
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(head)
+        time.sleep(0.3)  # the answer is out, and uvicorn would have closed by now
+        for _ in range(16):  # 1 MiB more of body
+            sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+        sock.sendall(b"0\r\n\r\n")
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 400 Bad Request", answer[:300]
+    assert rest.endswith(b"Invalid HTTP request received.")

@@ -10,11 +10,9 @@ Written against uvicorn 0.54's httptools protocol; any other version keeps uvico
 
 from __future__ import annotations
 
-import importlib.metadata
-import logging
 from typing import Any
 
-log = logging.getLogger(__name__)
+from app.version_guard import written_for
 
 PATCHED_VERSIONS = ("0.54.",)
 LINGER_S = 2.0
@@ -27,13 +25,7 @@ def linger_after_bad_requests() -> bool:
     global _applied
     if _applied:
         return True
-    version = importlib.metadata.version("uvicorn")
-    if not version.startswith(PATCHED_VERSIONS):
-        log.warning(
-            "uvicorn %s: the lingering close after a malformed request is for uvicorn %s only; not applied",
-            version,
-            "/".join(v + "x" for v in PATCHED_VERSIONS),
-        )
+    if not written_for("uvicorn", PATCHED_VERSIONS, "the lingering close after a malformed request"):
         return False
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol

@@ -9,13 +9,11 @@ Written against kombu 5.7's `Channel.conn_or_acquire`; any other version keeps k
 
 from __future__ import annotations
 
-import importlib.metadata
-import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-log = logging.getLogger(__name__)
+from app.version_guard import written_for
 
 PATCHED_VERSIONS = ("5.7.",)
 _applied = False
@@ -28,13 +26,7 @@ def reuse_redis_clients() -> bool:
         return True
     from kombu.transport import redis as kombu_redis
 
-    version = importlib.metadata.version("kombu")
-    if not version.startswith(PATCHED_VERSIONS):
-        log.warning(
-            "kombu %s: the Redis client reuse patch is for kombu %s only; not applied",
-            version,
-            "/".join(v + "x" for v in PATCHED_VERSIONS),
-        )
+    if not written_for("kombu", PATCHED_VERSIONS, "the Redis client reuse patch"):
         return False
 
     @contextmanager

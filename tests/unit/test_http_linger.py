@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 
 import pytest
@@ -15,9 +16,9 @@ def test_another_uvicorn_keeps_its_own_close(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     monkeypatch.setattr(http_linger, "_applied", False)
-    monkeypatch.setattr(http_linger.importlib.metadata, "version", lambda _name: "0.99.0")
+    monkeypatch.setattr(importlib.metadata, "version", lambda _name: "0.99.0")
     before = (HttpToolsProtocol.send_400_response, HttpToolsProtocol.data_received)
-    with caplog.at_level(logging.WARNING, logger="app.http_linger"):
+    with caplog.at_level(logging.WARNING, logger="app.version_guard"):
         assert http_linger.linger_after_bad_requests() is False
     assert (HttpToolsProtocol.send_400_response, HttpToolsProtocol.data_received) == before
     assert "uvicorn 0.99.0" in caplog.text and "not applied" in caplog.text

@@ -28,11 +28,9 @@ def linger_after_bad_requests() -> bool:
     if not written_for("uvicorn", PATCHED_VERSIONS, "the lingering close after a malformed request"):
         return False
     try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+        from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # no httptools: uvicorn runs h11, left as it is
         return False
-
-    from uvicorn.protocols.http.httptools_impl import STATUS_LINE
 
     receive = HttpToolsProtocol.data_received
     end_of_input = HttpToolsProtocol.eof_received

@@ -16,8 +16,9 @@ import json
 import logging
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from celery import Celery
@@ -30,6 +31,8 @@ from app.kombu_patch import reuse_redis_clients
 RUN_JOB_TASK = "llmq.run_job"
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _MAX_BATCH = 500  # messages per Redis pipeline
 
@@ -181,56 +184,46 @@ class JobQueue:
         self._producer = None
         self._template = None
 
-    def ring(self, result_ids: list[uuid.UUID]) -> bool:
-        """Push one `run_job(id)` message per id, in one LPUSH. A failure is logged, not raised:
-        the rows are committed and the sweeper re-sends them."""
+    def _with_broker(self, what: str, command: Callable[[Any, _Template], T], failed: T) -> T:
+        """`command(client, template)` on kombu's own Redis client (its key prefix applied); a
+        failure is logged (could not `what`) and answers `failed`, the connection made anew next time."""
         with self._producer_lock:
             try:
                 producer: Any = self._get_producer()
-                template = self._template
-                assert template is not None  # made with the producer
-                messages = [template.message(str(result_id)) for result_id in result_ids]
-                with producer.channel.conn_or_acquire() as client:  # kombu's client: its key prefix
-                    client.lpush(template.key, *messages)
-                return True
+                assert self._template is not None  # made with the producer
+                with producer.channel.conn_or_acquire() as client:
+                    return command(client, self._template)
             except Exception:
                 self._drop_producer()
-                log.warning(
-                    "could not enqueue %d result(s); the sweeper will re-enqueue them",
-                    len(result_ids),
-                    exc_info=True,
-                )
-                return False
+                log.warning("could not %s", what, exc_info=True)
+                return failed
+
+    def ring(self, result_ids: list[uuid.UUID]) -> bool:
+        """Push one `run_job(id)` message per id, in one LPUSH. A failure is logged, not raised:
+        the rows are committed and the sweeper re-sends them."""
+
+        def push(client: Any, template: _Template) -> bool:
+            client.lpush(template.key, *(template.message(str(result_id)) for result_id in result_ids))
+            return True
+
+        what = f"enqueue {len(result_ids)} result(s); the sweeper will re-enqueue them"
+        return self._with_broker(what, push, False)
 
     def broker_reset(self) -> bool:
         """Whether Redis lost its keys since the last call (flushed, or restarted without persistence),
         taking every queued message with them: a marker kept beside the queue is gone. False on the
         first call (nothing to compare with) and when Redis cannot say."""
-        with self._producer_lock:
-            try:
-                producer: Any = self._get_producer()
-                assert self._template is not None
-                with producer.channel.conn_or_acquire() as client:
-                    created = bool(client.set(f"{self._template.key}:marker", b"1", nx=True))
-            except Exception:
-                self._drop_producer()
-                log.warning("could not look for the queue's marker", exc_info=True)
-                return False
+
+        def look(client: Any, template: _Template) -> bool:
+            created = bool(client.set(f"{template.key}:marker", b"1", nx=True))
             reset, self._marker_seen = created and self._marker_seen, True
             return reset
 
+        return self._with_broker("look for the queue's marker", look, False)
+
     def waiting(self) -> int | None:
         """How many job messages wait in the broker (None: Redis could not say)."""
-        with self._producer_lock:
-            try:
-                producer: Any = self._get_producer()
-                assert self._template is not None
-                with producer.channel.conn_or_acquire() as client:
-                    return int(client.llen(self._template.key))
-            except Exception:
-                self._drop_producer()
-                log.warning("could not read the queue's length", exc_info=True)
-                return None
+        return self._with_broker("read the queue's length", lambda client, t: int(client.llen(t.key)), None)
 
     def _publish(self, producer: Any, task_id: str) -> None:
         amqp: Any = self.celery.amqp  # args as a list, as send_task passes them (argsrepr shows it)

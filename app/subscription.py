@@ -1,5 +1,5 @@
-"""One Redis pub/sub subscription kept alive for the API process's lifetime (completion notices,
-token pieces)."""
+"""One Redis pub/sub subscription kept alive for a process's lifetime (the API's completion notices
+and token pieces, the worker's cancel notices)."""
 
 from __future__ import annotations
 

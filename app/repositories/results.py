@@ -200,8 +200,7 @@ _RENEW = """
         UPDATE result SET lease_until = now() + make_interval(secs => %(lease)s)
          WHERE id IN (SELECT id FROM result
                        WHERE id = ANY(%(ids)s::uuid[]) AND lease_owner = %(owner)s AND status = 'pending'
-                         FOR UPDATE SKIP LOCKED)
-        RETURNING id)
+                         FOR UPDATE SKIP LOCKED))
     SELECT id FROM result
      WHERE id = ANY(%(ids)s::uuid[]) AND lease_owner = %(owner)s AND status = 'pending'
 """

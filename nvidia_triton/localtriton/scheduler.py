@@ -23,6 +23,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import Protocol
 
 from localtriton.engine import Plan
@@ -71,10 +72,6 @@ class EngineStats:
 
 
 _STOP = object()
-
-
-def _checked_at(seq: Sequence) -> float:
-    return seq.checked_at
 
 
 class BatchEngine:
@@ -173,7 +170,7 @@ class BatchEngine:
             self._idle_until(started + self.decode_s + extra)
         batch = self._running  # every sequence, new or old, gets a token from this step
         for seq in batch:
-            if seq.pos >= 0:  # -1 marks a sequence dropped by the cancellation check
+            if seq.pos >= 0:  # -1 marks a dropped sequence (its client went away mid-send)
                 self._advance(seq, 1)
         self._reap()
 
@@ -225,7 +222,7 @@ class BatchEngine:
         due = time.monotonic() - CANCEL_CHECK_INTERVAL_S
         asked = dropped = 0
         # Longest unasked first: whoever a short step left out comes first in the next one.
-        for seq in sorted(self._running, key=_checked_at):
+        for seq in sorted(self._running, key=attrgetter("checked_at")):
             if seq.checked_at > due:
                 break
             if seq.pos < 0:
@@ -241,7 +238,8 @@ class BatchEngine:
             if cancelled:
                 self._drop(seq, notify=True)
                 dropped += 1
-        if dropped:  # the metrics show the sequence gone now, not after the step
+        if dropped:  # gone now, in the metrics too, not after the step
+            self._reap()
             self._publish()
 
     def _reap(self) -> None:
@@ -261,7 +259,7 @@ class BatchEngine:
             time.sleep(delay)
 
     def _publish(self) -> None:
-        self.stats.running = sum(1 for seq in self._running if seq.pos >= 0)
+        self.stats.running = len(self._running)
         self.stats.waiting = len(self._waiting)
         if self._on_stats is not None:
             try:

@@ -37,10 +37,15 @@ class TritonAdmin:
         self._client: tuple[asyncio.AbstractEventLoop, httpx.AsyncClient] | None = None
 
     def _http(self) -> httpx.AsyncClient:
-        # One client (connection pool) per event loop: building one costs more than the request.
+        # One client per event loop: building one costs more than the request. No idle keep-alive
+        # connection: Triton stopping waits for open HTTP connections, then aborts (its exit timeout).
         loop = asyncio.get_running_loop()
         if self._client is None or self._client[0] is not loop:
-            self._client = (loop, httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout))
+            limits = httpx.Limits(max_keepalive_connections=0)
+            self._client = (
+                loop,
+                httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, limits=limits),
+            )
         return self._client[1]
 
     async def close(self) -> None:

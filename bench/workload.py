@@ -142,7 +142,7 @@ def api_params(max_tokens: int, seed: int) -> dict[str, Any]:
 
 
 def triton_params(max_tokens: int, seed: int) -> dict[str, Any]:
-    """The sampling parameters the worker forwards for that body (worker.tasks.sampling_parameters:
+    """The sampling parameters the worker forwards for that body (worker.jobs.sampling_parameters:
     max_tokens, temperature, top_p, seed; the empty stop list is dropped)."""
     return {"max_tokens": max_tokens, "temperature": 1.0, "top_p": 1.0, "seed": seed}
 

@@ -26,8 +26,8 @@ reuse_redis_clients()
 celery_app = Celery("llmq", include=["worker.tasks"])
 celery_app.conf.update(celery_config(settings))
 celery_app.conf.update(
-    # Jobs spend their time waiting on Triton, so threads (not processes) give many in flight cheaply.
-    worker_pool="threads",
+    # Jobs spend their time waiting on Triton: coroutines on one loop, WORKER_IN_FLIGHT of them at once.
+    worker_pool="worker.pool:JobPool",
     worker_concurrency=settings.WORKER_IN_FLIGHT,
 )
 check_publishable(celery_app)  # refuse at start what the sweeper's producer cannot honour

@@ -1,18 +1,18 @@
-"""The worker's database writes, batched across its threads.
+"""The worker's database writes, batched across its jobs.
 
-Each job thread needs two writes (claim, then the outcome). Done one by one, a worker with
+Each job needs two writes (claim, then the outcome). Done one by one, a worker with
 hundreds of jobs in flight spends more CPU on per-statement overhead than on the work; here
-the threads queue their requests and wait, and one thread executes whatever has queued up as
+the jobs (coroutines on the runtime's loop, or threads) queue their requests and wait, and one thread executes whatever has queued up as
 one statement per kind, then publishes the completion notices (with the final rows, see
 app/notify.py) in one Redis pipeline. Nothing waits for a batch to fill: under light load a
 batch is a single job. Claims go first and are answered as soon as they are committed: a job
 starts without waiting for the outcomes and notices of its batch.
-A thread still returns only after its write is committed, so the Celery message is acked
+A job still ends only after its write is committed, so the Celery message is acked
 after the result is safely in Postgres.
 
 Each kind of write is one autocommit statement on a connection of the process's pool (no
 BEGIN/COMMIT round trips). When Postgres cannot be reached the batch is kept and tried again with
-backoff until it is written (its threads wait, so what is kept is bounded by the worker's threads):
+backoff until it is written (its jobs wait, so what is kept is bounded by the jobs in flight):
 a generated result is written when Postgres is back, never generated again.
 
 A claim is a lease held by this process (`owner`); the heartbeat thread renews the leases of every
@@ -22,6 +22,7 @@ jobs' leases lapse after LEASE_S and the sweeper has them run again.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import queue
@@ -110,6 +111,15 @@ class JobStore:
     def fail(self, result_id: uuid.UUID, error: str) -> bool:
         return self._submit("fail", result_id, error)  # type: ignore[no-any-return]
 
+    async def aclaim(self, result_id: uuid.UUID) -> ClaimedJob | None:
+        return await asyncio.wrap_future(self._enqueue("claim", result_id, None))
+
+    async def acomplete(self, result_id: uuid.UUID, outcome: Outcome) -> bool:
+        return await asyncio.wrap_future(self._enqueue("complete", result_id, outcome))
+
+    async def afail(self, result_id: uuid.UUID, error: str) -> bool:
+        return await asyncio.wrap_future(self._enqueue("fail", result_id, error))
+
     def release(self, result_id: uuid.UUID, note: str, *, spend_attempt: bool = True) -> bool:
         """Give the job back (to run again later); rare, so not batched."""
         with self._held_lock:
@@ -142,9 +152,12 @@ class JobStore:
                 log.warning("lease heartbeat failed (%d jobs held): %s", len(self._held), exc)
 
     def _submit(self, kind: str, result_id: uuid.UUID, payload: Any) -> Any:
+        return self._enqueue(kind, result_id, payload).result()
+
+    def _enqueue(self, kind: str, result_id: uuid.UUID, payload: Any) -> Future[Any]:
         future: Future[Any] = Future()
         self._queue.put((kind, result_id, payload, future))
-        return future.result()
+        return future
 
     def _collect(self, batch: _Batch, *, wait: bool = True) -> _Batch:
         """Add what has queued up (waiting for a first request if `wait`) to `batch`."""
@@ -177,7 +190,7 @@ class JobStore:
             try:
                 self._execute(batch)
             except DATABASE_ERRORS as exc:
-                # Postgres unreachable: keep the batch (its threads wait) and try it again.
+                # Postgres unreachable: keep the batch (its jobs wait) and try it again.
                 delay = min(RETRY_MAX_S, max(0.05, delay * 2))
                 log.warning(
                     "job store: %d writes wait for Postgres (next try in %.2fs): %s", len(batch), delay, exc

@@ -1,20 +1,23 @@
-"""One asyncio loop per worker process that owns the gRPC channel to Triton.
+"""One asyncio loop per worker process: it owns the gRPC channel to Triton and runs the jobs.
 
-Celery's thread pool gives each job a thread; the threads hand their Triton call to this
-loop, so a process holds as many requests in flight as it has threads on one connection.
-The loop also listens for cancel notices (the API publishes a cancelled job's id; every worker
-process hears it, the one running the job aborts it on the spot, the others remember it a while
-so that a job claimed just after its cancel never starts).
+Each job is a coroutine on this loop (worker/jobs.py, started by the Celery task through
+worker/pool.py), so a process holds as many requests in flight as its prefetch count allows on one
+connection, without a thread per job. The loop also listens for cancel notices (the API publishes a
+cancelled job's id; every worker process hears it, the one running the job aborts it on the spot,
+the others remember it a while so that a job claimed just after its cancel never starts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
 import threading
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 from app.config import Settings
@@ -22,6 +25,8 @@ from app.notify import cancel_channel
 from app.subscription import subscribe_forever
 from app.triton.inference import Aborted, Generation, TritonInference
 from worker.token_streams import StreamSink, StreamWriter
+
+log = logging.getLogger(__name__)
 
 # A cancel that arrives before its job started is remembered this long (the job then never runs).
 _REMEMBER_CANCELS_S = 60.0
@@ -41,7 +46,8 @@ class Stopped(Exception):
 
 class InferenceRuntime:
     def __init__(self, settings: Settings) -> None:
-        self._tasks: dict[str, asyncio.Task[Any]] = {}  # touched on the loop only
+        self._tasks: dict[str, asyncio.Task[Any]] = {}  # generations by job key; on the loop only
+        self._jobs: set[asyncio.Task[None]] = set()  # the jobs running (the loop keeps weak references)
         self._cancels: OrderedDict[str, float] = OrderedDict()
         self._cancels_lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
@@ -75,16 +81,31 @@ class InferenceRuntime:
     def _call(self, coro: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
-    def open_stream(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
-        if attempt == 1:  # the common case: no hop to the loop before the generation starts
+    def submit(self, job: Coroutine[Any, Any, None], on_end: Callable[[], None]) -> None:
+        """Start a job on the loop (from any thread); `on_end()` is called on the loop when it ends."""
+        self._loop.call_soon_threadsafe(self._spawn, job, on_end)
+
+    def run(self, job: Coroutine[Any, Any, None]) -> None:
+        """Run a job on the loop and wait for its end (for a caller with a thread to spare)."""
+        self._call(job)
+
+    def _spawn(self, job: Coroutine[Any, Any, None], on_end: Callable[[], None]) -> None:
+        task = self._loop.create_task(job)
+        self._jobs.add(task)
+        task.add_done_callback(functools.partial(self._ended, on_end))
+
+    def _ended(self, on_end: Callable[[], None], task: asyncio.Task[None]) -> None:
+        self._jobs.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("job coroutine failed", exc_info=task.exception())
+        on_end()
+
+    async def open_stream(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
+        if attempt == 1:  # the common case: nothing published before, no round trip to Redis
             return self._streams.first_sink(result_id)
-        sink: StreamSink = self._call(self._streams.open(result_id, attempt))
-        return sink
+        return await self._streams.open(result_id, attempt)
 
-    def end_stream(self, sink: StreamSink, status: str) -> None:
-        self._loop.call_soon_threadsafe(sink.finish, status)
-
-    def generate(
+    async def generate(
         self,
         model: str,
         prompt: str,
@@ -95,10 +116,15 @@ class InferenceRuntime:
         stream: StreamSink | None = None,
         timeout_s: float | None = None,
     ) -> Generation:
-        """The generation; `Stopped` when `cancel(job_key)` or the `timeout_s` deadline ended it."""
-        coro = self._run(job_key, model, prompt, params, request_id, stream, timeout_s)
-        generation: Generation = asyncio.run_coroutine_threadsafe(coro, self._loop).result()
-        return generation
+        """The generation (on the loop); `Stopped` when a cancel notice for `job_key` or the
+        `timeout_s` deadline ended it."""
+        task = asyncio.current_task()
+        assert task is not None
+        try:
+            return await self._run(job_key, model, prompt, params, request_id, stream, timeout_s)
+        finally:
+            if task.cancelling():  # a cancel notice, now a `Stopped`: the job goes on to record it
+                task.uncancel()
 
     async def _run(
         self,

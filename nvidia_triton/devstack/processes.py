@@ -107,15 +107,11 @@ def child_env(overrides: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
-def worker_process(
-    env: Mapping[str, str], log_path: Path, *, concurrency: int | None = None, sweeper: bool = True
-) -> ManagedProcess:
+def worker_process(env: Mapping[str, str], log_path: Path, *, sweeper: bool = True) -> ManagedProcess:
     """A Celery worker process. Every worker runs the sweeper loop (one of them sweeps at a time: a
     Postgres advisory lock); `sweeper=False` leaves it out (a worker sharing a database with others
     of another queue, whose rows it must not send to its own)."""
-    argv = [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel", "INFO", "-P", "threads"]
-    if concurrency is not None:
-        argv += ["-c", str(concurrency)]
+    argv = [str(BIN / "celery"), "-A", "worker.celery_app", "worker", "--loglevel", "INFO"]
     if "CELERY_QUEUE" in env:
         argv += ["-Q", env["CELERY_QUEUE"]]
     # Unique node name: several workers (tests, dev) may share one machine and one Redis.

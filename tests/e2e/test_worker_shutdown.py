@@ -44,19 +44,25 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
     for rid in ids:
         ring(queue, rid)
 
-    # 2 threads, prefetch 2: 2 jobs running, 2 more reserved, 8 still in Redis.
+    # 2 in flight (the prefetch count): 2 jobs running, 10 still in Redis.
     env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
     worker = worker_process(env, logs_dir / "shutdown-worker.log", sweeper=False).start()
+    running_query = text(
+        "SELECT count(*) FILTER (WHERE started_at IS NOT NULL), "
+        "count(*) FILTER (WHERE started_at IS NOT NULL AND status = 'pending') FROM result WHERE id = ANY(:ids)"
+    )
     try:
         worker.wait_for_log("ready.", timeout_s=60)
         deadline = time.monotonic() + 20
+        seen_started = None
         while True:
             with engine.connect() as conn:
-                started = conn.execute(
-                    text("SELECT count(*) FROM result WHERE id = ANY(:ids) AND started_at IS NOT NULL"),
-                    {"ids": ids},
-                ).scalar_one()
-            if started >= 2:
+                started, running = conn.execute(running_query, {"ids": ids}).one()
+            # A job's message is acked when the job ends, so no more than WORKER_IN_FLIGHT run at once.
+            assert running <= 2, f"{running} jobs running with WORKER_IN_FLIGHT=2"
+            if started >= 2 and seen_started is None:
+                seen_started = time.monotonic()
+            if seen_started is not None and time.monotonic() - seen_started > 0.5:
                 break
             assert time.monotonic() < deadline
             time.sleep(0.05)

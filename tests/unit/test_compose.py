@@ -58,7 +58,9 @@ def test_commands_point_at_real_code(compose: dict[str, Any]) -> None:
     assert worker_cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
     # No embedded beat: every worker runs the sweeper loop, one at a time (an advisory lock), so
     # `--scale worker=N` never gives a second sweeper.
-    assert "threads" in worker_cmd and "-B" not in worker_cmd and "--beat" not in worker_cmd
+    assert "-B" not in worker_cmd and "--beat" not in worker_cmd
+    # The pool comes from the app's configuration (worker.pool.JobPool): a `-P` would override it.
+    assert "-P" not in worker_cmd and "--pool" not in worker_cmd
 
 
 def test_environment_and_env_files(compose: dict[str, Any]) -> None:

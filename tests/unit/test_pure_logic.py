@@ -13,7 +13,7 @@ from app.config import Settings
 from app.errors import InvalidInput
 from app.pagination import decode_cursor, encode_cursor
 from app.triton.inference import classify_rpc_error, classify_server_message
-from worker.tasks import backoff_s, sampling_parameters
+from worker.jobs import backoff_s, sampling_parameters
 
 
 def test_production_refuses_the_development_password() -> None:

@@ -73,13 +73,17 @@ class Outcome:
     completion_tokens: int | None
 
 
+# Where a request's answer goes: a thread's future, or a coroutine's (set on its own loop).
+Reply = Future[Any] | asyncio.Future[Any]
+
+
 @dataclass
 class _Batch:
-    claims: list[tuple[uuid.UUID, Future[Any]]] = field(default_factory=list)
-    completions: list[tuple[uuid.UUID, Outcome, Future[Any]]] = field(default_factory=list)
-    failures: list[tuple[uuid.UUID, str, Future[Any]]] = field(default_factory=list)
+    claims: list[tuple[uuid.UUID, Reply]] = field(default_factory=list)
+    completions: list[tuple[uuid.UUID, Outcome, Reply]] = field(default_factory=list)
+    failures: list[tuple[uuid.UUID, str, Reply]] = field(default_factory=list)
 
-    def futures(self) -> list[Future[Any]]:
+    def futures(self) -> list[Reply]:
         return (
             [f for *_, f in self.claims] + [f for *_, f in self.completions] + [f for *_, f in self.failures]
         )
@@ -96,7 +100,7 @@ class JobStore:
         # The jobs this process holds a lease on: claimed, outcome not yet written.
         self._held: set[uuid.UUID] = set()
         self._held_lock = threading.Lock()
-        self._queue: queue.SimpleQueue[tuple[str, uuid.UUID, Any, Future[Any]]] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[str, uuid.UUID, Any, Reply]] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="job-store", daemon=True)
         self._thread.start()
         self._heartbeat = threading.Thread(target=self._renew_forever, name="lease-heartbeat", daemon=True)
@@ -112,13 +116,13 @@ class JobStore:
         return self._submit("fail", result_id, error)  # type: ignore[no-any-return]
 
     async def aclaim(self, result_id: uuid.UUID) -> ClaimedJob | None:
-        return await asyncio.wrap_future(self._enqueue("claim", result_id, None))
+        return await self._await("claim", result_id, None)  # type: ignore[no-any-return]
 
     async def acomplete(self, result_id: uuid.UUID, outcome: Outcome) -> bool:
-        return await asyncio.wrap_future(self._enqueue("complete", result_id, outcome))
+        return await self._await("complete", result_id, outcome)  # type: ignore[no-any-return]
 
     async def afail(self, result_id: uuid.UUID, error: str) -> bool:
-        return await asyncio.wrap_future(self._enqueue("fail", result_id, error))
+        return await self._await("fail", result_id, error)  # type: ignore[no-any-return]
 
     def release(self, result_id: uuid.UUID, note: str, *, spend_attempt: bool = True) -> bool:
         """Give the job back (to run again later); rare, so not batched."""
@@ -152,12 +156,14 @@ class JobStore:
                 log.warning("lease heartbeat failed (%d jobs held): %s", len(self._held), exc)
 
     def _submit(self, kind: str, result_id: uuid.UUID, payload: Any) -> Any:
-        return self._enqueue(kind, result_id, payload).result()
-
-    def _enqueue(self, kind: str, result_id: uuid.UUID, payload: Any) -> Future[Any]:
         future: Future[Any] = Future()
         self._queue.put((kind, result_id, payload, future))
-        return future
+        return future.result()
+
+    async def _await(self, kind: str, result_id: uuid.UUID, payload: Any) -> Any:
+        future = asyncio.get_running_loop().create_future()
+        self._queue.put((kind, result_id, payload, future))
+        return await future
 
     def _collect(self, batch: _Batch, *, wait: bool = True) -> _Batch:
         """Add what has queued up (waiting for a first request if `wait`) to `batch`."""
@@ -198,9 +204,7 @@ class JobStore:
                 continue
             except Exception as exc:
                 log.exception("job store: batch of %d writes failed", len(batch))
-                for future in batch.futures():
-                    if not future.done():
-                        future.set_exception(exc)
+                _settle([(future, None, exc) for future in batch.futures()])
             if delay:
                 log.warning("job store: Postgres is back, %d kept writes done", len(batch))
             batch, delay = _Batch(), 0.0
@@ -233,11 +237,14 @@ class JobStore:
         with self._held_lock:
             self._held.difference_update(outcomes.keys() | errors.keys())
         publish_done(self.settings, [final_notice(rid, row) for rid, row in (completed | failed).items()])
-        _answer_once([(rid, f) for rid, _, f in batch.completions], lambda rid: rid in completed, False)
-        _answer_once([(rid, f) for rid, _, f in batch.failures], lambda rid: rid in failed, False)
+        _answer_once(
+            [(rid, f) for rid, _, f in batch.completions] + [(rid, f) for rid, _, f in batch.failures],
+            lambda rid: rid in completed or rid in failed,
+            False,
+        )
 
     @staticmethod
-    def _answer_claims(claims: list[tuple[uuid.UUID, Future[Any]]], rows: repo.ClaimedRows) -> None:
+    def _answer_claims(claims: list[tuple[uuid.UUID, Reply]], rows: repo.ClaimedRows) -> None:
         jobs = {
             rid: ClaimedJob(rid, model, params, attempts, prompt, left)
             for rid, (model, params, attempts, prompt, left) in rows.items()
@@ -246,14 +253,44 @@ class JobStore:
 
 
 def _answer_once(
-    requests: list[tuple[uuid.UUID, Future[Any]]], answer: Callable[[uuid.UUID], object], loser: object
+    requests: list[tuple[uuid.UUID, Reply]], answer: Callable[[uuid.UUID], object], loser: object
 ) -> None:
     """Each request gets its answer, but a second request for the same id in the batch gets `loser`:
     a job runs, and is written, once."""
     seen: set[uuid.UUID] = set()
+    replies: list[tuple[Reply, object, BaseException | None]] = []
     for rid, future in requests:
-        future.set_result(loser if rid in seen else answer(rid))
+        replies.append((future, loser if rid in seen else answer(rid), None))
         seen.add(rid)
+    _settle(replies)
+
+
+def _settle(replies: list[tuple[Reply, object, BaseException | None]]) -> None:
+    """Answer waiting requests: a thread at once, the coroutines of a loop in one wake-up of it
+    (one self-pipe write per batch instead of one per job)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Reply, object, BaseException | None]]] = {}
+    for reply in replies:
+        future = reply[0]
+        if isinstance(future, asyncio.Future):
+            by_loop.setdefault(future.get_loop(), []).append(reply)
+        else:
+            _set(*reply)
+    for loop, on_loop in by_loop.items():
+        loop.call_soon_threadsafe(_set_all, on_loop)
+
+
+def _set_all(replies: list[tuple[Reply, object, BaseException | None]]) -> None:
+    for reply in replies:
+        _set(*reply)
+
+
+def _set(future: Reply, value: object, exc: BaseException | None) -> None:
+    if future.done():  # answered already, or its waiter is gone
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(value)
 
 
 def final_notice(result_id: uuid.UUID, row: dict[str, Any]) -> bytes:

@@ -1,7 +1,9 @@
-"""The worker's batched job store against the real database: many threads, one winner per job."""
+"""The worker's batched job store against the real database: many threads or coroutines, one winner
+per job."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -78,6 +80,33 @@ def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e
         )
     for rid in ids[half:]:
         assert (rows[rid].status, rows[rid].error) == ("failed", f"err {rid}")
+
+
+def test_coroutines_claim_and_write_through_the_same_batches(engine: Engine, e2e_db_url: str) -> None:
+    """The worker's jobs are coroutines on one loop: their answers come back on that loop."""
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
+    ids = _pending(engine, 200)
+
+    async def run() -> tuple[list[object], list[bool], list[bool]]:
+        # Every job claimed 3 times at once, as if its message were delivered 3 times.
+        claims = await asyncio.gather(*(store.aclaim(rid) for rid in ids for _ in range(3)))
+        done = await asyncio.gather(
+            *(store.acomplete(rid, Outcome(f"out {rid}", "stop", 1, 2)) for rid in ids[:150])
+        )
+        # The first 20 again (refused: already completed), and the last 50 failed.
+        failed = await asyncio.gather(*(store.afail(rid, f"err {rid}") for rid in ids[:20] + ids[150:]))
+        return list(claims), list(done), list(failed)
+
+    claims, done, failed = asyncio.run(run())
+    winners = [c for c in claims if c is not None]
+    assert sorted(c.result_id for c in winners) == sorted(ids)  # type: ignore[attr-defined]
+    assert all(done) and failed.count(True) == 50 and not any(failed[:20])
+    with engine.connect() as conn:
+        status = dict(
+            conn.execute(text("SELECT id, status FROM result WHERE id = ANY(:ids)"), {"ids": ids}).all()
+        )
+    assert [status[rid] for rid in ids] == ["completed"] * 150 + ["failed"] * 50
 
 
 def _store_backends(engine: Engine, select: str, where: str = "") -> int:

@@ -1,5 +1,5 @@
-"""The suite's own Postgres cluster, Redis and Triton: never the shared ones, so that stopping,
-flushing and killing them harms nobody else on the machine."""
+"""The suite's own Redis and Triton (its Postgres cluster: devstack.own_postgres): never the shared
+ones, so that stopping, flushing and killing them harms nobody else on the machine."""
 
 from __future__ import annotations
 
@@ -8,89 +8,13 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
-from typing import Any
 
-import psycopg
 import redis
 from devstack.processes import ManagedProcess, child_env, free_port
 from localtriton.launcher import LocalTriton
-
-PG_BIN = Path("/usr/local/bin")
-
-
-def _pg_tool(name: str) -> str:
-    found = PG_BIN / name
-    if found.exists():
-        return str(found)
-    which = shutil.which(name)
-    if which is not None:
-        return which
-    # Debian/Ubuntu keep the server binaries off PATH, one folder per major version.
-    versions = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=lambda p: int(p.parts[-3]))
-    if not versions:
-        raise RuntimeError(
-            f"{name} not found (in {PG_BIN}, on PATH, /usr/lib/postgresql): install PostgreSQL's server"
-        )
-    return str(versions[-1])
-
-
-class OwnPostgres:
-    """A throw-away cluster (initdb) on a free port, trust auth, stopped and removed at the end."""
-
-    def __init__(self, logs: Path) -> None:
-        self.port = free_port()
-        self.root = Path(tempfile.mkdtemp(prefix="llmq-faults-pg-"))
-        self.data = self.root / "data"
-        self.log_path = logs / "postgres.log"
-        # initdb refuses to run as root: run the cluster as the postgres user then.
-        self._as = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-
-    def url(self, database: str) -> str:
-        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
-
-    def _run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([*self._as, *argv], capture_output=True, text=True, check=check)
-
-    def init(self) -> OwnPostgres:
-        if self._as:
-            shutil.chown(self.root, "postgres")
-            self.log_path.touch()
-            shutil.chown(self.log_path, "postgres")
-        self._run(
-            _pg_tool("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8",
-            "--locale=C", "--no-sync",
-        )  # fmt: skip
-        return self
-
-    def start(self) -> None:
-        # fsync off: the suite stops the server with `-m immediate`, never the machine; commits stay
-        # synchronous so that an acknowledged write survives the stop.
-        options = (
-            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={self.root} "
-            "-c fsync=off -c full_page_writes=off -c max_connections=200"
-        )
-        self._run(
-            _pg_tool("pg_ctl"), "-D", str(self.data), "-l", str(self.log_path), "-o", options, "-w", "start"
-        )
-
-    def stop_immediate(self) -> None:
-        """What a crash looks like to clients: every connection cut, no shutdown checkpoint."""
-        self._run(_pg_tool("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
-
-    def destroy(self) -> None:
-        if self.data.exists():
-            self._run(_pg_tool("pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop", check=False)
-        shutil.rmtree(self.root, ignore_errors=True)
-
-    def connect(self, database: str) -> psycopg.Connection[tuple[Any, ...]]:
-        return psycopg.connect(
-            f"postgresql://postgres@127.0.0.1:{self.port}/{database}", autocommit=True, connect_timeout=5
-        )
 
 
 class OwnRedis:

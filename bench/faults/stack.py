@@ -15,9 +15,10 @@ from pathlib import Path
 
 import httpx
 from devstack.database import recreate_database
+from devstack.own_postgres import OwnPostgres
 from devstack.processes import ManagedProcess, api_process, free_port, worker_process
 
-from bench.faults.services import OwnPostgres, OwnRedis, TracedTriton
+from bench.faults.services import OwnRedis, TracedTriton
 
 MODEL = "sim-llm-slow"  # 20 ms prefill, 15 ms per token: jobs are in flight when a fault hits
 DB_NAME = "llmq_faults"
@@ -109,7 +110,7 @@ class FaultStack:
     def start(self, say: Callable[[str], object] = print) -> FaultStack:
         self.logs.mkdir(parents=True, exist_ok=True)
         say("own Postgres cluster (initdb, pg_ctl) …")
-        self.pg = OwnPostgres(self.logs).init()
+        self.pg = OwnPostgres(self.logs / "postgres.log").init()
         self.pg.start()
         db_url = recreate_database(self.pg.url(DB_NAME))
         with self.pg.connect(DB_NAME) as conn:

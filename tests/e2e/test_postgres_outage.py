@@ -15,11 +15,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+from devstack.own_postgres import OwnPostgres
 from devstack.processes import ManagedProcess, api_process, free_port, worker_process
 
 from tests.conftest import ADMIN_KEY, SLOW_MODEL, bearer
 from tests.db_utils import recreate_database
-from tests.e2e.own_postgres import OwnPostgres
 
 # What answers without the database (Triton's model list, the API's description, liveness).
 NO_DATABASE = {
@@ -108,7 +108,7 @@ def test_postgres_down_every_endpoint_answers_within_a_second_and_nothing_is_gen
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
-    pg.stop()
+    pg.stop_immediate()
     stopped_at = time.monotonic()
     operations = [
         (method.upper(), path)

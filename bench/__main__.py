@@ -237,7 +237,7 @@ def main(
     ),
     api_workers: int = typer.Option(1, help="uvicorn --workers for the API."),
     worker_processes: int = typer.Option(
-        1, help="Celery worker processes (each with WORKER_IN_FLIGHT / this threads)."
+        1, help="Celery worker processes (each with WORKER_IN_FLIGHT / this jobs in flight)."
     ),
     worker_loglevel: str = typer.Option("INFO", help="Celery worker --loglevel."),
     api_url: str | None = typer.Option(

@@ -57,7 +57,7 @@ class StackOptions:
     worker_in_flight: int = 256
     db_pool_size: int | None = None
     api_workers: int = 1
-    worker_processes: int = 1  # Celery worker processes, each with worker_in_flight / this threads
+    worker_processes: int = 1  # Celery worker processes, each with worker_in_flight / this jobs in flight
     worker_loglevel: str = "INFO"
     extra_env: dict[str, str] = field(default_factory=dict)
 

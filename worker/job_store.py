@@ -1,14 +1,14 @@
 """The worker's database writes, batched across its jobs.
 
-Each job needs two writes (claim, then the outcome). Done one by one, a worker with
-hundreds of jobs in flight spends more CPU on per-statement overhead than on the work; here
-the jobs (coroutines on the runtime's loop, or threads) queue their requests and wait, and one thread executes whatever has queued up as
-one statement per kind, then publishes the completion notices (with the final rows, see
-app/notify.py) in one Redis pipeline. Nothing waits for a batch to fill: under light load a
-batch is a single job. Claims go first and are answered as soon as they are committed: a job
-starts without waiting for the outcomes and notices of its batch.
-A job still ends only after its write is committed, so the Celery message is acked
-after the result is safely in Postgres.
+Each job needs two writes (claim, then the outcome). Done one by one, a worker with hundreds of
+jobs in flight spends more CPU on per-statement overhead than on the work; here the jobs
+(coroutines on the runtime's loop, or threads) queue their requests and wait, and one thread
+executes whatever has queued up as one statement per kind, then publishes the completion notices
+(with the final rows, see app/notify.py) in one Redis pipeline. Nothing waits for a batch to fill:
+under light load a batch is a single job. Claims go first and are answered as soon as they are
+committed: a job starts without waiting for the outcomes and notices of its batch. A job still
+ends only after its write is committed, so the Celery message is acked after the result is safely
+in Postgres.
 
 Each kind of write is one autocommit statement on a connection of the process's pool (no
 BEGIN/COMMIT round trips). When Postgres cannot be reached the batch is kept and tried again with

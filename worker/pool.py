@@ -1,14 +1,13 @@
 """The worker's Celery pool: task bodies run inline, jobs run as coroutines on the runtime's loop.
 
-Celery's `threads` pool gave each job in flight a thread that mostly waited (for the job store,
-then for Triton); every job paid hand-offs between its thread, the store's and the loop's. Here the
-consumer's thread runs a task body itself (as Celery's `solo` pool does); the body hands its job to
-the loop (`defer`) and returns at once. The task counts as finished, and its message is acked, when
-the job ends, so the prefetch count (`-c`, WORKER_IN_FLIGHT, times a multiplier of 1) still bounds
-the jobs in flight, and a warm shutdown still waits for the running ones.
+The consumer's thread runs a task body itself (as Celery's `solo` pool does); the body hands its job
+to the loop (`defer`) and returns at once. The task counts as finished, and its message is acked,
+when the job ends, so the prefetch count (`-c`, WORKER_IN_FLIGHT, times a multiplier of 1) bounds the
+jobs in flight and a warm shutdown waits for the running ones. Not Celery's `threads` pool: a thread
+per job in flight that mostly waits, and hand-offs between threads for every step of every job.
 
-Select it with `worker_pool` (set by worker/celery_app.py); under another pool `defer()` returns None
-and the body waits for its job itself.
+Selected by `worker_pool` (worker/celery_app.py); under another pool `defer()` returns None and the
+body waits for its job itself.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""End to end: a real uvicorn API, a real Celery worker (threads pool, Redis broker), the real
+"""End to end: a real uvicorn API, a real Celery worker (its job pool, Redis broker), the real
 tritonserver with the simulated vLLM backend, and Postgres."""
 
 from __future__ import annotations

@@ -1,5 +1,6 @@
-"""A worker that stops gracefully finishes what it runs and hands the messages it had only
-prefetched back to Redis (the broker does no ack bookkeeping: Postgres is the record)."""
+"""A worker that stops gracefully finishes what it runs and leaves the messages it had not taken in
+Redis (the broker does no ack bookkeeping: Postgres is the record); its pool bounds the jobs in
+flight. Under another Celery pool (`-P threads`) the task waits for its job itself."""
 
 from __future__ import annotations
 
@@ -10,14 +11,34 @@ from pathlib import Path
 
 import redis
 from devstack.processes import worker_process
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, text
 
 from tests.conftest import PG_BASE, SLOW_MODEL
 from tests.db_utils import recreate_database
 from tests.e2e.helpers import ring
 
 
-def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
+def _pending_jobs(engine: Engine, n: int) -> list[str]:
+    """n pending jobs on the slow model (40 tokens each), not yet sent to any queue."""
+    with engine.begin() as conn:
+        context_id = conn.execute(
+            text(
+                "INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'slowly') RETURNING id"
+            )
+        ).scalar_one()
+        return [
+            str(row[0])
+            for row in conn.execute(
+                text(
+                    "INSERT INTO result (id, tenant, context_id, model, params) SELECT gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
+                    '\'{"max_tokens": 40, "seed": 1, "temperature": 1}\' FROM generate_series(1, :n) RETURNING id'
+                ),
+                {"c": context_id, "m": SLOW_MODEL, "n": n},
+            )
+        ]
+
+
+def test_graceful_stop_finishes_running_jobs_and_leaves_the_rest_in_redis(
     e2e_env: dict[str, str], logs_dir: Path, triton: object
 ) -> None:
     queue = e2e_env["CELERY_QUEUE"] + "-shutdown"
@@ -25,22 +46,7 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
     # pending for 3 s) on the e2e database, and would run these rows itself while this worker starts.
     database_url = recreate_database(PG_BASE, "llmq_shutdown")
     engine = create_engine(database_url)
-    with engine.begin() as conn:
-        context_id = conn.execute(
-            text(
-                "INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'slowly') RETURNING id"
-            )
-        ).scalar_one()
-        ids = [
-            str(row[0])
-            for row in conn.execute(
-                text(
-                    "INSERT INTO result (id, tenant, context_id, model, params) SELECT gen_random_uuid(), (SELECT tenant FROM context WHERE id = :c), :c, :m, "
-                    '\'{"max_tokens": 40, "seed": 1, "temperature": 1}\' FROM generate_series(1, 12) RETURNING id'
-                ),
-                {"c": context_id, "m": SLOW_MODEL},
-            )
-        ]
+    ids = _pending_jobs(engine, 12)
     for rid in ids:
         ring(queue, rid)
 
@@ -82,3 +88,40 @@ def test_graceful_stop_finishes_running_jobs_and_requeues_prefetched_ones(
     assert done >= 2 and done + untouched == len(ids), rows  # nothing left half-claimed
     # Every job that did not run is back in the queue for the next worker.
     assert redis.Redis.from_url(e2e_env["REDIS_URL"]).llen(queue) == untouched
+
+
+def test_under_the_threads_pool_each_task_waits_for_its_job(
+    e2e_env: dict[str, str], logs_dir: Path, triton: object
+) -> None:
+    queue = e2e_env["CELERY_QUEUE"] + "-threads"
+    database_url = recreate_database(PG_BASE, "llmq_threads_pool")  # see above: no sweeper on it
+    engine = create_engine(database_url)
+    ids = _pending_jobs(engine, 6)
+    for rid in ids:
+        ring(queue, rid)
+    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "3"}
+    worker = worker_process(env, logs_dir / "threads-pool-worker.log", sweeper=False)
+    worker.argv += ["-P", "threads"]  # overrides the app's pool (worker.pool.JobPool)
+    worker.start()
+    try:
+        worker.wait_for_log("ready.", timeout_s=60)
+        deadline = time.monotonic() + 60
+        while True:
+            with engine.connect() as conn:
+                done, running = conn.execute(
+                    text(
+                        "SELECT count(*) FILTER (WHERE status = 'completed'), "
+                        "count(*) FILTER (WHERE started_at IS NOT NULL AND status = 'pending') "
+                        "FROM result WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                ).one()
+            assert running <= 3, f"{running} jobs running on 3 threads"  # a thread per job, waiting for it
+            if done == len(ids):
+                break
+            assert time.monotonic() < deadline, worker.log_tail()
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+        engine.dispose()
+    assert "concurrency: 3 (thread)" in worker.log_path.read_text()

@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
 
 try:
@@ -28,6 +27,7 @@ except ImportError:  # stub interpreter without the project on sys.path: the lau
     sys.path.insert(0, os.environ["LOCALTRITON_TOOLS_DIR"])
     from localtriton import engine
 from localtriton import engine_env
+from localtriton.backend_io import FINAL, cancelled_response, error_response, output_response, read_request
 from localtriton.scheduler import BatchEngine, EngineStats, Sequence
 
 _INPUTS: list[dict[str, Any]] = [
@@ -55,19 +55,6 @@ _OUTPUTS: list[dict[str, Any]] = [
     {"name": "num_input_tokens", "data_type": "TYPE_UINT32", "dims": [1]},
     {"name": "num_output_tokens", "data_type": "TYPE_UINT32", "dims": [-1]},
 ]
-_RETURN_FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
-)
-_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-
-
-def _bool_input(request: Any, name: str) -> bool | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else bool(tensor.as_numpy().reshape(-1)[0])
 
 
 def _images(request: Any) -> list[bytes]:
@@ -76,12 +63,6 @@ def _images(request: Any) -> list[bytes]:
     if tensor is None:
         return []
     return [base64.b64decode(item) for item in tensor.as_numpy().reshape(-1)]
-
-
-def _error_response(message: str) -> Any:
-    # Like the real backend: the error plus a placeholder text_output.
-    text = pb_utils.Tensor("text_output", np.asarray(["N/A"], dtype=np.object_))
-    return pb_utils.InferenceResponse(output_tensors=[text], error=pb_utils.TritonError(message))
 
 
 class _ResponseSink:
@@ -97,30 +78,19 @@ class _ResponseSink:
         return bool(self.sender.is_cancelled())
 
     def send(self, delta: str, n_new: int, n_total: int, finish_reason: str | None) -> None:
-        f = self.flags
-        tensors = [pb_utils.Tensor("text_output", np.asarray([(self.prepend + delta).encode()], np.object_))]
-        if f["return_finish_reason"]:
-            tensors.append(pb_utils.Tensor("finish_reason", np.asarray([str(finish_reason)], np.object_)))
-        if f["return_cumulative_logprob"]:
-            cum = float(sum(self.plan.token_logprobs[:n_total]))
-            tensors.append(pb_utils.Tensor("cumulative_logprob", np.asarray([cum], np.float32)))
-        if f["return_logprobs"]:
-            tensors.append(pb_utils.Tensor("logprobs", np.asarray([b"null"], np.object_)))
-        if f["return_num_input_tokens"]:
-            # A 0-d scalar, like the real backend: clients see shape [].
-            tensors.append(
-                pb_utils.Tensor("num_input_tokens", np.asarray(self.plan.prompt_tokens, np.uint32))
-            )
-        if f["return_num_output_tokens"]:
-            tensors.append(pb_utils.Tensor("num_output_tokens", np.asarray([n_new], np.uint32)))
-        self.prepend = ""
-        self.sender.send(
-            pb_utils.InferenceResponse(output_tensors=tensors), flags=_FINAL if finish_reason else 0
+        response = output_response(
+            self.flags,
+            self.prepend + delta,
+            finish_reason,
+            cumulative_logprob=float(sum(self.plan.token_logprobs[:n_total])),
+            num_input_tokens=self.plan.prompt_tokens,
+            num_output_tokens=n_new,
         )
+        self.prepend = ""
+        self.sender.send(response, flags=FINAL if finish_reason else 0)
 
     def cancelled(self) -> None:
-        error = pb_utils.TritonError(message="Request was cancelled", code=pb_utils.TritonError.CANCELLED)
-        self.sender.send(pb_utils.InferenceResponse(error=error), flags=_FINAL)
+        self.sender.send(cancelled_response(), flags=FINAL)
 
 
 class _Metrics:
@@ -255,25 +225,17 @@ class TritonPythonModel:
             try:
                 self.engine.submit(self._sequence(request, sender))
             except Exception as exc:
-                sender.send(_error_response(f"Error generating stream: {exc}"), flags=_FINAL)
+                sender.send(error_response(f"Error generating stream: {exc}"), flags=FINAL)
         return None  # decoupled: the engine thread sends the responses
 
     def _sequence(self, request: Any, sender: Any) -> Sequence:
-        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
-        prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        stream = bool(_bool_input(request, "stream"))
-        exclude = _bool_input(request, "exclude_input_in_output")
-        prepend = (not exclude) if exclude is not None else not stream
-        if prepend and stream:
-            raise ValueError("When streaming, `exclude_input_in_output` = False is not allowed.")
-        tensor = pb_utils.get_input_tensor_by_name(request, "sampling_parameters")
-        raw = tensor.as_numpy().reshape(-1)[0].decode("utf-8") if tensor is not None else request.parameters()
-        params = engine.parse_sampling_params(raw)
+        inputs = read_request(request)
+        params = engine.parse_sampling_params(inputs.sampling_parameters)
         if params.lora_name is not None:
             raise ValueError("LoRA feature is not enabled.")
-        plan = engine.plan(prompt, params, self.config.max_model_len, engine.image_tokens(_images(request)))
-        flags = {name: bool(_bool_input(request, name)) for name in _RETURN_FLAGS}
-        return Sequence(plan, _ResponseSink(sender, plan, prompt if prepend else "", flags), stream)
+        images = engine.image_tokens(_images(request))
+        plan = engine.plan(inputs.prompt, params, self.config.max_model_len, images)
+        return Sequence(plan, _ResponseSink(sender, plan, inputs.prepend, inputs.flags), inputs.stream)
 
     def finalize(self) -> None:
         if self.real is not None:

@@ -31,18 +31,16 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import triton_python_backend_utils as pb_utils
-
-_FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-CANCEL_POLL_S = 0.1  # how often in-flight requests are asked is_cancelled() (an IPC round trip each)
-_RETURN_FLAGS = (
-    "return_finish_reason",
-    "return_cumulative_logprob",
-    "return_logprobs",
-    "return_num_input_tokens",
-    "return_num_output_tokens",
+from localtriton.backend_io import (  # on sys.path: model.py, which loads this module, put it there
+    FINAL,
+    cancelled_response,
+    error_response,
+    output_response,
+    read_request,
 )
+
+CANCEL_POLL_S = 0.1  # how often in-flight requests are asked is_cancelled() (an IPC round trip each)
 # Engine environment defaults (config.pbtxt parameters of the same name win, then the environment).
 _ENV_DEFAULTS = {
     "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache
@@ -52,16 +50,6 @@ _ENV_DEFAULTS = {
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
 }
-
-
-def _bool_input(request: Any, name: str) -> bool | None:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
-    return None if tensor is None else bool(tensor.as_numpy().reshape(-1)[0])
-
-
-def error_response(message: str) -> Any:
-    text = pb_utils.Tensor("text_output", np.asarray(["N/A"], dtype=np.object_))
-    return pb_utils.InferenceResponse(output_tensors=[text], error=pb_utils.TritonError(message))
 
 
 def parse_sampling_parameters(raw: str) -> dict[str, Any]:
@@ -261,30 +249,21 @@ class RealVllmModel:
             try:
                 req = self._read(request, sender)
             except Exception as exc:
-                sender.send(error_response(f"Error generating stream: {exc}"), flags=_FINAL)
+                sender.send(error_response(f"Error generating stream: {exc}"), flags=FINAL)
                 continue
             asyncio.run_coroutine_threadsafe(self._generate(req), self.loop)
 
     def _read(self, request: Any, sender: Any) -> _Request:
-        text = pb_utils.get_input_tensor_by_name(request, "text_input").as_numpy().reshape(-1)[0]
-        prompt = text.decode("utf-8") if isinstance(text, bytes) else str(text)
-        stream = bool(_bool_input(request, "stream"))
-        exclude = _bool_input(request, "exclude_input_in_output")
-        prepend = (not exclude) if exclude is not None else not stream
-        if prepend and stream:
-            raise ValueError("When streaming, `exclude_input_in_output` = False is not allowed.")
-        tensor = pb_utils.get_input_tensor_by_name(request, "sampling_parameters")
-        raw = tensor.as_numpy().reshape(-1)[0].decode("utf-8") if tensor is not None else request.parameters()
-        flags = {name: bool(_bool_input(request, name)) for name in _RETURN_FLAGS}
+        inputs = read_request(request)
         request_id = f"{request.request_id() or 'req'}-{uuid.uuid4().hex[:12]}"
         return _Request(
             request_id,
             sender,
-            prompt,
-            parse_sampling_parameters(raw),
-            stream,
-            prompt if prepend else "",
-            flags,
+            inputs.prompt,
+            parse_sampling_parameters(inputs.sampling_parameters),
+            inputs.stream,
+            inputs.prepend,
+            inputs.flags,
         )
 
     async def _generate(self, req: _Request) -> None:
@@ -319,10 +298,7 @@ class RealVllmModel:
                     break
             if not req.done:
                 if req.cancelled:
-                    error = pb_utils.TritonError(
-                        message="Request was cancelled", code=pb_utils.TritonError.CANCELLED
-                    )
-                    self._finish(req, pb_utils.InferenceResponse(error=error))
+                    self._finish(req, cancelled_response())
                 else:
                     self._finish(
                         req, error_response("Error generating stream: the engine aborted the request")
@@ -343,19 +319,14 @@ class RealVllmModel:
         finish: str | None,
         cumulative: float | None,
     ) -> None:
-        f = req.flags
-        tensors = [pb_utils.Tensor("text_output", np.asarray([delta.encode("utf-8")], np.object_))]
-        if f["return_finish_reason"]:
-            tensors.append(pb_utils.Tensor("finish_reason", np.asarray([str(finish)], np.object_)))
-        if f["return_cumulative_logprob"]:
-            tensors.append(pb_utils.Tensor("cumulative_logprob", np.asarray([cumulative or 0.0], np.float32)))
-        if f["return_logprobs"]:
-            tensors.append(pb_utils.Tensor("logprobs", np.asarray([b"null"], np.object_)))
-        if f["return_num_input_tokens"]:
-            tensors.append(pb_utils.Tensor("num_input_tokens", np.asarray(n_input, np.uint32)))  # 0-d
-        if f["return_num_output_tokens"]:
-            tensors.append(pb_utils.Tensor("num_output_tokens", np.asarray([n_new], np.uint32)))
-        response = pb_utils.InferenceResponse(output_tensors=tensors)
+        response = output_response(
+            req.flags,
+            delta,
+            finish,
+            cumulative_logprob=cumulative or 0.0,
+            num_input_tokens=n_input,
+            num_output_tokens=n_new,
+        )
         if finish is None:
             req.sender.send(response, flags=0)
         else:
@@ -363,7 +334,7 @@ class RealVllmModel:
 
     def _finish(self, req: _Request, response: Any) -> None:
         req.done = True
-        req.sender.send(response, flags=_FINAL)
+        req.sender.send(response, flags=FINAL)
 
     async def _watch(self) -> None:
         """Abort requests Triton reports cancelled; publish the engine's unfinished count."""

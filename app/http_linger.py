@@ -12,21 +12,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from app.version_guard import written_for
+from app.version_guard import library_patch
 
 PATCHED_VERSIONS = ("0.54.",)
 LINGER_S = 2.0
 LINGER_BYTES = 1024 * 1024
-_applied = False
 
 
+@library_patch("uvicorn", PATCHED_VERSIONS, "the lingering close after a malformed request")
 def linger_after_bad_requests() -> bool:
-    """Apply once; False (with a warning) on a uvicorn it was not written for."""
-    global _applied
-    if _applied:
-        return True
-    if not written_for("uvicorn", PATCHED_VERSIONS, "the lingering close after a malformed request"):
-        return False
+    """Whether it is applied: False on a uvicorn it was not written for, or without httptools."""
     try:
         from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
     except ImportError:  # no httptools: uvicorn runs h11, left as it is
@@ -72,5 +67,4 @@ def linger_after_bad_requests() -> bool:
     HttpToolsProtocol.send_400_response = send_400_response  # type: ignore[method-assign]
     HttpToolsProtocol.data_received = data_received  # type: ignore[method-assign]
     HttpToolsProtocol.eof_received = eof_received  # type: ignore[method-assign]
-    _applied = True
     return True

@@ -13,21 +13,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from app.version_guard import written_for
+from app.version_guard import library_patch
 
 PATCHED_VERSIONS = ("5.7.",)
-_applied = False
 
 
+@library_patch("kombu", PATCHED_VERSIONS, "the Redis client reuse patch")
 def reuse_redis_clients() -> bool:
-    """Apply the patch once; False (with a warning) on a kombu it was not written for."""
-    global _applied
-    if _applied:
-        return True
+    """Whether it is applied: False on a kombu it was not written for."""
     from kombu.transport import redis as kombu_redis
-
-    if not written_for("kombu", PATCHED_VERSIONS, "the Redis client reuse patch"):
-        return False
 
     @contextmanager
     def conn_or_acquire(self: Any, client: Any = None) -> Iterator[Any]:
@@ -42,5 +36,4 @@ def reuse_redis_clients() -> bool:
         yield cached[1]
 
     kombu_redis.Channel.conn_or_acquire = conn_or_acquire  # type: ignore[method-assign]
-    _applied = True
     return True

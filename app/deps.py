@@ -12,7 +12,7 @@ from app.db import Database
 from app.notify import CancelNotices, ResultWaiter
 from app.queue import JobQueue
 from app.quotas import PendingJobs, SubmitRate
-from app.services.results import Enqueue
+from app.services.results import Enqueue, ResultInserts
 from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
@@ -22,6 +22,7 @@ from app.triton.admin import ModelCatalog, TritonAdmin
 class Runtime:
     settings: Settings
     db: Database
+    inserts: ResultInserts  # new results, batched across concurrent submits
     job_queue: JobQueue
     enqueue: Enqueue
     waiter: ResultWaiter

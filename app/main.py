@@ -23,7 +23,7 @@ from app.queue import Doorbell, JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, export, health, models, openai, results
-from app.services.results import Enqueue
+from app.services.results import Enqueue, ResultInserts
 from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
@@ -47,6 +47,7 @@ def create_app(
     rt = Runtime(
         settings=settings,
         db=db,
+        inserts=ResultInserts(db),
         job_queue=job_queue,
         enqueue=enqueue or doorbell,
         waiter=ResultWaiter(settings.REDIS_URL, done_channel(settings)),

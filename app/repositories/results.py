@@ -10,6 +10,7 @@ copy of the task skips a row another worker holds, and a lapsed lease is taken o
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
@@ -22,14 +23,17 @@ from app.repositories.listing import newest_first
 
 # ---------------------------------------------------------------- API side
 
-# One statement checks that the tenant's context exists and inserts (no round trip to load the prompt).
+# One statement checks that each row's context exists for its tenant and inserts the rows (no
+# round trip to load a prompt); concurrent submits share it (app/services/results.py).
 _SUBMIT = """
     INSERT INTO result (id, tenant, context_id, model, params, prompt, deadline_at)
-    SELECT %(id)s, c.tenant, c.id, %(model)s, %(params)s, %(prompt)s,
-           clock_timestamp() + make_interval(secs => %(timeout_s)s::float8)
-      FROM context AS c
-     WHERE c.id = %(context_id)s AND c.tenant = %(tenant)s
-    RETURNING created_at
+    SELECT r.id, c.tenant, c.id, r.model, r.params, r.prompt,
+           clock_timestamp() + make_interval(secs => r.timeout_s)
+      FROM unnest(%(ids)s::uuid[], %(tenants)s::text[], %(context_ids)s::uuid[], %(models)s::text[],
+                  %(params)s::jsonb[], %(prompts)s::text[], %(timeouts)s::float8[])
+           AS r(id, tenant, context_id, model, params, prompt, timeout_s)
+      JOIN context AS c ON c.id = r.context_id AND c.tenant = r.tenant
+    RETURNING id, created_at
 """
 # Counting stops at the cap: the answer is only compared with it.
 _COUNT_PENDING = """
@@ -39,30 +43,33 @@ _COUNT_PENDING = """
 _GET = "SELECT * FROM result WHERE id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)"
 
 
-async def insert_for_context(
-    conn: AsyncConnection,
-    *,
-    result_id: uuid.UUID,
-    tenant: str,
-    context_id: uuid.UUID,
-    model: str,
-    params: dict[str, Any],
-    prompt: str | None = None,
-    timeout_s: float | None = None,
-) -> datetime | None:
-    """The new row's created_at; None when the tenant has no such context (nothing inserted).
-    `prompt`: what the model gets when it is not the context's content; `timeout_s`: its deadline."""
+@dataclass(frozen=True)
+class NewResult:
+    """A pending result to insert. `prompt`: what the model gets when it is not the context's
+    content; `timeout_s`: the job's own deadline."""
+
+    id: uuid.UUID
+    tenant: str
+    context_id: uuid.UUID
+    model: str
+    params: dict[str, Any]
+    prompt: str | None = None
+    timeout_s: float | None = None
+
+
+async def insert_for_contexts(conn: AsyncConnection, rows: list[NewResult]) -> dict[uuid.UUID, datetime]:
+    """Each inserted row's created_at, by id; a row whose context its tenant does not have is not
+    inserted (and not in the answer)."""
     values = {
-        "id": result_id,
-        "tenant": tenant,
-        "context_id": context_id,
-        "model": model,
-        "params": Jsonb(params),
-        "prompt": prompt,
-        "timeout_s": timeout_s,
+        "ids": [r.id for r in rows],
+        "tenants": [r.tenant for r in rows],
+        "context_ids": [r.context_id for r in rows],
+        "models": [r.model for r in rows],
+        "params": [Jsonb(r.params) for r in rows],
+        "prompts": [r.prompt for r in rows],
+        "timeouts": [r.timeout_s for r in rows],
     }
-    row = await (await conn.execute(_SUBMIT, values)).fetchone()
-    return None if row is None else row[0]
+    return {row[0]: row[1] for row in await (await conn.execute(_SUBMIT, values)).fetchall()}
 
 
 # A prompt the call brings with it (OpenAI's API): its context and its choices' rows in one statement.

@@ -102,6 +102,7 @@ async def send(
     if idempotency_key is None:
         accepted = await service.submit(
             c.rt.db,
+            c.rt.inserts,
             c.rt.enqueue,
             c.principal,
             model=model_name,

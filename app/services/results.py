@@ -7,8 +7,12 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable
+from datetime import datetime
+
+import psycopg
 
 from app.auth import Principal
+from app.batching import Batcher
 from app.db import AsyncConnection, Database
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import ResultStatus
@@ -42,28 +46,11 @@ def check_params(
         )
 
 
-async def insert_job(
-    conn: AsyncConnection,
-    principal: Principal,
-    *,
-    model: str,
-    context_id: uuid.UUID,
-    params: SendOptions,
-    templates: ChatTemplates | None = None,
-) -> SendAccepted:
-    """Record a pending result for one of the tenant's contexts. The caller rings the doorbell once
-    this has committed. With `chat` the prompt is the model's chat template around the context."""
-    result_id = uuid.uuid4()
-    prompt = None
-    if params.chat:
-        assert templates is not None
-        context = await contexts_repo.get(conn, context_id, principal.tenant)
-        if context is None:
-            raise NotFound(f"context {context_id} not found")
-        prompt = templates.render(model, [{"role": "user", "content": context["content"]}])
-    created_at = await repo.insert_for_context(
-        conn,
-        result_id=result_id,
+def _new_result(
+    principal: Principal, model: str, context_id: uuid.UUID, params: SendOptions, prompt: str | None
+) -> repo.NewResult:
+    return repo.NewResult(
+        id=uuid.uuid4(),
         tenant=principal.tenant,
         context_id=context_id,
         model=model,
@@ -75,20 +62,87 @@ async def insert_job(
         prompt=prompt,
         timeout_s=params.timeout_s,
     )
+
+
+def _accepted(row: repo.NewResult, created_at: datetime | None) -> SendAccepted:
     if created_at is None:  # another tenant's context is as unknown as a missing one
-        raise NotFound(f"context {context_id} not found")
+        raise NotFound(f"context {row.context_id} not found")
     return SendAccepted(
-        result_id=result_id,
+        result_id=row.id,
         status=ResultStatus.PENDING,
-        model=model,
-        context_id=context_id,
+        model=row.model,
+        context_id=row.context_id,
         created_at=created_at,
-        url=f"/results/{result_id}",
+        url=f"/results/{row.id}",
     )
+
+
+async def _chat_prompt(
+    conn: AsyncConnection, principal: Principal, model: str, context_id: uuid.UUID, templates: ChatTemplates
+) -> str:
+    """The model's chat template around the context, as the prompt."""
+    context = await contexts_repo.get(conn, context_id, principal.tenant)
+    if context is None:
+        raise NotFound(f"context {context_id} not found")
+    return templates.render(model, [{"role": "user", "content": context["content"]}])
+
+
+async def insert_job(
+    conn: AsyncConnection,
+    principal: Principal,
+    *,
+    model: str,
+    context_id: uuid.UUID,
+    params: SendOptions,
+    templates: ChatTemplates | None = None,
+) -> SendAccepted:
+    """Record a pending result for one of the tenant's contexts on `conn` (inside the caller's
+    transaction). The caller rings the doorbell once this has committed. With `chat` the prompt is
+    the model's chat template around the context."""
+    prompt = None
+    if params.chat:
+        assert templates is not None
+        prompt = await _chat_prompt(conn, principal, model, context_id, templates)
+    row = _new_result(principal, model, context_id, params, prompt)
+    return _accepted(row, (await repo.insert_for_contexts(conn, [row])).get(row.id))
+
+
+class ResultInserts:
+    """The new results of concurrent submits, one statement (and one commit) per batch: a burst
+    of submits costs Postgres and this process a few round trips instead of one each."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._batcher: Batcher[repo.NewResult, datetime | None] = Batcher(self._insert)
+
+    async def __call__(self, row: repo.NewResult) -> datetime | None:
+        """The row's created_at once committed; None if its tenant has no such context."""
+        return await self._batcher(row)
+
+    async def _insert(self, rows: list[repo.NewResult]) -> list[datetime | Exception | None]:
+        try:
+            async with self._db.connection() as conn:
+                created = await repo.insert_for_contexts(conn, rows)
+            return [created.get(row.id) for row in rows]
+        except psycopg.OperationalError:
+            raise  # Postgres unreachable: every submit of the batch is refused alike
+        except psycopg.Error:
+            if len(rows) == 1:
+                raise
+            # Something in one row refused the whole statement: each on its own, so only it fails.
+            return [await self._one(row) for row in rows]
+
+    async def _one(self, row: repo.NewResult) -> datetime | Exception | None:
+        try:
+            async with self._db.connection() as conn:
+                return (await repo.insert_for_contexts(conn, [row])).get(row.id)
+        except psycopg.Error as exc:
+            return exc
 
 
 async def submit(
     db: Database,
+    inserts: ResultInserts,
     enqueue: Enqueue,
     principal: Principal,
     *,
@@ -99,13 +153,16 @@ async def submit(
     waiter: ResultWaiter | None = None,
 ) -> SendAccepted:
     """Record a pending result, then ring the doorbell: only once the row is committed."""
-    async with db.connection() as conn:
-        accepted = await insert_job(
-            conn, principal, model=model, context_id=context_id, params=params, templates=templates
-        )
+    prompt = None
+    if params.chat:
+        assert templates is not None
+        async with db.connection() as conn:
+            prompt = await _chat_prompt(conn, principal, model, context_id, templates)
+    row = _new_result(principal, model, context_id, params, prompt)
+    accepted = _accepted(row, await inserts(row))
     if waiter is not None:
         waiter.created(accepted.result_id, principal.tenant)
-    enqueue(accepted.result_id)  # the statement above has committed: the worker can see the row
+    enqueue(accepted.result_id)  # the row above has committed: the worker can see it
     return accepted
 
 

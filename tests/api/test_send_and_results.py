@@ -3,14 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
+from datetime import datetime
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, EnqueueRecorder
+from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, EnqueueRecorder, InProcessApi
 
 pytestmark = pytest.mark.anyio
 
@@ -203,3 +205,50 @@ async def test_chat_sends_the_context_through_the_models_template(
     prompts = dict(rows)
     assert prompts[sent.json()["result_id"]] == "<user>Hi there</user><assistant>"
     assert prompts[raw.json()["result_id"]] is None  # the worker sends the context as is
+
+
+async def test_concurrent_submits_share_statements_and_each_gets_its_own_answer(
+    api_app: InProcessApi, db: psycopg.AsyncConnection[Any], enqueued: EnqueueRecorder
+) -> None:
+    """A burst of submits is inserted a batch per statement (the rows of one statement share its
+    transaction id, `xmin`); another tenant's context in the burst is a 404 for that one only."""
+    own = await _context(api_app.user)
+    async with await api_app.client_of(f"other-{uuid.uuid4().hex[:8]}") as other:
+        foreign = await _context(other)
+    contexts = [own] * 30 + [foreign] + [own] * 9
+    answers = await asyncio.gather(
+        *(api_app.user.post(f"/models/send/{FAST_MODEL}/{ctx}", json={"max_tokens": 4}) for ctx in contexts)
+    )
+    assert [a.status_code for a in answers] == [202] * 30 + [404] + [202] * 9
+    assert answers[30].json()["error"] == f"context {foreign} not found"
+    ids = [uuid.UUID(a.json()["result_id"]) for a in answers if a.status_code == 202]
+    assert len(set(ids)) == 39
+    assert sorted(enqueued.calls) == sorted(ids)
+    rows = await (
+        await db.execute("SELECT id, xmin::text, tenant FROM result WHERE id = ANY(%s)", (ids,))
+    ).fetchall()
+    assert len(rows) == 39 and {r[2] for r in rows} == {api_app.tenant}
+    assert len({r[1] for r in rows}) < 39, "every submit had a transaction of its own"
+    assert (await (await db.execute("SELECT count(*) FROM result")).fetchone()) == (39,)
+
+
+async def test_a_row_postgres_refuses_fails_only_its_own_submit(
+    api_app: InProcessApi, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """One row of a batch that Postgres refuses (a NUL character jsonb cannot hold) fails that
+    insert alone: the others of its batch are inserted."""
+    from app.repositories.results import NewResult
+
+    context_id = uuid.UUID(await _context(api_app.user))
+    inserts = api_app.app.state.runtime.inserts
+
+    def row(params: dict[str, Any]) -> NewResult:
+        return NewResult(uuid.uuid4(), api_app.tenant, context_id, FAST_MODEL, params)
+
+    rows = [row({"max_tokens": n}) for n in range(1, 6)]
+    rows.insert(2, row({"stop": ["\x00"]}))
+    answers = await asyncio.gather(*(inserts(r) for r in rows), return_exceptions=True)
+    assert isinstance(answers[2], psycopg.Error)
+    assert all(isinstance(a, datetime) for i, a in enumerate(answers) if i != 2), answers
+    stored = await (await db.execute("SELECT id FROM result")).fetchall()
+    assert {r[0] for r in stored} == {r.id for i, r in enumerate(rows) if i != 2}

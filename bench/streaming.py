@@ -61,8 +61,30 @@ class _Timing:
         probes.pieces += 1
 
 
+# How often the abort counter is read while a cancel is awaited. The engine says when it dropped the
+# sequence (its CLOCK_MONOTONIC, this machine's), so the reading need not be frequent; scraping
+# Triton's metrics in a tight loop took CPU from the very processes that carry the cancel.
+ABORT_POLL_S = 0.025
+
+
+def abort_state(metrics: str, model: str) -> tuple[float, float | None]:
+    """From Triton's metrics text: (sequences the engine aborted so far, CLOCK_MONOTONIC time of
+    the latest abort, None when the engine does not say)."""
+    count, at = 0.0, None
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.labels.get("model") != model:
+                continue
+            if sample.name == "sim_engine_cancelled_total":
+                count = sample.value
+            elif sample.name == "sim_engine_last_cancel_monotonic_seconds":
+                at = sample.value
+    return count, at
+
+
 class AbortCounter:
-    """The simulated engine's count of aborted sequences for one model, from Triton's metrics."""
+    """The simulated engine's count of aborted sequences for one model, and when it dropped the
+    latest (Triton's metrics)."""
 
     def __init__(self, metrics_url: str, model: str) -> None:
         self._url = metrics_url
@@ -70,19 +92,18 @@ class AbortCounter:
         self._http = httpx.AsyncClient(timeout=5)
 
     async def read(self) -> float:
-        text = (await self._http.get(self._url)).text
-        for family in text_string_to_metric_families(text):
-            if family.name in ("sim_engine_cancelled", "sim_engine_cancelled_total"):
-                for sample in family.samples:
-                    if sample.name.endswith("_total") and sample.labels.get("model") == self._model:
-                        return sample.value
-        return 0.0
+        return (await self._read())[0]
+
+    async def _read(self) -> tuple[float, float | None]:
+        return abort_state((await self._http.get(self._url)).text, self._model)
 
     async def time_until_above(self, before: float, since: float, limit_s: float = 5.0) -> float | None:
+        """From `since` (time.monotonic()) to the engine's next abort: its own time of the drop."""
         while time.monotonic() - since < limit_s:
-            if await self.read() > before:
-                return time.monotonic() - since
-            await asyncio.sleep(0.002)
+            count, at = await self._read()
+            if count > before:
+                return at - since if at is not None and at >= since else time.monotonic() - since
+            await asyncio.sleep(ABORT_POLL_S)
         return None
 
     async def close(self) -> None:

@@ -69,6 +69,7 @@ class EngineStats:
     generation_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
+    last_cancel_at: float = 0.0  # time.monotonic() of the latest drop (a benchmark reads it)
 
 
 _STOP = object()
@@ -207,6 +208,7 @@ class BatchEngine:
     def _drop(self, seq: Sequence, notify: bool) -> None:
         seq.pos = -1
         self.stats.cancelled += 1
+        self.stats.last_cancel_at = time.monotonic()
         if notify:
             try:
                 seq.sink.cancelled()

@@ -223,6 +223,7 @@ def test_cancellation_drops_sequence(triton: LocalTriton) -> None:
     params = {"max_tokens": 400, "ignore_eos": True}
     client.async_stream_infer("sim-llm-slow", build_inputs("cancel me", params, stream=True), request_id="c")
     got.get(timeout=5)
+    cancelled_at = time.monotonic()
     client.stop_stream(cancel_requests=True)
     client.close()
     deadline = time.monotonic() + 3
@@ -232,3 +233,6 @@ def test_cancellation_drops_sequence(triton: LocalTriton) -> None:
         time.sleep(0.05)
     assert read_metric(triton, "sim_engine_cancelled_total", "sim-llm-slow") == before + 1
     assert read_metric(triton, "sim_engine_running_requests", "sim-llm-slow") == 0
+    # When it dropped the sequence, on this machine's monotonic clock (the benchmark's cancel timing).
+    dropped_at = read_metric(triton, "sim_engine_last_cancel_monotonic_seconds", "sim-llm-slow")
+    assert cancelled_at < dropped_at < time.monotonic()

@@ -110,6 +110,11 @@ class _Metrics:
         self.peak = family("sim_engine_peak_running_requests", "Most sequences running at once", gauge, sim)
         self.requests = family("sim_engine_requests_total", "Requests received by the engine", counter, sim)
         self.cancelled = family("sim_engine_cancelled_total", "Sequences dropped on cancel", counter, sim)
+        # When, on this machine's CLOCK_MONOTONIC: a benchmark on the same machine times an abort
+        # exactly, without scraping the metrics in a tight loop while it waits.
+        self.last_cancel = family(
+            "sim_engine_last_cancel_monotonic_seconds", "CLOCK_MONOTONIC time of the latest drop", gauge, sim
+        )
         self.vllm: tuple[Any, Any, Any] | None = None
         if vllm_metrics:
             labels = {"model": model, "version": version}
@@ -130,6 +135,7 @@ class _Metrics:
             self.requests.increment(s.received - last.received)
         if s.cancelled > last.cancelled:
             self.cancelled.increment(s.cancelled - last.cancelled)
+            self.last_cancel.set(s.last_cancel_at)
         if self.vllm is not None:
             prompt, generation, running = self.vllm
             if s.prompt_tokens > last.prompt_tokens:
@@ -141,7 +147,7 @@ class _Metrics:
 
     def close(self) -> None:
         """Drop metrics before their families, the order tritonserver requires."""
-        del self.running, self.peak, self.requests, self.cancelled, self.vllm
+        del self.running, self.peak, self.requests, self.cancelled, self.last_cancel, self.vllm
         self._families.clear()
 
 

@@ -25,6 +25,15 @@ class Recorder:
         return [ValueError(f"odd {i}") if i % 2 else i * 10 for i in items]
 
 
+async def first_batch_held(rec: Recorder) -> tuple[Batcher[int, int], asyncio.Future[int]]:
+    """A batcher whose first batch (item 0) is running, held by `rec` until released."""
+    rec.release.clear()
+    batcher = Batcher(rec.run)
+    first = asyncio.ensure_future(batcher(0))
+    await asyncio.sleep(0.01)
+    return batcher, first
+
+
 async def test_a_lone_request_runs_at_once_as_a_batch_of_one() -> None:
     rec = Recorder()
     batcher = Batcher(rec.run)
@@ -34,10 +43,7 @@ async def test_a_lone_request_runs_at_once_as_a_batch_of_one() -> None:
 
 async def test_requests_arriving_while_a_batch_runs_form_the_next_batch() -> None:
     rec = Recorder()
-    rec.release.clear()
-    batcher = Batcher(rec.run)
-    first = asyncio.ensure_future(batcher(0))
-    await asyncio.sleep(0.01)  # the first batch is running (held)
+    batcher, first = await first_batch_held(rec)
     rest = [asyncio.ensure_future(batcher(i)) for i in (2, 4, 6)]
     await asyncio.sleep(0.01)
     assert rec.batches == [[0]]
@@ -79,10 +85,7 @@ async def test_batches_are_cut_at_max_batch() -> None:
 
 async def test_a_caller_that_went_away_before_its_batch_ran_is_left_out() -> None:
     rec = Recorder()
-    rec.release.clear()
-    batcher = Batcher(rec.run)
-    first = asyncio.ensure_future(batcher(0))
-    await asyncio.sleep(0.01)
+    batcher, first = await first_batch_held(rec)
     gone = asyncio.ensure_future(batcher(2))
     kept = asyncio.ensure_future(batcher(4))
     await asyncio.sleep(0.01)
@@ -94,10 +97,7 @@ async def test_a_caller_that_went_away_before_its_batch_ran_is_left_out() -> Non
 
 async def test_callers_waiting_when_the_batcher_is_cancelled_are_cancelled_not_left_hanging() -> None:
     rec = Recorder()
-    rec.release.clear()
-    batcher = Batcher(rec.run)
-    running = asyncio.ensure_future(batcher(0))
-    await asyncio.sleep(0.01)
+    batcher, running = await first_batch_held(rec)
     queued = asyncio.ensure_future(batcher(2))
     await asyncio.sleep(0)
     assert batcher._task is not None

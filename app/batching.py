@@ -16,12 +16,19 @@ R = TypeVar("R")
 
 class Batcher(Generic[T, R]):
     def __init__(
-        self, run: Callable[[list[T]], Awaitable[list[R | Exception]]], *, max_batch: int = 256
+        self,
+        run: Callable[[list[T]], Awaitable[list[R | Exception]]],
+        *,
+        max_batch: int = 256,
+        shared_failure: Callable[[Exception], bool] = lambda exc: False,
     ) -> None:
         """`run(items)` answers every item, in order: its result, or an exception for its caller
-        alone; if `run` raises, every caller of the batch gets that exception."""
+        alone; if `run` raises, every caller of the batch gets that exception, and if
+        `shared_failure(exc)` says so (a service found down), so do the callers queued meanwhile:
+        they would meet it too, and should not wait for a batch of their own to find out."""
         self._run = run
         self._max = max_batch
+        self._shared_failure = shared_failure
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._task: asyncio.Task[None] | None = None
 
@@ -47,6 +54,9 @@ class Batcher(Generic[T, R]):
                         raise RuntimeError(f"a batch of {len(items)} got {len(answers)} answers")
                 except Exception as exc:
                     answers = [exc] * len(items)
+                    if self._shared_failure(exc):
+                        batch, self._queue = batch + self._queue, []
+                        answers = [exc] * len(batch)
                 for (_, future), answer in zip(batch, answers, strict=True):
                     if future.done():
                         continue

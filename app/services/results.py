@@ -13,7 +13,7 @@ import psycopg
 
 from app.auth import Principal
 from app.batching import Batcher
-from app.db import AsyncConnection, Database
+from app.db import DATABASE_ERRORS, AsyncConnection, Database
 from app.errors import Conflict, InvalidInput, NotFound
 from app.models import ResultStatus
 from app.notify import PENDING, CancelNotices, ResultWaiter
@@ -113,7 +113,9 @@ class ResultInserts:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._batcher: Batcher[repo.NewResult, datetime | None] = Batcher(self._insert)
+        self._batcher: Batcher[repo.NewResult, datetime | None] = Batcher(
+            self._insert, shared_failure=lambda exc: isinstance(exc, DATABASE_ERRORS)
+        )
 
     async def __call__(self, row: repo.NewResult) -> datetime | None:
         """The row's created_at once committed; None if its tenant has no such context."""
@@ -124,8 +126,8 @@ class ResultInserts:
             async with self._db.connection() as conn:
                 created = await repo.insert_for_contexts(conn, rows)
             return [created.get(row.id) for row in rows]
-        except psycopg.OperationalError:
-            raise  # Postgres unreachable: every submit of the batch is refused alike
+        except DATABASE_ERRORS:
+            raise  # Postgres unreachable: every submit waiting is refused alike (503)
         except psycopg.Error:
             if len(rows) == 1:
                 raise

@@ -105,3 +105,25 @@ async def test_callers_waiting_when_the_batcher_is_cancelled_are_cancelled_not_l
     for caller in (running, queued):
         with pytest.raises(asyncio.CancelledError):
             await asyncio.wait_for(caller, 1)
+
+
+async def test_a_shared_failure_also_fails_the_callers_queued_meanwhile_at_once() -> None:
+    """A service found down: the callers that arrived during the failing call get its error with
+    it, instead of each batch after it waiting to find the same."""
+    calls: list[list[int]] = []
+    release = asyncio.Event()
+
+    async def run(items: list[int]) -> list[int | Exception]:
+        calls.append(items)
+        await release.wait()
+        raise ConnectionError("down")
+
+    batcher = Batcher(run, shared_failure=lambda exc: isinstance(exc, ConnectionError))
+    first = asyncio.ensure_future(batcher(0))
+    await asyncio.sleep(0.01)
+    queued = [asyncio.ensure_future(batcher(i)) for i in (1, 2)]
+    await asyncio.sleep(0.01)
+    release.set()
+    answers = await asyncio.gather(first, *queued, return_exceptions=True)
+    assert all(isinstance(a, ConnectionError) for a in answers)
+    assert calls == [[0]]

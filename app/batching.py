@@ -53,10 +53,9 @@ class Batcher(Generic[T, R]):
                     if len(answers) != len(items):
                         raise RuntimeError(f"a batch of {len(items)} got {len(answers)} answers")
                 except Exception as exc:
-                    answers = [exc] * len(items)
                     if self._shared_failure(exc):
                         batch, self._queue = batch + self._queue, []
-                        answers = [exc] * len(batch)
+                    answers = [exc] * len(batch)
                 for (_, future), answer in zip(batch, answers, strict=True):
                     if future.done():
                         continue

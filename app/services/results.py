@@ -78,9 +78,14 @@ def _accepted(row: repo.NewResult, created_at: datetime | None) -> SendAccepted:
 
 
 async def _chat_prompt(
-    conn: AsyncConnection, principal: Principal, model: str, context_id: uuid.UUID, templates: ChatTemplates
+    conn: AsyncConnection,
+    principal: Principal,
+    model: str,
+    context_id: uuid.UUID,
+    templates: ChatTemplates | None,
 ) -> str:
-    """The model's chat template around the context, as the prompt."""
+    """The model's chat template around the context, as the prompt (a `chat` submit's)."""
+    assert templates is not None
     context = await contexts_repo.get(conn, context_id, principal.tenant)
     if context is None:
         raise NotFound(f"context {context_id} not found")
@@ -99,10 +104,7 @@ async def insert_job(
     """Record a pending result for one of the tenant's contexts on `conn` (inside the caller's
     transaction). The caller rings the doorbell once this has committed. With `chat` the prompt is
     the model's chat template around the context."""
-    prompt = None
-    if params.chat:
-        assert templates is not None
-        prompt = await _chat_prompt(conn, principal, model, context_id, templates)
+    prompt = await _chat_prompt(conn, principal, model, context_id, templates) if params.chat else None
     row = _new_result(principal, model, context_id, params, prompt)
     return _accepted(row, (await repo.insert_for_contexts(conn, [row])).get(row.id))
 
@@ -157,7 +159,6 @@ async def submit(
     """Record a pending result, then ring the doorbell: only once the row is committed."""
     prompt = None
     if params.chat:
-        assert templates is not None
         async with db.connection() as conn:
             prompt = await _chat_prompt(conn, principal, model, context_id, templates)
     row = _new_result(principal, model, context_id, params, prompt)

@@ -12,6 +12,7 @@ import httpx
 import psycopg
 import pytest
 
+from app.repositories.results import NewResult
 from tests.conftest import FAST_MODEL, SLOW_MODEL, UNLOADED_MODEL, EnqueueRecorder, InProcessApi
 
 pytestmark = pytest.mark.anyio
@@ -237,8 +238,6 @@ async def test_a_row_postgres_refuses_fails_only_its_own_submit(
 ) -> None:
     """One row of a batch that Postgres refuses (a NUL character jsonb cannot hold) fails that
     insert alone: the others of its batch are inserted."""
-    from app.repositories.results import NewResult
-
     context_id = uuid.UUID(await _context(api_app.user))
     inserts = api_app.app.state.runtime.inserts
 

@@ -111,7 +111,9 @@ class KeyRing:
         elif cached[1] < now:
             # Stale: answered from the cache while one task re-reads it (no request waits for the
             # database, and a burst of requests does not read it once each).
-            self._background.start(digest, lambda: self._refresh(digest))
+            known = cached[0]
+            label = f"key {known.key_id}" if known is not None and known.key_id else "an unknown key"
+            self._background.start(digest, lambda: self._refresh(digest), label)
         principal = cached[0]
         if principal is not None and principal.key_id is not None:
             self._touch(principal.key_id, now)

@@ -20,15 +20,18 @@ class Refreshes:
         self._what = what
         self._running: dict[Hashable, asyncio.Task[None]] = {}
 
-    def start(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    def start(
+        self, key: Hashable, work: Callable[[], Coroutine[Any, Any, Any]], label: str | None = None
+    ) -> None:
+        """`label` names the work in a log line instead of `key` (which may be a secret's hash)."""
         if key not in self._running:
-            self._running[key] = asyncio.create_task(self._quietly(key, work))
+            self._running[key] = asyncio.create_task(self._quietly(key, work, label or str(key)))
 
-    async def _quietly(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+    async def _quietly(self, key: Hashable, work: Callable[[], Coroutine[Any, Any, Any]], label: str) -> None:
         try:
             await work()
         except Exception as exc:
-            log.warning("%s (%s) failed: %s", self._what, key, exc)
+            log.warning("%s (%s) failed: %s", self._what, label, exc)
         finally:
             self._running.pop(key, None)
 

@@ -1,4 +1,5 @@
-"""Stopping the API's long-lived tasks never hangs a shutdown."""
+"""Stopping the API's long-lived tasks never hangs a shutdown; a failed refresh says what failed
+without naming its key."""
 
 from __future__ import annotations
 
@@ -50,3 +51,21 @@ async def test_a_listener_that_turns_its_cancel_into_an_error_stops() -> None:
     await asyncio.sleep(0)
     await asyncio.wait_for(background.stop(task, timeout_s=2), 5)
     assert task.cancelled()
+
+
+async def test_a_failed_refresh_is_logged_by_its_label_not_its_key(caplog: pytest.LogCaptureFixture) -> None:
+    digest = bytes.fromhex("9f" * 32)  # as the key ring's cache key: a key's SHA-256
+
+    async def down() -> None:
+        raise OSError("Postgres unreachable")
+
+    refreshes = background.Refreshes("API key refresh")
+    with caplog.at_level(logging.WARNING, logger="app.background"):
+        refreshes.start(digest, down, "key 42")
+        refreshes.start(digest, down, "key 42")  # one at a time per key
+        for _ in range(10):
+            await asyncio.sleep(0)
+    assert [r.getMessage() for r in caplog.records] == [
+        "API key refresh (key 42) failed: Postgres unreachable"
+    ]
+    assert "9f9f" not in caplog.text and "\\x9f" not in caplog.text

@@ -13,6 +13,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from app.config import get_settings
+from app.notify import done_channel, notice
+from app.schemas import ResultOut
 from app.streams import DONE_FIELD, TEXT_FIELD, encode_published, entry_id, pieces_channel, stream_key
 from tests.conftest import FAST_MODEL
 
@@ -113,3 +115,68 @@ async def test_a_retried_job_streams_on_after_what_its_first_attempt_published(
     assert "".join(text for _, text in tokens) == "Hello world!"
     assert [seq for seq, _ in tokens] == list(range(1, len(tokens) + 1))
     assert events[-1][0] == "done" and int(events[-1][1]) == len(tokens) + 1
+
+
+class _Worker:
+    """Plays a streamed job's worker: its pieces (stream and channel), its end marker, its notice."""
+
+    def __init__(self, result_id: str) -> None:
+        self.settings = get_settings()
+        self.result_id = result_id
+        self.key = stream_key(self.settings.CELERY_QUEUE, result_id)
+        self.redis = aioredis.from_url(self.settings.REDIS_URL)
+
+    async def follower_ready(self) -> None:
+        for _ in range(100):
+            if (await self.redis.pubsub_numsub(pieces_channel(self.settings.CELERY_QUEUE)))[0][1]:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.2)
+
+    async def piece(self, seq: int, text: str) -> None:
+        await self.redis.xadd(self.key, {TEXT_FIELD: text.encode()}, id=entry_id(seq))
+        published = encode_published([[self.result_id, seq, text]])
+        await self.redis.publish(pieces_channel(self.settings.CELERY_QUEUE), published)
+
+    async def end_marker(self, seq: int) -> None:
+        await self.redis.xadd(self.key, {DONE_FIELD: b"completed"}, id=entry_id(seq))
+        published = encode_published([[self.result_id, seq, None, "completed"]])
+        await self.redis.publish(pieces_channel(self.settings.CELERY_QUEUE), published)
+
+    async def completed(self, client: httpx.AsyncClient, output: str) -> None:
+        """The completion notice with the final row (the database is left as it is)."""
+        pending = (await client.get(f"/results/{self.result_id}")).json()
+        final = {**pending, "status": "completed", "output": output, "finish_reason": "length"}
+        final |= {"completion_tokens": 2, "prompt_tokens": 2, "finished_at": pending["updated_at"]}
+        row = ResultOut.model_validate(final).model_dump_json().encode()
+        await self.redis.publish(done_channel(self.settings), notice(uuid.UUID(self.result_id), row))
+
+    async def close(self) -> None:
+        await self.redis.delete(self.key)
+        await self.redis.aclose()
+
+
+async def test_a_notice_ahead_of_the_last_piece_leaves_the_stream_waiting_for_it(
+    client: httpx.AsyncClient,
+) -> None:
+    # The worker's flush of its last piece and its write of the row race: the notice may come first.
+    worker = _Worker(await _streamed_job(client, "wait for me"))
+
+    async def play() -> None:
+        await worker.follower_ready()
+        await worker.piece(1, "Hello")
+        await asyncio.sleep(0.2)
+        await worker.completed(client, "Hello world")  # the row has more text than came
+        await asyncio.sleep(0.3)
+        await worker.piece(2, " world")
+        await worker.end_marker(3)
+
+    try:
+        stream, _ = await asyncio.gather(
+            client.get(f"/results/{worker.result_id}/stream", timeout=20), play()
+        )
+    finally:
+        await worker.close()
+    events = _events(stream.text)
+    assert [json.loads(d)["text"] for e, _, d in events if e == "token"] == ["Hello", " world"]
+    assert events[-1][:2] == ("done", "3")

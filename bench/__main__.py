@@ -135,6 +135,7 @@ async def run_scenario(
     api_key: str | None,
     profile_gil: bool = False,
     stream_probes: int = 0,
+    probe_think_s: float = 0.0,
     metrics_url: str | None = None,
 ) -> tuple[RunResult, RunResult]:
     model, description = SCENARIOS[name]
@@ -145,7 +146,7 @@ async def run_scenario(
     # Spread starts, as independent clients would: started all at once, the direct client's jobs stay in
     # lockstep (no tail) while the platform's keep bunched waves, which measures the start, not the platform.
     ramp = nominal_job_s(model, max_tokens) if ramp_s is None else ramp_s
-    phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s, ramp)
+    phase = Phase(name, model, jobs, in_flight, max_tokens, time_limit_s, ramp, probe_think_s)
     polling = Polling(poll_mode, poll_interval_s, long_poll_wait_s, probe_every)
 
     meter = CpuMeter(pids)
@@ -273,6 +274,12 @@ def main(
         "beside the load, in both modes (chat: streamed /v1/chat/completions), and in latency one "
         "cancelling client; 0: none.",
     ),
+    probe_think_s: float = typer.Option(
+        0.0,
+        min=0,
+        help="Each streaming client pauses a random time, uniform in [0, this], before each job, in "
+        "both modes (default 0: back to back, in step with the load's waves).",
+    ),
     sim_cancel_check_ms: float | None = typer.Option(
         None,
         help="How often the simulated engine asks each running sequence whether it was cancelled "
@@ -335,6 +342,7 @@ def main(
         "client": client,
         "profile": ("py-spy --gil" if profile_gil else "py-spy") if profile else None,
         "stream_probes": stream_probes,
+        "probe_think_s": probe_think_s,
     }
 
     def on_term(signum: int, _frame: FrameType | None) -> None:
@@ -381,6 +389,7 @@ def main(
                         api_key=key,
                         profile_gil=profile_gil,
                         stream_probes=stream_probes if name in ("latency", "chat") else 0,
+                        probe_think_s=probe_think_s,
                         metrics_url=metrics if name == "latency" else None,  # cancels: latency only
                     )
                 )

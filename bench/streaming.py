@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import itertools
 import json
+import random
 import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable
@@ -29,6 +30,14 @@ from bench.workload import Phase, api_params, triton_params
 
 CANCEL_MAX_TOKENS = 400  # long enough to be running when the cancel comes
 CANCEL_AFTER_PIECES = 3
+
+
+async def think(phase: Phase, rng: random.Random) -> None:
+    """A streaming client's pause before its next job. Back to back, a probe's job starts the moment
+    its last one ends, in step with the load's own waves of ends and submits (see bench/README.md),
+    so its first token measures where it lands in a wave; an interactive user comes at any moment."""
+    if phase.probe_think_s > 0:
+        await asyncio.sleep(rng.uniform(0, phase.probe_think_s))
 
 
 @dataclass
@@ -136,7 +145,9 @@ async def direct_probes(
     seq = itertools.count()
 
     async def streamer(i: int) -> None:
+        rng = random.Random(i)
         while not stop.is_set():
+            await think(phase, rng)
             job = phase.jobs[(i * 7 + next(seq)) % len(phase.jobs)]
             timing = _Timing(time.monotonic())
             try:
@@ -229,7 +240,9 @@ async def platform_probes(
         return str(r.json()["result_id"])
 
     async def streamer(i: int) -> None:
+        rng = random.Random(i)
         while not stop.is_set():
+            await think(phase, rng)
             job = phase.jobs[(i * 7 + next(seq)) % len(phase.jobs)]
             timing = _Timing(time.monotonic())
             try:
@@ -296,7 +309,9 @@ async def chat_probes(
     seq = itertools.count()
 
     async def streamer(i: int) -> None:
+        rng = random.Random(i)
         while not stop.is_set():
+            await think(phase, rng)
             job = phase.jobs[(i * 7 + next(seq)) % len(phase.jobs)]
             assert isinstance(job, ChatJob)
             body = {**chat_body(phase, job), "stream": True, "stream_options": {"include_usage": True}}

@@ -119,6 +119,7 @@ class Phase:
     max_tokens: int
     time_limit_s: float
     ramp_s: float = 0.0
+    probe_think_s: float = 0.0  # a streaming probe's pause between its jobs: uniform in [0, this]
 
     async def start_of(self, k: int) -> None:
         """Virtual client ``k`` waits for its turn to start."""

@@ -1,8 +1,16 @@
-"""bench.streaming: reading the simulated engine's aborts from Triton's metrics text."""
+"""bench.streaming: reading the simulated engine's aborts from Triton's metrics text; a probe's
+pause between its jobs."""
 
 from __future__ import annotations
 
-from bench.streaming import abort_state
+import asyncio
+import random
+import time
+
+import pytest
+
+from bench.streaming import abort_state, think
+from bench.workload import Phase
 
 METRICS = """\
 # HELP sim_engine_cancelled_total Sequences dropped on cancel
@@ -25,3 +33,19 @@ def test_an_engine_that_does_not_say_when_gives_no_time() -> None:
     old = "\n".join(line for line in METRICS.splitlines() if "last_cancel" not in line) + "\n"
     assert abort_state(old, "sim-llm-slow") == (7.0, None)
     assert abort_state(METRICS, "another") == (0.0, None)
+
+
+@pytest.mark.parametrize("think_s", [0.0, 0.05])
+def test_a_probes_pause_is_random_within_its_bound(think_s: float) -> None:
+    phase = Phase("latency", "sim-llm-slow", [], 1, 64, 60, probe_think_s=think_s)
+    rng, pauses = random.Random(1), []
+
+    async def pause() -> None:
+        for _ in range(5):
+            t0 = time.monotonic()
+            await think(phase, rng)
+            pauses.append(time.monotonic() - t0)
+
+    asyncio.run(pause())
+    assert all(p < think_s + 0.5 for p in pauses)  # (a loaded machine oversleeps)
+    assert (len(set(round(p, 3) for p in pauses)) > 1) == (think_s > 0)  # back to back: no pause at all

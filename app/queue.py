@@ -2,9 +2,10 @@
 
 Only ids travel: the row in Postgres is the record, the message is only the doorbell. The message
 is built once by Celery (`amqp.as_task_v2`) and encoded by kombu (`Producer.publish`, whose Redis
-command is captured instead of run); each job's message is that one with its own id and delivery
-tag, and whatever has queued up goes in one LPUSH (kombu's publish per job cost several times more
-of the API's CPU and GIL). `send_task`'s per-call routing is skipped, so the settings that would
+command is captured instead of run); each message is that one with its own ids and delivery tag.
+Ids rung together share a message (`run_jobs`, up to MAX_JOBS_PER_MESSAGE: the worker's cost is per
+message), and whatever has queued up goes in one LPUSH (kombu's publish per job cost several times
+more of the API's CPU and GIL). `send_task`'s per-call routing is skipped, so the settings that would
 change where a task goes are refused at start rather than ignored.
 """
 
@@ -28,13 +29,15 @@ from app import background
 from app.config import Settings
 from app.kombu_patch import reuse_redis_clients
 
-RUN_JOB_TASK = "llmq.run_job"
+RUN_JOBS_TASK = "llmq.run_jobs"
+RUN_JOB_TASK = "llmq.run_job"  # one id per message: what producers before run_jobs sent
+MAX_JOBS_PER_MESSAGE = 16  # bounds how many jobs one worker takes at once from a burst
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-_MAX_BATCH = 500  # messages per Redis pipeline
+_MAX_BATCH = 500  # ids per LPUSH
 
 
 class UnsupportedQueueSetting(RuntimeError):
@@ -83,7 +86,7 @@ def make_celery(settings: Settings) -> Celery:
     return celery
 
 
-# Stands for the job's id in the template message (any UUID works: it is replaced as a string).
+# Stands for the jobs' ids in the template message (any UUID works: it is replaced as a string).
 _PLACEHOLDER = "00000000-0000-4000-8000-000000000000"
 
 
@@ -119,13 +122,22 @@ class _Template:
     body_json: str
     delivery_tag: str
 
-    def message(self, task_id: str) -> str:
-        body = base64.b64encode(self.body_json.replace(_PLACEHOLDER, task_id).encode()).decode()
+    def message(self, result_ids: list[uuid.UUID]) -> str:
+        """`run_jobs(result_ids)`, with the first id as the task's id (as `send_task` would write it)."""
+        ids = [str(rid) for rid in result_ids]
+        args_json = ", ".join(f'"{rid}"' for rid in ids)
+        body_json = self.body_json.replace(f'"{_PLACEHOLDER}"', args_json)
+        body = base64.b64encode(body_json.encode()).decode()
         return (
             self.payload.replace(self.body_b64, body)
             .replace(self.delivery_tag, str(uuid.uuid4()))
-            .replace(_PLACEHOLDER, task_id)
+            .replace(f"'{_PLACEHOLDER}'", ", ".join(f"'{rid}'" for rid in ids))  # argsrepr
+            .replace(_PLACEHOLDER, ids[0])
         )
+
+    def messages(self, result_ids: list[uuid.UUID]) -> list[str]:
+        step = MAX_JOBS_PER_MESSAGE
+        return [self.message(result_ids[i : i + step]) for i in range(0, len(result_ids), step)]
 
 
 class JobQueue:
@@ -199,11 +211,11 @@ class JobQueue:
                 return failed
 
     def ring(self, result_ids: list[uuid.UUID]) -> bool:
-        """Push one `run_job(id)` message per id, in one LPUSH. A failure is logged, not raised:
+        """Push `run_jobs` messages for these ids, in one LPUSH. A failure is logged, not raised:
         the rows are committed and the sweeper re-sends them."""
 
         def push(client: Any, template: _Template) -> bool:
-            client.lpush(template.key, *(template.message(str(result_id)) for result_id in result_ids))
+            client.lpush(template.key, *template.messages(result_ids))
             return True
 
         what = f"enqueue {len(result_ids)} result(s); the sweeper will re-enqueue them"
@@ -227,7 +239,7 @@ class JobQueue:
 
     def _publish(self, producer: Any, task_id: str) -> None:
         amqp: Any = self.celery.amqp  # args as a list, as send_task passes them (argsrepr shows it)
-        message = amqp.as_task_v2(task_id, RUN_JOB_TASK, args=[task_id], ignore_result=True)
+        message = amqp.as_task_v2(task_id, RUN_JOBS_TASK, args=[[task_id]], ignore_result=True)
         producer.publish(
             message.body,
             exchange="",
@@ -249,7 +261,7 @@ class JobQueue:
             template = self._template
             assert template is not None  # made with the producer
             key = f"{producer.channel.global_keyprefix or ''}{template.key}"
-            return key, [template.message(str(result_id)) for result_id in result_ids]
+            return key, template.messages(result_ids)
 
     def enqueue(self, result_id: uuid.UUID) -> bool:
         return self.ring([result_id])

@@ -16,6 +16,7 @@ from app.logging_setup import configure_logging
 from app.queue import JobQueue, celery_config, check_publishable
 from worker.job_store import reset_store
 from worker.outage import get_gate, triton_ready
+from worker.pool import JobPool
 from worker.runtime import reset_runtime
 from worker.sweeper import Sweeper
 
@@ -57,6 +58,12 @@ def _freeze_startup_objects(**_: Any) -> None:
 
 
 _sweeper: list[Any] = []
+
+
+@worker_ready.connect
+def _show_the_pool_its_consumer(sender: Any = None, **_: Any) -> None:
+    if isinstance(getattr(sender, "pool", None), JobPool):
+        sender.pool.consumer = sender  # its prefetch count bounds jobs, not messages (worker/pool.py)
 
 
 @worker_ready.connect

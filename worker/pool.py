@@ -3,7 +3,10 @@
 The consumer's thread runs a task body itself (as Celery's `solo` pool does); the body hands its job
 to the loop (`defer`) and returns at once. The task counts as finished, and its message is acked,
 when the job ends, so the prefetch count (`-c`, WORKER_IN_FLIGHT, times a multiplier of 1) bounds the
-jobs in flight and a warm shutdown waits for the running ones. Not Celery's `threads` pool: a thread
+jobs in flight and a warm shutdown waits for the running ones. A message may carry several jobs
+(`run_jobs`): each job past a message's first lowers the prefetch count until it ends, so that
+the worker does not take more jobs than it runs, and a job starts only while fewer than the limit
+run (`start_when_room`), the others of its message waiting their turn. Not Celery's `threads` pool: a thread
 per job in flight that mostly waits, and hand-offs between threads for every step of every job.
 
 Selected by `worker_pool` (worker/celery_app.py); under another pool `defer()` returns None and the
@@ -12,9 +15,11 @@ body waits for its job itself.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -30,17 +35,28 @@ class _Task:
     """One task: reported to Celery once its body has returned and, if deferred, its job has ended."""
 
     def __init__(self, pool: JobPool, callback: Callable[[Any], None] | None) -> None:
-        self._pool = pool
+        self.pool = self._pool = pool
         self._callback = callback
         self._lock = threading.Lock()
-        self._waiting = 1  # the body's return; +1 once it defers
+        self._waiting = 1  # the body's return; +1 per job it defers
+        self._deferred = 0
         self._ret: Any = None
 
     def defer(self) -> Callable[[], None]:
         with self._lock:
             self._waiting += 1
+            self._deferred += 1
+            extra = self._deferred > 1  # the message's prefetch slot covers its first job only
         self._pool.job_started()
-        return self._job_ended
+        if not extra:
+            return self._job_ended
+        lent = self._pool.lend_slot()
+
+        def extra_job_ended() -> None:
+            self._pool.return_slot(lent)
+            self._job_ended()
+
+        return extra_job_ended
 
     def body_returned(self, ret: Any) -> None:
         self._ret = ret
@@ -67,8 +83,12 @@ class JobPool(BasePool):
 
     def __init__(self, limit: int | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(limit or 1, *args, **kwargs)  # the prefetch count is limit x multiplier
-        self._jobs = 0
+        self._jobs = 0  # deferred and not ended (running, or waiting for room)
+        self._running = 0
+        self._backlog: deque[tuple[Callable[[], None], Callable[[], None]]] = deque()
         self._idle = threading.Condition()
+        self.consumer: Any = None  # Celery's consumer, once it consumes (worker/celery_app.py)
+        self._qos_lock = threading.Lock()
         # As the solo pool does: this process is the pool's one process (the worker passes (app,
         # hostname) as initargs to every pool).
         initargs = self.options.get("initargs") or (None, None)
@@ -100,8 +120,74 @@ class JobPool(BasePool):
             if not self._jobs:
                 self._idle.notify_all()
 
+    def start_when_room(
+        self,
+        start: Callable[[Callable[[], None]], None],
+        ended: Callable[[], None],
+        give_back: Callable[[], None],
+    ) -> None:
+        """`start(ended)` now if fewer than `limit` jobs run, else when one ends (in order); the
+        `ended` it is given frees its room, then calls this one. A job still waiting at a warm stop
+        is not started: `give_back()`, then `ended()`."""
+
+        def room_freed() -> None:
+            with self._idle:
+                self._running -= 1
+            self._start_waiting()
+            ended()
+
+        def stopped() -> None:
+            try:
+                give_back()
+            finally:
+                ended()
+
+        with self._idle:
+            self._backlog.append((functools.partial(start, room_freed), stopped))
+        self._start_waiting()
+
+    def _start_waiting(self) -> None:
+        while True:
+            with self._idle:
+                if not self._backlog or self._running >= self.limit:
+                    return
+                start, _ = self._backlog.popleft()
+                self._running += 1
+            try:
+                start()
+            except Exception:  # the start ended its job itself: the others go on
+                log.exception("a job could not start")
+
+    def lend_slot(self) -> tuple[Any, int]:
+        """One less message prefetched while a message's extra job runs: the consumer's prefetch
+        count (kombu.common.QoS, applied by the consumer's loop) and how much it was lowered (0 at 1)."""
+        qos = getattr(self.consumer, "qos", None)
+        if qos is None:
+            return None, 0
+        with self._qos_lock:
+            before = qos.value
+            return qos, int(before - qos.decrement_eventually())
+
+    def return_slot(self, lent: tuple[Any, int]) -> None:
+        qos, n = lent
+        current: Any = getattr(self.consumer, "qos", None)
+        # A consumer restarted since (broker reconnect, Triton outage) has a new count, already full.
+        if n and current is not None and current is qos:
+            with self._qos_lock:
+                current.increment_eventually(n)
+
     def on_stop(self) -> None:
-        """Warm shutdown: the consumer has stopped; wait for the jobs in flight to end."""
+        """Warm shutdown: the consumer has stopped; give back the jobs not started, wait for the
+        jobs in flight to end."""
+        with self._idle:
+            waiting, self._backlog = list(self._backlog), deque()
+        if waiting:
+            log.info("giving back %d jobs not started", len(waiting))
+        for _, stopped in waiting:
+            try:
+                stopped()
+            except Exception:  # not given back: the sweeper finds it pending
+                log.exception("a job not started could not be given back")
         with self._idle:
             if self._jobs:
                 log.info("waiting for %d jobs in flight to end", self._jobs)
@@ -115,6 +201,17 @@ class JobPool(BasePool):
             "processes": [os.getpid()],
             "jobs-in-flight": self._jobs,
         }
+
+
+def start_when_room(
+    start: Callable[[Callable[[], None]], None], ended: Callable[[], None], give_back: Callable[[], None]
+) -> None:
+    """For a task body run by JobPool, with what `defer()` returned: see `JobPool.start_when_room`."""
+    task: _Task | None = getattr(_local, "task", None)
+    if task is None:
+        start(ended)
+    else:
+        task.pool.start_when_room(start, ended, give_back)
 
 
 def defer() -> Callable[[], None] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ from sqlalchemy import create_engine, text
 
 from app.config import Settings
 from app.main import create_app
-from app.queue import RUN_JOB_TASK, Doorbell, JobQueue, make_celery
+from app.queue import MAX_JOBS_PER_MESSAGE, RUN_JOBS_TASK, Doorbell, JobQueue, make_celery
 from tests.conftest import FAST_MODEL, bearer
 from tests.e2e.helpers import wait_for_result
 
@@ -99,29 +100,36 @@ async def test_send_with_redis_down_keeps_the_job_and_the_sweeper_runs_it(
     assert wait_for_result(api, result_id, timeout_s=30)["status"] == "completed"
 
 
+@pytest.mark.parametrize("jobs", [1, 3], ids=["one-job", "three-jobs"])
 @pytest.mark.parametrize("prefix", ["", "shared-redis:"], ids=["no-prefix", "key-prefix"])
 @pytest.mark.parametrize("via", ["ring", "doorbell"])
 def test_doorbell_is_the_message_celery_itself_would_write(
-    e2e_env: dict[str, str], via: str, prefix: str
+    e2e_env: dict[str, str], via: str, prefix: str, jobs: int
 ) -> None:
     # JobQueue builds the message with Celery's as_task_v2 and kombu's publish (no send_task per job);
     # Celery's own send_task is the reference. Both go to a scratch queue in the real Redis: the
     # worker's `ring`, and the API's Doorbell from an event loop, with and without kombu's key prefix.
+    # Ids rung together share one message.
     settings, queue = _scratch_queue(e2e_env, "doorbell", prefix)
     client = redis.Redis.from_url(settings.REDIS_URL)
     key = prefix + settings.CELERY_QUEUE
     try:
-        rid = uuid.uuid4()
+        rids = [uuid.uuid4() for _ in range(jobs)]
         queue.celery.send_task(
-            RUN_JOB_TASK, args=[str(rid)], queue=settings.CELERY_QUEUE, task_id=str(rid), ignore_result=True
+            RUN_JOBS_TASK,
+            args=[[str(rid) for rid in rids]],
+            queue=settings.CELERY_QUEUE,
+            task_id=str(rids[0]),
+            ignore_result=True,
         )
         if via == "ring":
-            assert queue.enqueue(rid)
+            assert queue.ring(rids)
         else:
 
             async def ring_from_the_loop() -> None:
                 doorbell = Doorbell(queue, settings.REDIS_URL)
-                doorbell(rid)
+                for rid in rids:
+                    doorbell(rid)
                 await asyncio.sleep(0.5)
                 await doorbell.close()
 
@@ -136,6 +144,22 @@ def test_doorbell_is_the_message_celery_itself_would_write(
         message["headers"].pop("origin")  # the sending process
         message["properties"].pop("reply_to")  # where results would go: no result backend here
     assert ours == celerys
+
+
+def test_a_burst_is_split_into_messages_of_at_most_max_jobs(e2e_env: dict[str, str]) -> None:
+    settings, queue = _scratch_queue(e2e_env, "burst", "")
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    rids = [uuid.uuid4() for _ in range(2 * MAX_JOBS_PER_MESSAGE + 3)]
+    try:
+        assert queue.ring(rids)
+        raw = client.lrange(settings.CELERY_QUEUE, 0, -1)
+    finally:
+        client.delete(settings.CELERY_QUEUE)
+        queue.close()
+        client.close()
+    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in reversed(raw)]  # LPUSH: newest first
+    assert [len(args[0]) for args, _, _ in bodies] == [MAX_JOBS_PER_MESSAGE, MAX_JOBS_PER_MESSAGE, 3]
+    assert [rid for args, _, _ in bodies for rid in args[0]] == [str(rid) for rid in rids]
 
 
 @pytest.mark.parametrize("prefix", ["", "shared-redis:"], ids=["no-prefix", "key-prefix"])

@@ -4,11 +4,14 @@ flight. Under another Celery pool (`-P threads`) the task waits for its job itse
 
 from __future__ import annotations
 
+import base64
+import json
 import os
 import signal
 import time
 from pathlib import Path
 
+import pytest
 import redis
 from devstack.processes import worker_process
 from sqlalchemy import Engine, create_engine, text
@@ -38,8 +41,15 @@ def _pending_jobs(engine: Engine, n: int) -> list[str]:
         ]
 
 
+def _queued_ids(redis_url: str, queue: str) -> list[str]:
+    """The result ids of the `run_jobs` messages waiting in `queue`."""
+    raw = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
+    return [rid for m in raw for rid in json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]]
+
+
+@pytest.mark.parametrize("messages", ["one per job", "one for all"])
 def test_graceful_stop_finishes_running_jobs_and_leaves_the_rest_in_redis(
-    e2e_env: dict[str, str], logs_dir: Path, triton: object
+    e2e_env: dict[str, str], logs_dir: Path, triton: object, messages: str
 ) -> None:
     queue = e2e_env["CELERY_QUEUE"] + "-shutdown"
     # A database of its own: the session's worker runs the sweeper (every 1 s, re-sending rows left
@@ -47,10 +57,13 @@ def test_graceful_stop_finishes_running_jobs_and_leaves_the_rest_in_redis(
     database_url = recreate_database(PG_BASE, "llmq_shutdown")
     engine = create_engine(database_url)
     ids = _pending_jobs(engine, 12)
-    for rid in ids:
-        ring(queue, rid)
+    if messages == "one per job":
+        for rid in ids:
+            ring(queue, rid)
+    else:  # the worker takes all 12, runs 2 and gives the others back when it stops
+        ring(queue, *ids)
 
-    # 2 in flight (the prefetch count): 2 jobs running, 10 still in Redis.
+    # 2 in flight (the prefetch count): 2 jobs running, 10 still in Redis (or given back to it).
     env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
     worker = worker_process(env, logs_dir / "shutdown-worker.log", sweeper=False).start()
     running_query = text(
@@ -80,14 +93,55 @@ def test_graceful_stop_finishes_running_jobs_and_leaves_the_rest_in_redis(
 
     with engine.connect() as conn:
         rows = conn.execute(
-            text("SELECT status, started_at FROM result WHERE id = ANY(:ids)"), {"ids": ids}
+            text("SELECT id, status, started_at FROM result WHERE id = ANY(:ids)"), {"ids": ids}
         ).all()
     engine.dispose()
     done = sum(1 for r in rows if r.status == "completed")
     untouched = sum(1 for r in rows if r.status == "pending" and r.started_at is None)
     assert done >= 2 and done + untouched == len(ids), rows  # nothing left half-claimed
+    assert untouched >= len(ids) // 2, rows  # the stop ran what was running, not the queue
     # Every job that did not run is back in the queue for the next worker.
-    assert redis.Redis.from_url(e2e_env["REDIS_URL"]).llen(queue) == untouched
+    untouched_ids = {str(r.id) for r in rows if r.status == "pending" and r.started_at is None}
+    queued = _queued_ids(e2e_env["REDIS_URL"], queue)
+    redis.Redis.from_url(e2e_env["REDIS_URL"]).delete(queue)
+    assert sorted(queued) == sorted(untouched_ids) and len(queued) == untouched
+
+
+def test_a_message_of_many_jobs_runs_them_all_within_the_in_flight_bound(
+    e2e_env: dict[str, str], logs_dir: Path, triton: object
+) -> None:
+    queue = e2e_env["CELERY_QUEUE"] + "-many"
+    database_url = recreate_database(PG_BASE, "llmq_many_per_message")  # see above: no sweeper on it
+    engine = create_engine(database_url)
+    ids = _pending_jobs(engine, 8)
+    ring(queue, *ids)  # rung together: one `run_jobs` message
+    assert redis.Redis.from_url(e2e_env["REDIS_URL"]).llen(queue) == 1
+    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
+    worker = worker_process(env, logs_dir / "many-per-message-worker.log", sweeper=False).start()
+    most = 0
+    try:
+        worker.wait_for_log("ready.", timeout_s=60)
+        deadline = time.monotonic() + 60
+        while True:
+            with engine.connect() as conn:
+                done, running = conn.execute(
+                    text(
+                        "SELECT count(*) FILTER (WHERE status = 'completed'), "
+                        "count(*) FILTER (WHERE started_at IS NOT NULL AND status = 'pending') "
+                        "FROM result WHERE id = ANY(:ids)"
+                    ),
+                    {"ids": ids},
+                ).one()
+            assert running <= 2, f"{running} jobs of one message running with WORKER_IN_FLIGHT=2"
+            most = max(most, running)
+            if done == len(ids):
+                break
+            assert time.monotonic() < deadline, worker.log_tail()
+            time.sleep(0.02)
+    finally:
+        worker.stop()
+        engine.dispose()
+    assert most == 2  # the message's jobs did run side by side, up to the bound
 
 
 def test_under_the_threads_pool_each_task_waits_for_its_job(

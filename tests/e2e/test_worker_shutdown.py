@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import redis
-from devstack.processes import worker_process
+from devstack.processes import ManagedProcess, worker_process
 from sqlalchemy import Engine, create_engine, text
 
 from tests.conftest import PG_BASE, SLOW_MODEL
@@ -107,37 +107,52 @@ def test_graceful_stop_finishes_running_jobs_and_leaves_the_rest_in_redis(
     assert sorted(queued) == sorted(untouched_ids) and len(queued) == untouched
 
 
+def _jobs_on_a_queue_of_their_own(
+    e2e_env: dict[str, str], name: str, n: int, *, in_flight: int, one_message: bool
+) -> tuple[Engine, list[str], dict[str, str]]:
+    """n pending jobs in a database of their own (see above: no sweeper on it), rung on a queue of
+    their own (one message for all, or one each); the environment of a worker for them."""
+    queue = f"{e2e_env['CELERY_QUEUE']}-{name}"
+    database_url = recreate_database(PG_BASE, f"llmq_pool_{name}")
+    engine = create_engine(database_url)
+    ids = _pending_jobs(engine, n)
+    for rung in [ids] if one_message else [[rid] for rid in ids]:
+        ring(queue, *rung)
+    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": str(in_flight)}
+    return engine, ids, env
+
+
+def _most_running_until_all_done(engine: Engine, ids: list[str], worker: ManagedProcess, bound: int) -> int:
+    """Watch the jobs until all completed, asserting that no more than `bound` run at once; the most
+    seen running at once."""
+    worker.wait_for_log("ready.", timeout_s=60)
+    deadline, most = time.monotonic() + 60, 0
+    while True:
+        with engine.connect() as conn:
+            done, running = conn.execute(
+                text(
+                    "SELECT count(*) FILTER (WHERE status = 'completed'), "
+                    "count(*) FILTER (WHERE started_at IS NOT NULL AND status = 'pending') "
+                    "FROM result WHERE id = ANY(:ids)"
+                ),
+                {"ids": ids},
+            ).one()
+        assert running <= bound, f"{running} jobs running at once, at most {bound} expected"
+        most = max(most, running)
+        if done == len(ids):
+            return int(most)
+        assert time.monotonic() < deadline, worker.log_tail()
+        time.sleep(0.02)
+
+
 def test_a_message_of_many_jobs_runs_them_all_within_the_in_flight_bound(
     e2e_env: dict[str, str], logs_dir: Path, triton: object
 ) -> None:
-    queue = e2e_env["CELERY_QUEUE"] + "-many"
-    database_url = recreate_database(PG_BASE, "llmq_many_per_message")  # see above: no sweeper on it
-    engine = create_engine(database_url)
-    ids = _pending_jobs(engine, 8)
-    ring(queue, *ids)  # rung together: one `run_jobs` message
-    assert redis.Redis.from_url(e2e_env["REDIS_URL"]).llen(queue) == 1
-    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
+    engine, ids, env = _jobs_on_a_queue_of_their_own(e2e_env, "many", 8, in_flight=2, one_message=True)
+    assert redis.Redis.from_url(e2e_env["REDIS_URL"]).llen(env["CELERY_QUEUE"]) == 1
     worker = worker_process(env, logs_dir / "many-per-message-worker.log", sweeper=False).start()
-    most = 0
     try:
-        worker.wait_for_log("ready.", timeout_s=60)
-        deadline = time.monotonic() + 60
-        while True:
-            with engine.connect() as conn:
-                done, running = conn.execute(
-                    text(
-                        "SELECT count(*) FILTER (WHERE status = 'completed'), "
-                        "count(*) FILTER (WHERE started_at IS NOT NULL AND status = 'pending') "
-                        "FROM result WHERE id = ANY(:ids)"
-                    ),
-                    {"ids": ids},
-                ).one()
-            assert running <= 2, f"{running} jobs of one message running with WORKER_IN_FLIGHT=2"
-            most = max(most, running)
-            if done == len(ids):
-                break
-            assert time.monotonic() < deadline, worker.log_tail()
-            time.sleep(0.02)
+        most = _most_running_until_all_done(engine, ids, worker, bound=2)
     finally:
         worker.stop()
         engine.dispose()
@@ -147,34 +162,12 @@ def test_a_message_of_many_jobs_runs_them_all_within_the_in_flight_bound(
 def test_under_the_threads_pool_each_task_waits_for_its_job(
     e2e_env: dict[str, str], logs_dir: Path, triton: object
 ) -> None:
-    queue = e2e_env["CELERY_QUEUE"] + "-threads"
-    database_url = recreate_database(PG_BASE, "llmq_threads_pool")  # see above: no sweeper on it
-    engine = create_engine(database_url)
-    ids = _pending_jobs(engine, 6)
-    for rid in ids:
-        ring(queue, rid)
-    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "3"}
+    engine, ids, env = _jobs_on_a_queue_of_their_own(e2e_env, "threads", 6, in_flight=3, one_message=False)
     worker = worker_process(env, logs_dir / "threads-pool-worker.log", sweeper=False)
     worker.argv += ["-P", "threads"]  # overrides the app's pool (worker.pool.JobPool)
     worker.start()
     try:
-        worker.wait_for_log("ready.", timeout_s=60)
-        deadline = time.monotonic() + 60
-        while True:
-            with engine.connect() as conn:
-                done, running = conn.execute(
-                    text(
-                        "SELECT count(*) FILTER (WHERE status = 'completed'), "
-                        "count(*) FILTER (WHERE started_at IS NOT NULL AND status = 'pending') "
-                        "FROM result WHERE id = ANY(:ids)"
-                    ),
-                    {"ids": ids},
-                ).one()
-            assert running <= 3, f"{running} jobs running on 3 threads"  # a thread per job, waiting for it
-            if done == len(ids):
-                break
-            assert time.monotonic() < deadline, worker.log_tail()
-            time.sleep(0.05)
+        _most_running_until_all_done(engine, ids, worker, bound=3)  # a thread per job, waiting for it
     finally:
         worker.stop()
         engine.dispose()

@@ -216,8 +216,11 @@ def test_cancellation_checks_fill_the_step_instead_of_lengthening_it(monkeypatch
     eng.stop()
     asked = sorted(t for _, sink in seqs for t in sink.asked)
     steps = eng.stats.generation_tokens / 40
-    # Asked in rotation (each step asks those left out by the one before), at most a step's worth each
-    # step: the steps keep their length, so the 0.5 s hold about 50 of them rather than about 10.
+    # At most a step's worth each step: the steps keep their length, so the 0.5 s hold about 50 of
+    # them rather than about 10.
     assert steps >= 30
     assert len(asked) <= steps * 10 + 40
-    assert all(len(sink.asked) >= steps / 5 for _, sink in seqs)
+    # Asked in rotation (each step asks those left out by the one before): every sequence about as
+    # often as the others, however many asks a step's idle time held on this machine.
+    counts = [len(sink.asked) for _, sink in seqs]
+    assert min(counts) >= 2 and max(counts) - min(counts) <= 2, counts

@@ -35,7 +35,7 @@ class _Task:
     """One task: reported to Celery once its body has returned and, if deferred, its job has ended."""
 
     def __init__(self, pool: JobPool, callback: Callable[[Any], None] | None) -> None:
-        self.pool = self._pool = pool
+        self.pool = pool
         self._callback = callback
         self._lock = threading.Lock()
         self._waiting = 1  # the body's return; +1 per job it defers
@@ -47,13 +47,13 @@ class _Task:
             self._waiting += 1
             self._deferred += 1
             extra = self._deferred > 1  # the message's prefetch slot covers its first job only
-        self._pool.job_started()
+        self.pool.job_started()
         if not extra:
             return self._job_ended
-        lent = self._pool.lend_slot()
+        lent = self.pool.lend_slot()
 
         def extra_job_ended() -> None:
-            self._pool.return_slot(lent)
+            self.pool.return_slot(lent)
             self._job_ended()
 
         return extra_job_ended
@@ -63,7 +63,7 @@ class _Task:
         self._one_less()
 
     def _job_ended(self) -> None:
-        self._pool.job_ended()
+        self.pool.job_ended()
         self._one_less()
 
     def _one_less(self) -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import time
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import redis
 
 from app.config import get_settings
 from app.queue import JobQueue, make_celery
@@ -42,6 +44,14 @@ def send(api: httpx.Client, model: str, context_id: str, params: dict[str, Any] 
 @functools.cache
 def _job_queue(queue: str) -> JobQueue:
     return JobQueue(make_celery(get_settings()), queue)
+
+
+def queued_jobs(redis_url: str, queue: str) -> list[list[str]]:
+    """The result ids of each `run_jobs` message waiting in `queue`, oldest message first."""
+    raw = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
+    return [
+        json.loads(base64.b64decode(json.loads(m)["body"]))[0][0] for m in reversed(raw)
+    ]  # LPUSH: newest first
 
 
 def ring(queue: str, *result_ids: str) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -18,7 +17,7 @@ from app.config import Settings
 from app.main import create_app
 from app.queue import MAX_JOBS_PER_MESSAGE, RUN_JOBS_TASK, Doorbell, JobQueue, make_celery
 from tests.conftest import FAST_MODEL, bearer
-from tests.e2e.helpers import wait_for_result
+from tests.e2e.helpers import queued_jobs, wait_for_result
 
 pytestmark = pytest.mark.anyio
 
@@ -148,18 +147,15 @@ def test_doorbell_is_the_message_celery_itself_would_write(
 
 def test_a_burst_is_split_into_messages_of_at_most_max_jobs(e2e_env: dict[str, str]) -> None:
     settings, queue = _scratch_queue(e2e_env, "burst", "")
-    client = redis.Redis.from_url(settings.REDIS_URL)
     rids = [uuid.uuid4() for _ in range(2 * MAX_JOBS_PER_MESSAGE + 3)]
     try:
         assert queue.ring(rids)
-        raw = client.lrange(settings.CELERY_QUEUE, 0, -1)
+        messages = queued_jobs(settings.REDIS_URL, settings.CELERY_QUEUE)
     finally:
-        client.delete(settings.CELERY_QUEUE)
+        redis.Redis.from_url(settings.REDIS_URL).delete(settings.CELERY_QUEUE)
         queue.close()
-        client.close()
-    bodies = [json.loads(base64.b64decode(json.loads(m)["body"])) for m in reversed(raw)]  # LPUSH: newest first
-    assert [len(args[0]) for args, _, _ in bodies] == [MAX_JOBS_PER_MESSAGE, MAX_JOBS_PER_MESSAGE, 3]
-    assert [rid for args, _, _ in bodies for rid in args[0]] == [str(rid) for rid in rids]
+    assert [len(message) for message in messages] == [MAX_JOBS_PER_MESSAGE, MAX_JOBS_PER_MESSAGE, 3]
+    assert [rid for message in messages for rid in message] == [str(rid) for rid in rids]
 
 
 @pytest.mark.parametrize("prefix", ["", "shared-redis:"], ids=["no-prefix", "key-prefix"])

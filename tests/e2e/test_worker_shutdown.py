@@ -4,8 +4,6 @@ flight. Under another Celery pool (`-P threads`) the task waits for its job itse
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import signal
 import time
@@ -18,7 +16,7 @@ from sqlalchemy import Engine, create_engine, text
 
 from tests.conftest import PG_BASE, SLOW_MODEL
 from tests.db_utils import recreate_database
-from tests.e2e.helpers import ring
+from tests.e2e.helpers import queued_jobs, ring
 
 
 def _pending_jobs(engine: Engine, n: int) -> list[str]:
@@ -39,12 +37,6 @@ def _pending_jobs(engine: Engine, n: int) -> list[str]:
                 {"c": context_id, "m": SLOW_MODEL, "n": n},
             )
         ]
-
-
-def _queued_ids(redis_url: str, queue: str) -> list[str]:
-    """The result ids of the `run_jobs` messages waiting in `queue`."""
-    raw = redis.Redis.from_url(redis_url).lrange(queue, 0, -1)
-    return [rid for m in raw for rid in json.loads(base64.b64decode(json.loads(m)["body"]))[0][0]]
 
 
 @pytest.mark.parametrize("messages", ["one per job", "one for all"])
@@ -102,7 +94,7 @@ def test_graceful_stop_finishes_running_jobs_and_leaves_the_rest_in_redis(
     assert untouched >= len(ids) // 2, rows  # the stop ran what was running, not the queue
     # Every job that did not run is back in the queue for the next worker.
     untouched_ids = {str(r.id) for r in rows if r.status == "pending" and r.started_at is None}
-    queued = _queued_ids(e2e_env["REDIS_URL"], queue)
+    queued = [rid for message in queued_jobs(e2e_env["REDIS_URL"], queue) for rid in message]
     redis.Redis.from_url(e2e_env["REDIS_URL"]).delete(queue)
     assert sorted(queued) == sorted(untouched_ids) and len(queued) == untouched
 

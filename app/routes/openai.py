@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Header, Path
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app import sse
 from app.deps import Caller, caller
 from app.errors import AppError, NotFound, ServiceUnavailable
 from app.routes.models import check_ready
@@ -82,12 +83,7 @@ async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) ->
     """Create the call's jobs, then answer with their chunks as they are generated."""
     result_ids = await _create(c, call, idempotency_key)
     body = openai_stream.chunks(c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, call, result_ids)
-    headers = {
-        "X-Result-Id": ",".join(map(str, result_ids)),
-        "Cache-Control": "no-cache",
-        "X-Accel-Buffering": "no",
-    }
-    return StreamingResponse(body, media_type="text/event-stream", headers=headers)
+    return sse.response(body, headers={"X-Result-Id": ",".join(map(str, result_ids))})
 
 
 def _answer(body: ChatCompletion | Completion) -> JSONResponse:

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import contextlib
+import json
 import uuid
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from fastapi.sse import EventSourceResponse, ServerSentEvent
+from fastapi.responses import StreamingResponse
 
+from app import sse
 from app.deps import Caller, caller
 from app.models import ResultStatus
 from app.schemas import ErrorBody, Page, ResultOut, TenantName
@@ -85,9 +88,9 @@ async def _visible(result_id: uuid.UUID, c: Caller = Depends(caller)) -> uuid.UU
 
 @router.get(
     "/{result_id}/stream",
-    response_class=EventSourceResponse,
+    response_class=StreamingResponse,
     responses={
-        200: {"description": "`text/event-stream`: `token` events, then one `done` event."},
+        200: sse.openapi_response("`text/event-stream`: `token` events, then one `done` event."),
         404: {"model": ErrorBody},
     },
 )
@@ -97,16 +100,23 @@ async def stream_result(
         None, alias="Last-Event-ID", ge=0, description="Resume after this event (sent by EventSource)."
     ),
     c: Caller = Depends(caller),
-) -> AsyncIterator[ServerSentEvent]:
+) -> StreamingResponse:
     """The job's text as it is generated (jobs sent with `"stream": true`; another job's text comes whole
     when it ends): `event: token` with `data: {"text": ...}` and a sequence number as `id`, then
     `event: done` with the final row (its `error` says why a failed or cancelled job ended). Read from
     any API process, from the start or, with `Last-Event-ID`, after an event; after the end, all at once."""
-    events = streams.follow(
+    follow = streams.follow(
         c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, result_id, last_event_id or 0
     )
-    async for event in events:
-        if isinstance(event, streams.Final):
-            yield ServerSentEvent(event="done", id=str(event.seq), raw_data=event.result.model_dump_json())
-        else:
-            yield ServerSentEvent(event="token", id=str(event.seq), data={"text": event.text})
+
+    async def body() -> AsyncIterator[bytes]:
+        async with contextlib.aclosing(follow) as items:  # a client that leaves ends the follow too
+            async for item in items:
+                if isinstance(item, streams.Final):
+                    yield sse.event(item.result.model_dump_json(), name="done", event_id=item.seq)
+                elif isinstance(item, streams.Quiet):
+                    yield sse.KEEPALIVE
+                else:
+                    yield sse.event(json.dumps({"text": item.text}), name="token", event_id=item.seq)
+
+    return sse.response(body())

@@ -16,8 +16,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.sse import format_sse_event
-
+from app import sse
 from app.auth import Principal
 from app.db import Database
 from app.errors import AppError, openai_error_body
@@ -27,12 +26,9 @@ from app.services import streams
 from app.services.openai import Call, job_error, usage
 from app.streams import Piece, TokenStreamReader
 
-# A comment line this often while nothing else is sent keeps proxies from closing the connection.
-_KEEPALIVE_S = 15.0
-
 
 def _event(payload: Any) -> bytes:
-    return format_sse_event(data_str=json.dumps(payload, ensure_ascii=False))
+    return sse.event(json.dumps(payload, ensure_ascii=False))
 
 
 class _Chunks:
@@ -75,7 +71,7 @@ async def chunks(
     with its finish reason, the usage when asked, then `[DONE]`. A job that fails or is cancelled
     ends the answer with an `error` event saying why (the SDK raises it)."""
     out = _Chunks(call, result_ids)
-    queue: asyncio.Queue[tuple[int, Piece | streams.Final] | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Piece | streams.Quiet | streams.Final] | None] = asyncio.Queue()
 
     async def follow(index: int, result_id: uuid.UUID) -> None:
         async for event in streams.follow(db, waiter, token_streams, principal, result_id, 0):
@@ -93,14 +89,13 @@ async def chunks(
     feeder = asyncio.ensure_future(run_all())
     try:
         while True:
-            try:
-                item = await asyncio.wait_for(queue.get(), _KEEPALIVE_S)
-            except TimeoutError:
-                yield b": keep-alive\n\n"
-                continue
+            item = await queue.get()
             if item is None:
                 break
             index, event = item
+            if isinstance(event, streams.Quiet):
+                yield sse.KEEPALIVE
+                continue
             if isinstance(event, Piece):
                 yield out.choice(index, event.text, None)
                 continue

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from app.auth import Principal
@@ -15,8 +15,9 @@ from app.schemas import ResultOut
 from app.services import results
 from app.streams import Piece, TokenStreamReader
 
-# A quiet spell after which a follower reads the stream and the row itself (a message may be lost).
-_QUIET_S = 5.0
+# A quiet spell after which a follower reads the stream and the row itself (a message may be lost);
+# it is also how often a client waiting for text hears that the stream is alive.
+QUIET_S = 5.0
 # Once the row is final, how long the last pieces and the worker's end marker may take to arrive.
 _TAIL_WAIT_S = 2.0
 
@@ -27,6 +28,14 @@ class Final:
     result: ResultOut
 
 
+@dataclass(frozen=True)
+class Quiet:
+    """Nothing came for `QUIET_S`: the client is owed a keep-alive."""
+
+
+QUIET = Quiet()
+
+
 async def follow(
     db: Database,
     waiter: ResultWaiter,
@@ -34,9 +43,10 @@ async def follow(
     principal: Principal,
     result_id: uuid.UUID,
     after: int,
-) -> AsyncIterator[Piece | Final]:
+) -> AsyncGenerator[Piece | Quiet | Final]:
     """The pieces after event `after`, live while the job runs, then its final row. A job that was
-    not streamed (or whose stream expired) gives its whole text as one piece when it ends."""
+    not streamed (or whose stream expired) gives its whole text as one piece when it ends. `QUIET`
+    after each spell of `QUIET_S` without news."""
     seq = after
     # Both watches before reading anything: no notice and no piece is missed.
     async with waiter.watch(result_id) as finished, streams.follow(result_id) as live:
@@ -56,12 +66,13 @@ async def follow(
                     seq = piece.seq
                 ended, caught_up = entries.done, True
                 continue
-            await live.wait(_QUIET_S)
+            await live.wait(QUIET_S)
             taken = live.take()
             if not taken:
                 if not finished.done():  # a quiet spell: the worker may be gone, look at the row
                     result = await results.read(db, principal, result_id)
                     pending, caught_up = result.status == ResultStatus.PENDING, False
+                    yield QUIET
                 continue
             for piece_seq, text in taken:
                 if piece_seq > seq + 1:  # a message was missed: the stream has what it carried

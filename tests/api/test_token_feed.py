@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
 import httpx
 import pytest
@@ -15,8 +19,10 @@ import redis.asyncio as aioredis
 from app.config import get_settings
 from app.notify import done_channel, notice
 from app.schemas import ResultOut
+from app.services import streams as streams_service
+from app.sse import KEEPALIVE
 from app.streams import DONE_FIELD, TEXT_FIELD, encode_published, entry_id, pieces_channel, stream_key
-from tests.conftest import FAST_MODEL
+from tests.conftest import FAST_MODEL, InProcessApi
 
 pytestmark = pytest.mark.anyio
 
@@ -180,3 +186,109 @@ async def test_a_notice_ahead_of_the_last_piece_leaves_the_stream_waiting_for_it
     events = _events(stream.text)
     assert [json.loads(d)["text"] for e, _, d in events if e == "token"] == ["Hello", " world"]
     assert events[-1][:2] == ("done", "3")
+
+
+@dataclass
+class _Reader:
+    """An SSE client driven over ASGI as uvicorn serves the app: it reads until `enough(body so
+    far)`, then leaves while the server may still have more to write. Its socket is slow (each
+    write takes 20 ms), so the server's side runs ahead of it."""
+
+    enough: Callable[[bytes], bool]
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.sent)
+
+    async def request(self, app: Any, method: str, path: str, key: str, json_body: Any = None) -> None:
+        payload = json.dumps(json_body).encode() if json_body is not None else b""
+        headers = [(b"host", b"api.test"), (b"authorization", f"Bearer {key}".encode())]
+        if json_body is not None:
+            headers += [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ]
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0", "spec_version": "2.3"},  # uvicorn's, as it reports it
+            "http_version": "1.1",
+            "method": method,
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": b"",
+            "root_path": "",
+            "headers": headers,
+            "client": ("127.0.0.1", 50000),
+            "server": ("api.test", 80),
+        }
+        left = asyncio.Event()
+        asked = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal asked
+            asked += 1
+            if asked == 1:
+                return {"type": "http.request", "body": payload, "more_body": False}
+            await left.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            if left.is_set():
+                return  # uvicorn drops what is written after the client left
+            self.sent.append(message)
+            if self.enough(self.body):
+                left.set()
+            await asyncio.sleep(0.02)
+
+        await asyncio.wait_for(app(scope, receive, send), 20)
+
+
+async def test_a_reader_that_leaves_mid_stream_ends_it_without_an_error(
+    api_app: InProcessApi, caplog: pytest.LogCaptureFixture
+) -> None:
+    # FastAPI 0.165's own SSE relay raised from its task group here ("Exception in ASGI application").
+    worker = _Worker(await _streamed_job(api_app.user, "leave early"))
+    try:
+        for seq in range(1, 201):  # a late reader gets all of these at once
+            await worker.redis.xadd(worker.key, {TEXT_FIELD: f" {seq}".encode()}, id=entry_id(seq))
+        reader = _Reader(lambda body: body.count(b"event:") >= 3)
+        await reader.request(api_app.app, "GET", f"/results/{worker.result_id}/stream", _key(api_app))
+        assert reader.sent[0]["type"] == "http.response.start" and reader.sent[0]["status"] == 200
+        assert len(reader.sent) < 50  # it stopped writing when the client left
+        runtime = api_app.app.state.runtime
+        for _ in range(100):  # and its follower is gone: nothing is kept for a client that left
+            if not runtime.token_streams._followers:
+                break
+            await asyncio.sleep(0.02)
+        assert not runtime.token_streams._followers
+    finally:
+        await worker.close()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+def _key(api_app: InProcessApi) -> str:
+    return api_app.user.headers["authorization"].removeprefix("Bearer ")
+
+
+async def test_a_stream_with_nothing_to_send_yet_keeps_the_connection_alive(
+    api_app: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streams_service, "QUIET_S", 0.1)
+    result_id = await _streamed_job(api_app.user, "queued for a while")  # no worker: it stays queued
+    reader = _Reader(lambda body: body.count(KEEPALIVE) >= 3)
+    await reader.request(api_app.app, "GET", f"/results/{result_id}/stream", _key(api_app))
+    assert reader.sent[0]["status"] == 200 and reader.body == KEEPALIVE * 3
+
+
+async def test_an_openai_stream_with_nothing_to_send_yet_keeps_the_connection_alive(
+    api_app: InProcessApi, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(streams_service, "QUIET_S", 0.1)
+    reader = _Reader(lambda body: body.count(KEEPALIVE) >= 3)
+    call = {"model": FAST_MODEL, "prompt": "queued for a while", "max_tokens": 4, "stream": True}
+    await reader.request(api_app.app, "POST", "/v1/completions", _key(api_app), call)
+    assert reader.sent[0]["status"] == 200
+    first_chunk, rest = reader.body.split(b"\n\n", 1)  # the role/empty chunk, then only keep-alives
+    assert first_chunk.startswith(b"data: {") and rest == KEEPALIVE * 3

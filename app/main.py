@@ -88,6 +88,7 @@ def create_app(
         "and poll the results.",
         lifespan=lifespan,
         dependencies=list(dependencies),
+        telemetry=None if settings.OPENTELEMETRY else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = rt
     # Middleware added last runs first: the body limit, then authentication, then the calls every

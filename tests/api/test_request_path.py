@@ -85,3 +85,23 @@ async def test_what_the_app_adds_applies_to_every_operation(
         assert all(status != 418 for status in allowed.values()), allowed
         assert allowed["POST /models/send/{model_name}/{context_id}"] == 202
         assert len(enqueued.calls) == 1
+
+
+async def test_fastapi_opentelemetry_runs_only_when_the_setting_asks_for_it(
+    triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    from opentelemetry import trace
+
+    tracers: list[str] = []
+
+    class Provider(trace.TracerProvider):
+        def get_tracer(self, instrumenting_module_name: str, *args: Any, **kwargs: Any) -> trace.Tracer:
+            tracers.append(instrumenting_module_name)
+            return trace.NoOpTracer()
+
+    trace.set_tracer_provider(Provider())  # the process's provider (once per process)
+    for enabled in (False, True):
+        app = make_api_app(triton.http_url, enqueued, OPENTELEMETRY=enabled)
+        async with serve_in_process(app) as http:
+            assert (await http.get("/health")).status_code == 200
+        assert bool(tracers) is enabled, tracers

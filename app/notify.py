@@ -203,6 +203,8 @@ class ResultWaiter:
             self._subscribed = asyncio.Event()
             self._task = asyncio.create_task(self._listen())
         assert self._subscribed is not None
+        if self._subscribed.is_set():
+            return  # without a trip through the event loop (wait_for's task), a wait behind a burst
         # A short wait for the first subscription; if Redis is down the waiter still times out.
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._subscribed.wait(), 1.0)

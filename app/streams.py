@@ -120,8 +120,9 @@ class TokenStreamReader:
             self._subscribed = asyncio.Event()
             self._task = asyncio.create_task(self._listen())
         # Briefly: without the subscription, the follower reads the stream when it is quiet.
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._subscribed.wait(), 1.0)
+        if not self._subscribed.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._subscribed.wait(), 1.0)
         key = str(result_id)
         follower = Follower()
         self._followers.setdefault(key, set()).add(follower)

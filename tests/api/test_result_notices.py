@@ -25,6 +25,7 @@ from app.notify import (
 )
 from app.schemas import ResultOut
 from app.services import results as results_service
+from app.streams import TokenStreamReader
 from tests.conftest import FAST_MODEL, InProcessApi
 
 pytestmark = pytest.mark.anyio
@@ -193,3 +194,23 @@ async def test_a_notice_that_comes_while_the_long_poll_starts_watching_is_not_mi
     # Missed, the poll would wait out its 3 s and answer what Postgres says: pending.
     answer = await client.get(f"/results/{pending['id']}", params={"wait": 3}, timeout=10)
     assert answer.json() == final
+
+
+async def test_once_subscribed_a_watch_and_a_follow_begin_without_a_trip_through_the_event_loop() -> None:
+    # A long poll or a stream that yields to the loop here waits behind every request of a burst.
+    settings = get_settings()
+    waiter = ResultWaiter(settings.REDIS_URL, f"test-{uuid.uuid4().hex}")
+    streams = TokenStreamReader(settings)
+    try:
+        await waiter.listening()
+        async with streams.follow(uuid.uuid4()):  # the first one subscribes
+            pass
+        others_ran: list[bool] = []
+        asyncio.get_running_loop().call_soon(others_ran.append, True)
+        async with waiter.watch(uuid.uuid4()), streams.follow(uuid.uuid4()):
+            assert not others_ran
+        await asyncio.sleep(0)
+        assert others_ran
+    finally:
+        await waiter.close()
+        await streams.close()

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
 
@@ -56,6 +57,19 @@ class ServiceUnavailable(AppError):
 
 
 DATABASE_DOWN = "the database is unavailable; nothing was changed, try again"
+REDIS_DOWN = "Redis is unavailable; try again"
+
+
+def stream_error(exc: Exception) -> AppError | None:
+    """The error a stream whose answer has begun ends with, for `exc` raised while it runs: an
+    outage (Postgres, Redis) or one of the family. None: unexpected, it propagates."""
+    if isinstance(exc, AppError):
+        return exc
+    if isinstance(exc, DATABASE_ERRORS):
+        return ServiceUnavailable(DATABASE_DOWN)
+    if isinstance(exc, RedisError | OSError):
+        return ServiceUnavailable(REDIS_DOWN)
+    return None
 
 
 def error_response(

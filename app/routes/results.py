@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,10 +11,13 @@ from fastapi.responses import StreamingResponse
 
 from app import sse
 from app.deps import Caller, caller
+from app.errors import stream_error
 from app.models import ResultStatus
 from app.schemas import ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
 from app.services import streams
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/results", tags=["results"])
 
@@ -110,13 +114,23 @@ async def stream_result(
     )
 
     async def body() -> AsyncIterator[bytes]:
+        last = last_event_id or 0
         async with contextlib.aclosing(follow) as items:  # a client that leaves ends the follow too
-            async for item in items:
-                if isinstance(item, streams.Final):
-                    yield sse.event(item.result.model_dump_json(), name="done", event_id=item.seq)
-                elif isinstance(item, streams.Quiet):
-                    yield sse.KEEPALIVE
-                else:
-                    yield sse.event(json.dumps({"text": item.text}), name="token", event_id=item.seq)
+            try:
+                async for item in items:
+                    if isinstance(item, streams.Final):
+                        yield sse.event(item.result.model_dump_json(), name="done", event_id=item.seq)
+                    elif isinstance(item, streams.Quiet):
+                        yield sse.KEEPALIVE
+                    else:
+                        yield sse.event(json.dumps({"text": item.text}), name="token", event_id=item.seq)
+                        last = item.seq
+            except Exception as exc:  # the answer has begun: its last event says why it stops here
+                error = stream_error(exc)
+                if error is None:
+                    raise
+                log.warning("stream of result %s ended after event %d: %s", result_id, last, exc)
+                detail = {"status": error.status_code, "last_event_id": last}
+                yield sse.event(json.dumps({"error": error.message, "detail": detail}), name="error")
 
     return sse.response(body())

@@ -19,7 +19,7 @@ from typing import Any
 from app import sse
 from app.auth import Principal
 from app.db import Database
-from app.errors import AppError, openai_error_body
+from app.errors import AppError, openai_error_body, stream_error
 from app.notify import ResultWaiter
 from app.schemas_openai import Usage
 from app.services import streams
@@ -109,8 +109,11 @@ async def chunks(
         if call.include_usage and len(finals) == len(result_ids):
             yield out.usage(usage(call, [finals[i] for i in range(len(result_ids))]))
         yield b"data: [DONE]\n\n"
-    except AppError as exc:
-        yield _event(_error_body(exc))
+    except Exception as exc:  # the answer has begun: an error event says why it stops here
+        error = stream_error(exc)
+        if error is None:
+            raise
+        yield _event(_error_body(error))
     finally:
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -5,7 +5,9 @@ the test's own, stopped (-m immediate: every connection cut) and started again."
 
 from __future__ import annotations
 
+import json
 import re
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -108,6 +110,20 @@ def test_postgres_down_every_endpoint_answers_within_a_second_and_nothing_is_gen
         assert time.monotonic() < deadline
         time.sleep(0.05)
 
+    # A stream open when Postgres goes (a job sent without `stream`: nothing comes until its end).
+    stream_lines: list[str] = []
+
+    def read_stream() -> None:
+        with (
+            httpx.Client(base_url=stack["url"], timeout=30, headers=bearer(key)) as reader,
+            reader.stream("GET", f"/results/{ids[0]}/stream") as response,
+        ):
+            stream_lines.extend(response.iter_lines())
+
+    stream_reader = threading.Thread(target=read_stream)
+    stream_reader.start()
+    time.sleep(0.3)
+
     pg.stop_immediate()
     stopped_at = time.monotonic()
     operations = [
@@ -142,8 +158,15 @@ def test_postgres_down_every_endpoint_answers_within_a_second_and_nothing_is_gen
 
     # The generations end while Postgres is down: their results are kept, waiting to be written.
     worker.wait_for_log("wait for Postgres", timeout_s=30)
-    time.sleep(max(0.0, 5 - (time.monotonic() - stopped_at)))
+    # Down for 7 s at least: the stream looks at the row after 5 s without news.
+    time.sleep(max(0.0, 7 - (time.monotonic() - stopped_at)))
     pg.start()
+    stream_reader.join(timeout=30)
+    # It ended with an event saying why and where to resume, not with a cut connection.
+    assert "event: error" in stream_lines, stream_lines
+    error = json.loads(stream_lines[stream_lines.index("event: error") + 1].removeprefix("data: "))
+    assert "the database is unavailable" in error["error"]
+    assert error["detail"] == {"status": 503, "last_event_id": 0}
     deadline = time.monotonic() + 30
     while True:  # neither the API nor the worker is restarted
         response = user.get(f"/results/{ids[0]}")

@@ -3,6 +3,8 @@ before the results router so that `/results/{result_id}` does not take the path)
 
 from __future__ import annotations
 
+import json
+import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
 
@@ -10,10 +12,12 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
 
 from app.deps import Caller, caller
-from app.errors import InvalidInput
+from app.errors import InvalidInput, stream_error
 from app.models import ResultStatus
 from app.schemas import ErrorBody, TenantName
 from app.services import export as service
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/results", tags=["results"])
 
@@ -37,7 +41,8 @@ async def export(
     c: Caller = Depends(caller),
 ) -> StreamingResponse:
     """Your tenant's finished jobs (an admin key: every tenant's), oldest first, as JSON lines: id,
-    timestamp, model, status, prompt (or messages), response, parameters, tokens."""
+    timestamp, model, status, prompt (or messages), response, parameters, tokens. If the database
+    fails after the first page, the last line is `{"error": ..., "detail": {"status": 503}}`."""
     for zone, value in (("from", since), ("to", until)):
         if value is not None and value.tzinfo is None:
             raise InvalidInput(
@@ -63,7 +68,16 @@ async def export(
 
     async def pages() -> AsyncIterator[bytes]:
         yield first
-        async for page in body:
-            yield page
+        try:
+            async for page in body:
+                yield page
+        except Exception as exc:  # the answer has begun: its last line says why it stops here
+            error = stream_error(exc)
+            if error is None:
+                raise
+            log.warning("export ended early: %s", exc)
+            yield (
+                json.dumps({"error": error.message, "detail": {"status": error.status_code}}).encode() + b"\n"
+            )
 
     return StreamingResponse(pages(), media_type="application/x-ndjson")

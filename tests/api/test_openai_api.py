@@ -16,6 +16,7 @@ import httpx
 import psycopg
 import pytest
 
+from app.errors import DATABASE_DOWN
 from tests.conftest import (
     ADMIN_KEY,
     FAST_MODEL,
@@ -442,6 +443,34 @@ async def test_export_streams_finished_jobs_as_json_lines_page_by_page(
     assert (await v1.user.get("/results/export", params={"model": "other"})).text == ""
     admin = await v1.http.get("/results/export", params={"tenant": "someone-else"}, headers=bearer(ADMIN_KEY))
     assert [json.loads(x)["id"] for x in admin.text.splitlines()] == [hidden]
+
+
+async def test_an_export_cut_by_the_database_ends_with_a_line_saying_why(
+    v1: V1, db: psycopg.AsyncConnection[Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from app.services import export as export_service
+
+    for i in range(3):  # pages of 2: the second page's read fails
+        rid = (await v1.user.post("/v1/completions", json={"model": FAST_MODEL, "prompt": f"p{i}"})).headers[
+            "x-result-id"
+        ]
+        await _finish(db, rid, "completed", f"answer {i}")
+    pages_read = 0
+    read_page = export_service.repo.export_page
+
+    async def failing_after_one_page(*args: Any, **kwargs: Any) -> Any:
+        nonlocal pages_read
+        pages_read += 1
+        if pages_read > 1:
+            raise psycopg.OperationalError("server closed the connection unexpectedly")
+        return await read_page(*args, **kwargs)
+
+    monkeypatch.setattr(export_service.repo, "export_page", failing_after_one_page)
+    response = await v1.user.get("/results/export")
+    assert response.status_code == 200  # the first page had gone out
+    lines = [json.loads(line) for line in response.text.splitlines()]
+    assert [line["response"] for line in lines[:2]] == ["answer 0", "answer 1"]
+    assert lines[2:] == [{"error": DATABASE_DOWN, "detail": {"status": 503}}]
 
 
 async def test_export_refuses_bad_filters(v1: V1) -> None:

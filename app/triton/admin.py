@@ -57,9 +57,9 @@ class TritonAdmin:
         try:
             return await self._http().request(method, path, json=json)
         except httpx.HTTPError as exc:
-            raise TritonUnavailable(
-                f"Triton at {self.base_url} is unreachable: {exc or type(exc).__name__}"
-            ) from exc
+            # A timeout's message is empty: its type says what happened.
+            reason = str(exc) or type(exc).__name__
+            raise TritonUnavailable(f"Triton at {self.base_url} is unreachable: {reason}") from exc
 
     async def server_ready(self) -> bool:
         response = await self._request("GET", "/v2/health/ready")

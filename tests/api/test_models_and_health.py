@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
 from devstack.processes import free_port
 
+from app.triton.admin import TritonAdmin, TritonUnavailable
 from tests.conftest import (
     ADMIN_KEY,
     FAST_MODEL,
@@ -100,3 +102,22 @@ async def test_startup_objects_are_kept_out_of_the_garbage_collector(api_db_url:
     app = create_app(get_settings().model_copy(update={"DATABASE_URL": api_db_url}), enqueue=lambda _id: None)
     async with app.router.lifespan_context(app):
         assert gc.get_freeze_count() > 10_000
+
+
+async def test_a_triton_that_never_answers_is_503_saying_it_timed_out() -> None:
+    # A stopped (SIGSTOP) or wedged Triton: the connection opens, no answer comes.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(5)
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    admin = TritonAdmin(f"http://127.0.0.1:{port}", timeout_s=0.3)
+    try:
+        with pytest.raises(TritonUnavailable) as raised:
+            await admin.list_models()
+    finally:
+        await admin.close()
+        server.close()
+    assert str(raised.value) == f"Triton at http://127.0.0.1:{port} is unreachable: ReadTimeout"

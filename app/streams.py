@@ -68,7 +68,7 @@ class Piece:
 @dataclass(frozen=True)
 class Entries:
     pieces: list[Piece]
-    done: bool  # the worker wrote its end marker: nothing follows
+    done_seq: int | None  # the event id of the worker's end marker, when read: nothing follows it
 
 
 @dataclass(eq=False)
@@ -162,8 +162,10 @@ class TokenStreamReader:
                 for follower in followers:
                     follower.push(piece[1], piece[2])
 
-    async def exists(self, result_id: uuid.UUID) -> bool:
-        return bool(await self._redis.exists(stream_key(self._queue, result_id)))
+    async def last(self, result_id: uuid.UUID) -> Entries | None:
+        """The stream's last entry (None: no stream): a piece, or the end marker (`done_seq`)."""
+        raw: Any = await self._redis.xrevrange(stream_key(self._queue, result_id), count=1)
+        return _entries(raw) if raw else None
 
     async def read(self, result_id: uuid.UUID, after: int, block_ms: int | None) -> Entries:
         """Entries after event `after`; with `block_ms`, waits up to that long for the first one."""
@@ -174,16 +176,18 @@ class TokenStreamReader:
         else:
             answer: Any = await self._redis.xread({key: entry_id(after)}, block=block_ms)
             raw = answer[0][1] if answer else []  # RESP2: [[key, [(id, fields), ...]]]
-        pieces: list[Piece] = []
-        done = False
-        for raw_id, fields in raw:
-            if DONE_FIELD in fields:
-                done = True
-                break
-            pieces.append(Piece(entry_seq(raw_id), fields[TEXT_FIELD].decode("utf-8", errors="replace")))
-        return Entries(pieces, done)
+        return _entries(raw)
 
     async def close(self) -> None:
         await background.stop(self._task)
         self._task = None
         await self._redis.aclose()
+
+
+def _entries(raw: Any) -> Entries:
+    pieces: list[Piece] = []
+    for raw_id, fields in raw:
+        if DONE_FIELD in fields:
+            return Entries(pieces, entry_seq(raw_id))
+        pieces.append(Piece(entry_seq(raw_id), fields[TEXT_FIELD].decode("utf-8", errors="replace")))
+    return Entries(pieces, None)

@@ -101,7 +101,11 @@ async def _visible(result_id: uuid.UUID, c: Caller = Depends(caller)) -> uuid.UU
 async def stream_result(
     result_id: uuid.UUID = Depends(_visible),
     last_event_id: int | None = Header(
-        None, alias="Last-Event-ID", ge=0, description="Resume after this event (sent by EventSource)."
+        None,
+        alias="Last-Event-ID",
+        ge=0,
+        le=2**63 - 1,
+        description="Resume after this event (sent by EventSource).",
     ),
     c: Caller = Depends(caller),
 ) -> StreamingResponse:

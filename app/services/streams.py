@@ -56,15 +56,15 @@ async def follow(
         pending = known == PENDING or (
             not known and (await results.read(db, principal, result_id)).status == ResultStatus.PENDING
         )
-        ended = False
+        done_seq: int | None = None  # the end marker's event id, once seen
         caught_up = False
-        while pending and not finished.done() and not ended:
+        while pending and not finished.done() and done_seq is None:
             if not caught_up:  # what the stream holds already, or what a lost message carried
                 entries = await streams.read(result_id, seq, block_ms=None)
                 for piece in entries.pieces:
                     yield piece
                     seq = piece.seq
-                ended, caught_up = entries.done, True
+                done_seq, caught_up = entries.done_seq, True
                 continue
             await live.wait(QUIET_S)
             taken = live.take()
@@ -80,29 +80,36 @@ async def follow(
                     for piece in entries.pieces:
                         yield piece
                         seq = piece.seq
-                    if entries.done:
-                        ended = True
+                    if entries.done_seq is not None:
+                        done_seq = entries.done_seq
                         break
+                if text is None:
+                    done_seq = piece_seq
+                    break
                 if piece_seq <= seq:
                     continue  # sent already (read from the stream)
-                if text is None:
-                    ended = True
-                    break
                 yield Piece(piece_seq, text)
                 seq = piece_seq
-    if not ended and await streams.exists(result_id):
-        # The job ended (possibly cancelled by someone else): its last pieces may be on their way.
-        give_up = time.monotonic() + _TAIL_WAIT_S
-        while time.monotonic() < give_up:
-            entries = await streams.read(result_id, seq, block_ms=int(_TAIL_WAIT_S * 1000 / 4))
-            for piece in entries.pieces:
-                yield piece
-                seq = piece.seq
-            if entries.done:
-                break
-        ended = True
+    streamed = False
+    if done_seq is None:
+        last = await streams.last(result_id)
+        if last is not None and last.done_seq is not None and last.done_seq <= seq:
+            done_seq = last.done_seq  # a resume from the end marker or past it: nothing follows
+        elif last is not None:
+            # The job ended (possibly cancelled by someone else): its last pieces may be on their way.
+            read_to = min(seq, last.pieces[-1].seq if last.pieces else seq)  # a resume may be past them
+            give_up = time.monotonic() + _TAIL_WAIT_S
+            while time.monotonic() < give_up and done_seq is None:
+                entries = await streams.read(result_id, read_to, block_ms=int(_TAIL_WAIT_S * 1000 / 4))
+                for piece in entries.pieces:
+                    read_to = piece.seq
+                    if piece.seq > seq:
+                        yield piece
+                        seq = piece.seq
+                done_seq = entries.done_seq
+        streamed = last is not None
     final = await results.read(db, principal, result_id)
-    if not ended and after == 0 and final.output:  # never streamed (or its stream expired)
-        yield Piece(1, final.output)
+    if done_seq is None and not streamed and after == 0 and final.output:
+        yield Piece(1, final.output)  # never streamed (or its stream expired)
         seq = 1
-    yield Final(seq + 1, final)
+    yield Final(done_seq if done_seq is not None else seq + 1, final)

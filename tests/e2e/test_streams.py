@@ -67,8 +67,24 @@ def test_a_late_reader_gets_everything_from_the_start_and_a_resumed_one_the_rest
     again = read_events(api, result_id)
     _check_sequence(again)
     assert text_of(again) == final["output"] and again[-1].data == final
-    last_token = again[-2].id
+    last_token, done_id = again[-2].id, again[-1].id
     assert [e.event for e in read_events(api, result_id, last_event_id=last_token)] == ["done"]
+    # A resume from the end marker, or from past it, gets the end again under its own id.
+    for resume in (done_id, done_id + 1000, 2**63 - 1):
+        assert [(e.event, e.id) for e in read_events(api, result_id, last_event_id=resume)] == [
+            ("done", done_id)
+        ]
+    # An id Redis cannot hold is refused, not taken for an outage.
+    refused = api.get(f"/results/{result_id}/stream", headers={"Last-Event-ID": str(2**64)})
+    assert refused.status_code == 422 and refused.json()["detail"][0]["field"] == "header.Last-Event-ID"
+
+
+def test_a_resume_past_the_end_of_a_running_job_ends_with_the_real_done_id(api: httpx.Client) -> None:
+    result_id = send(api, SLOW_MODEL, create_context(api, "Stream this, from afar."), STREAMED)
+    ahead = read_events(api, result_id, last_event_id=10_000)
+    whole = read_events(api, result_id)
+    _check_sequence(whole)
+    assert [(e.event, e.id) for e in ahead] == [("done", whole[-1].id)]
 
 
 def test_a_job_sent_without_stream_gives_its_whole_text_when_it_ends(api: httpx.Client) -> None:

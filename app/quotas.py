@@ -3,8 +3,8 @@
 Neither costs a round trip per request. The rate is counted in Redis (shared by every API process)
 in chunks: a process takes up to 1/8 of a key's per-second allowance at once and spends it locally.
 The pending count is read from Postgres at most every QUOTA_PENDING_REFRESH_S per tenant and
-process, plus this process's submits since; across processes the cap may be passed by the submits
-of one refresh interval.
+process, plus this process's submits since (a request that an older count would refuse reads it
+again first); across processes the cap may be passed by the submits of one refresh interval.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from redis.exceptions import RedisError
 from app.auth import Principal
 from app.background import Refreshes
 from app.db import Database
-from app.errors import AppError
+from app.errors import AppError, InvalidInput
 from app.repositories import results as results_repo
 
 log = logging.getLogger(__name__)
@@ -89,18 +89,28 @@ class PendingJobs:
         self._known: dict[str, tuple[float, int]] = {}  # tenant -> (read at, pending then + submitted since)
         self._background = Refreshes("pending-jobs count")
 
-    async def check(self, principal: Principal) -> None:
-        """Refuse a submit (429) while the tenant has `max_pending` jobs pending."""
+    async def check(self, principal: Principal, jobs: int = 1) -> None:
+        """Refuse a request that would create `jobs` jobs (429) while the tenant has `max_pending`
+        pending; a count past its refresh time only lets requests through, never refuses one."""
         tenant, cap = principal.tenant, principal.max_pending
+        if jobs > cap:
+            raise InvalidInput(
+                f"this request creates {jobs} jobs, more than tenant '{tenant}' may have pending at once "
+                f"({cap}); send fewer at a time",
+                detail={"limit": "max_pending", "value": cap},
+            )
         known = self._known.get(tenant)
         if known is None or self._refresh_s == 0:
             known = await self._read(tenant, cap)
         elif time.monotonic() - known[0] >= self._refresh_s:
-            # Stale: this submit uses it while one task re-reads the count (nobody waits for it).
-            self._background.start(tenant, lambda: self._read(tenant, cap))
-        if known[1] >= cap:
+            if known[1] + jobs > cap:
+                known = await self._read(tenant, cap)
+            else:  # this request passes on the old count while one task re-reads it
+                self._background.start(tenant, lambda: self._read(tenant, cap))
+        if known[1] + jobs > cap:
+            adds = f" and this request would add {jobs}" if jobs > 1 else ""
             raise OverQuota(
-                f"pending job limit reached: tenant '{tenant}' has {known[1]} jobs pending "
+                f"pending job limit reached: tenant '{tenant}' has {known[1]} jobs pending{adds} "
                 f"(the limit is {cap}); retry when some have finished",
                 retry_after_s=max(1, math.ceil(self._refresh_s)),
                 detail={"limit": "max_pending", "value": cap},
@@ -113,7 +123,7 @@ class PendingJobs:
         self._known[tenant] = known
         return known
 
-    def submitted(self, tenant: str) -> None:
+    def submitted(self, tenant: str, jobs: int = 1) -> None:
         known = self._known.get(tenant)
         if known is not None:
-            self._known[tenant] = (known[0], known[1] + 1)
+            self._known[tenant] = (known[0], known[1] + jobs)

@@ -97,9 +97,8 @@ async def send(
     await check_ready(c.rt.model_catalog, model_name)
     params = params or SendOptions()
     service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT, c.rt.settings.JOB_DEADLINE_S)
-    await c.rt.submit_rate.check(c.principal)
-    await c.rt.pending.check(c.principal)
     if idempotency_key is None:
+        await _admit(c)
         accepted = await service.submit(
             c.rt.db,
             c.rt.inserts,
@@ -112,41 +111,50 @@ async def send(
             waiter=c.rt.waiter,
         )
         c.rt.pending.submitted(c.principal.tenant)
-        if wait_s:
-            final = await service.final_within(c.rt.db, c.rt.waiter, c.principal, accepted.result_id, wait_s)
-            if final is not None:
-                headers = {"Location": accepted.url, "Preference-Applied": f"wait={wait_s:g}"}
-                return Response(final, status_code=200, media_type="application/json", headers=headers)
-        return Response(
-            accepted.model_dump_json(),
-            status_code=202,
-            media_type="application/json",
-            headers={"Location": accepted.url},
+        result_id, url = accepted.result_id, accepted.url
+        answer: Response = Response(
+            accepted.model_dump_json(), status_code=202, media_type="application/json"
         )
+    else:
 
-    async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
-        job = await service.insert_job(
-            conn,
+        async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
+            await _admit(c)  # a replay creates nothing: only a first request counts against the quotas
+            job = await service.insert_job(
+                conn,
+                c.principal,
+                model=model_name,
+                context_id=context_id,
+                params=params,
+                templates=c.rt.templates,
+            )
+            return 202, job
+
+        status, first, created = await idempotency.first_answer(
+            c.rt.db,
             c.principal,
-            model=model_name,
-            context_id=context_id,
-            params=params,
-            templates=c.rt.templates,
+            idempotency.check_key(idempotency_key),
+            idempotency.fingerprint(f"POST /models/send/{model_name}/{context_id}", params.model_dump_json()),
+            create,
         )
-        return 202, job
+        result_id, url = uuid.UUID(first["result_id"]), first["url"]
+        if created:  # committed by now
+            c.rt.waiter.created(result_id, c.principal.tenant)
+            c.rt.enqueue(result_id)
+            c.rt.pending.submitted(c.principal.tenant)
+        answer = JSONResponse(first, status_code=status)
+    answer.headers["Location"] = url
+    if wait_s:
+        final = await service.final_within(c.rt.db, c.rt.waiter, c.principal, result_id, wait_s)
+        if final is not None:
+            headers = {"Location": url, "Preference-Applied": f"wait={wait_s:g}"}
+            return Response(final, status_code=200, media_type="application/json", headers=headers)
+    return answer
 
-    status, answer, created = await idempotency.first_answer(
-        c.rt.db,
-        c.principal,
-        idempotency.check_key(idempotency_key),
-        idempotency.fingerprint(f"POST /models/send/{model_name}/{context_id}", params.model_dump_json()),
-        create,
-    )
-    if created:  # committed by now
-        c.rt.waiter.created(uuid.UUID(answer["result_id"]), c.principal.tenant)
-        c.rt.enqueue(uuid.UUID(answer["result_id"]))
-        c.rt.pending.submitted(c.principal.tenant)
-    return JSONResponse(answer, status_code=status, headers={"Location": answer["url"]})
+
+async def _admit(c: Caller) -> None:
+    """The quotas of a request that creates a job: the key's submit rate, the tenant's pending jobs."""
+    await c.rt.submit_rate.check(c.principal)
+    await c.rt.pending.check(c.principal)
 
 
 _WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)(?:$|[;,\s])")

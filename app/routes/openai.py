@@ -59,15 +59,18 @@ async def _check_model(c: Caller, model: str) -> None:
 
 
 async def _create(c: Caller, call: service.Call, idempotency_key: str | None) -> list[uuid.UUID]:
-    """Create the call's jobs, quotas first."""
-    await c.rt.submit_rate.check(c.principal)
-    await c.rt.pending.check(c.principal)
+    """Create the call's jobs, quotas first (the pending-jobs cap counts each of its jobs); a
+    repeated Idempotency-Key is answered from the first call's jobs whatever the quotas."""
+
+    async def admit(jobs: int) -> None:
+        await c.rt.submit_rate.check(c.principal)
+        await c.rt.pending.check(c.principal, jobs)
+
     result_ids, created = await service.create_jobs(
-        c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter
+        c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter, admit
     )
     if created:
-        for _ in result_ids:
-            c.rt.pending.submitted(c.principal.tenant)
+        c.rt.pending.submitted(c.principal.tenant, len(result_ids))
     return result_ids
 
 

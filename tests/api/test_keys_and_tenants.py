@@ -10,7 +10,16 @@ import httpx
 import psycopg
 import pytest
 
-from tests.conftest import ADMIN_KEY, FAST_MODEL, EnqueueRecorder, InProcessApi, bearer
+from tests.conftest import (
+    ADMIN_KEY,
+    FAST_MODEL,
+    EnqueueRecorder,
+    InProcessApi,
+    bearer,
+    make_api_app,
+    make_key,
+    serve_in_process,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -234,6 +243,45 @@ async def test_pending_jobs_over_the_cap_are_429_and_create_nothing(
             "UPDATE result SET status = 'completed' WHERE tenant = 'capped' AND id = (SELECT min(id::text)::uuid FROM result WHERE tenant = 'capped')"
         )
         assert (await _send(capped, context_id)).status_code == 202
+
+
+async def test_a_repeated_idempotency_key_is_answered_whatever_the_quotas(
+    api_app: InProcessApi, enqueued: EnqueueRecorder
+) -> None:
+    capped = await api_app.client_of("replays", max_pending=1, submit_rate_per_s=1)
+    async with capped:
+        context_id = await _context(capped)
+        first = await _send(capped, context_id, **{"Idempotency-Key": "retry-me"})
+        assert first.status_code == 202
+        # Over both limits now (1 pending, 1 submit this second), yet a retry creates nothing.
+        again = await _send(capped, context_id, **{"Idempotency-Key": "retry-me"})
+        assert again.status_code == 202 and again.json() == first.json()
+        refused = await _send(capped, context_id, **{"Idempotency-Key": "a-new-one"})
+        assert refused.status_code == 429
+    assert len(enqueued.calls) == 1
+
+
+async def test_a_pending_count_past_its_refresh_time_is_read_again_before_refusing(
+    db: psycopg.AsyncConnection[Any], triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    app = make_api_app(triton.http_url, enqueued, QUOTA_PENDING_REFRESH_S=0.2)
+    async with serve_in_process(app) as http:
+        client = httpx.AsyncClient(
+            transport=http._transport,
+            base_url="http://api.test",
+            headers=bearer(await make_key(http, "serial", max_pending=1)),
+        )
+        async with client:
+            context_id = await _context(client)
+            for _ in range(3):  # one job at a time: each ends before the next is sent
+                sent = await _send(client, context_id)
+                assert sent.status_code == 202, sent.text
+                assert (await _send(client, context_id)).status_code == 429  # its job is pending
+                await db.execute(
+                    "UPDATE result SET status = 'completed' WHERE id = %s", (sent.json()["result_id"],)
+                )
+                await asyncio.sleep(0.3)  # the count this process holds is past its refresh time
+    assert len(enqueued.calls) == 3
 
 
 async def test_the_submit_rate_per_key_is_429_with_retry_after(api_app: InProcessApi) -> None:

@@ -236,6 +236,14 @@ def test_prefer_wait_answers_with_the_final_row_when_the_job_ends_in_time(api: h
     refused = api.post(f"/models/send/{FAST_MODEL}/{context_id}", headers={"Prefer": "wait=61"})
     assert refused.status_code == 422 and "over the limit of 60 seconds" in refused.json()["error"]
 
+    # With an Idempotency-Key too, and on its replay: the same job's final row.
+    keyed = {"Prefer": "wait=10", "Idempotency-Key": f"wait-{context_id}"}
+    first = api.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4}, headers=keyed)
+    again = api.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4}, headers=keyed)
+    assert first.status_code == again.status_code == 200, (first.text, again.text)
+    assert first.json() == again.json() and first.json()["status"] == "completed"
+    assert first.headers["preference-applied"] == "wait=10"
+
 
 def test_chat_with_an_idempotency_key_renders_the_template(api: httpx.Client) -> None:
     context_id = create_context(api, "Once, with the template.")

@@ -126,6 +126,8 @@ def render_error(
     """The error answer in the shape of the surface the request addressed."""
     if not is_openai_path(path):
         return error_response(status_code, message, detail, headers)
+    if status_code == 422:  # OpenAI answers every invalid request 400
+        status_code = 400
     param = detail.get("field") if isinstance(detail, dict) else None
     if isinstance(param, str) and param.startswith("body."):
         param = param[len("body.") :]
@@ -136,11 +138,27 @@ def render_error(
     return openai_error_response(status_code, message, param=param, code=code, headers=headers)
 
 
+# Names pydantic adds to an error's location for the branch of a union it tried: not fields.
+_BRANCH_TAGS = frozenset({"str", "int", "float", "bool", "bytes", "none"})
+
+
+def _field(loc: tuple[Any, ...]) -> str:
+    return ".".join(
+        str(p)
+        for p in loc
+        if not (isinstance(p, str) and (p in _BRANCH_TAGS or "[" in p or p.startswith("constrained-")))
+    )
+
+
 def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str, Any]]]:
     problems = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        problems.append({"field": loc, "message": err.get("msg", ""), "type": err.get("type", "")})
+        loc, message = tuple(err.get("loc", ())), str(err.get("msg", ""))
+        if err.get("type") == "json_invalid" and len(loc) > 1:  # (body, character offset)
+            reason = (err.get("ctx") or {}).get("error")
+            message = f"{message} at character {loc[1]}" + (f": {reason}" if reason else "")
+            loc = loc[:1]
+        problems.append({"field": _field(loc), "message": message, "type": err.get("type", "")})
     summary = "; ".join(f"{p['field']}: {p['message']}" for p in problems)
     return f"invalid request: {summary}", problems
 

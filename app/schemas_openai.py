@@ -10,6 +10,28 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 # NUL cannot be stored in Postgres (text or JSONB): refused here with the field named.
 NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$")]
+
+
+def storable_json(value: object) -> None:
+    """ValueError unless Postgres can store every string in `value` (decoded JSON of any shape): no
+    NUL, no lone surrogate (which JSON's \\u escapes can carry)."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise ValueError(f"strings must not contain NUL characters (got {item[:40]!r})")
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"strings must be valid Unicode (got {item[:40]!r})") from None
+
+
 StopString = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x00]*$")]
 
 
@@ -42,7 +64,7 @@ class ChatMessage(BaseModel):
 
     role: Literal["system", "developer", "user", "assistant"]
     content: NoNul | Annotated[list[ContentPart], Field(min_length=1)] | None = None
-    name: Annotated[str, Field(max_length=64)] | None = None
+    name: Annotated[str, Field(max_length=64, pattern=r"^[^\x00]*$")] | None = None
     image: str | None = Field(
         default=None,
         description="Non-standard, sent by some clients: one image as a data URL, or a markdown "
@@ -76,7 +98,10 @@ class _Common(BaseModel):
     user: Annotated[str, Field(max_length=256, pattern=r"^[^\x00]*$")] | None = None
     metadata: (
         Annotated[
-            dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+            dict[
+                Annotated[str, Field(max_length=64, pattern=r"^[^\x00]*$")],
+                Annotated[str, Field(max_length=512, pattern=r"^[^\x00]*$")],
+            ],
             Field(max_length=16),
         ]
         | None
@@ -92,6 +117,12 @@ class ChatCompletionRequest(_Common):
     chat_template_kwargs: dict[str, Any] | None = Field(
         default=None, description="Extra variables for the model's chat template (e.g. enable_thinking)."
     )
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _storable(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        storable_json(value)
+        return value
 
 
 class CompletionRequest(_Common):

@@ -220,6 +220,12 @@ async def test_values_that_change_nothing_are_accepted(v1: V1) -> None:
         (_chat(stop=["a"] * 17), "stop"),
         (_chat(chat_template_kwargs={"messages": []}), "chat_template_kwargs.messages"),
         ({"messages": [{"role": "user", "content": "x"}]}, "model"),
+        # Strings Postgres cannot store (NUL, a lone surrogate), wherever they hide.
+        (_chat(metadata={"a": "\x00"}), "metadata.a"),
+        (_chat(metadata={"a\x00": "b"}), "metadata"),
+        (_chat(chat_template_kwargs={"a": {"b": ["\x00"]}}), "chat_template_kwargs"),
+        (_chat(chat_template_kwargs={"a\x00": 1}), "chat_template_kwargs"),
+        (_chat(messages=[{"role": "user", "content": "x", "name": "a\x00"}]), "messages.0.name"),
         ({"model": FAST_MODEL, "prompt": ""}, "prompt"),
     ],
 )
@@ -237,10 +243,32 @@ async def test_a_bad_field_is_400_naming_it(
 
 async def test_a_body_that_is_not_json_is_400(v1: V1) -> None:
     response = await v1.user.post(
-        "/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"}
+        "/v1/chat/completions", content=b'{"model": "x",', headers={"content-type": "application/json"}
     )
     assert response.status_code == 400
-    _error(response)
+    error = _error(response)
+    assert error["param"] is None  # not a field: where the JSON breaks is in the message
+    assert "JSON decode error at character 14" in error["message"]
+
+
+async def test_a_lone_surrogate_is_400_naming_its_field(v1: V1, enqueued: EnqueueRecorder) -> None:
+    for field in ('"chat_template_kwargs": {"a": "\\ud800"}', '"metadata": {"a": "x\\udc00"}'):
+        body = f'{{"model": "{FAST_MODEL}", "messages": [{{"role": "user", "content": "x"}}], {field}}}'
+        response = await v1.user.post(
+            "/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"}
+        )
+        assert response.status_code == 400, response.text
+        assert _error(response)["param"] in ("chat_template_kwargs", "metadata.a")
+    assert enqueued.calls == []
+
+
+async def test_param_names_the_field_not_the_branch_of_a_union(v1: V1) -> None:
+    response = await v1.user.post(
+        "/v1/chat/completions",
+        json=_chat(messages=[{"role": "user", "content": [{"type": "text", "text": 1}]}]),
+    )
+    assert response.status_code == 400
+    assert _error(response)["param"] == "messages.0.content"
 
 
 async def test_unknown_model_is_404_model_not_found(v1: V1, enqueued: EnqueueRecorder) -> None:
@@ -272,6 +300,34 @@ async def test_over_the_pending_quota_is_429(v1: V1, enqueued: EnqueueRecorder) 
     error = _error(second)
     assert error["type"] == "rate_limit_error" and error["code"] == "max_pending"
     assert "pending job limit" in error["message"] and second.headers["retry-after"]
+    assert len(enqueued.calls) == 1
+
+
+async def test_the_pending_quota_counts_every_job_of_a_call(v1: V1, enqueued: EnqueueRecorder) -> None:
+    limited = await v1.client_of(f"q-{uuid.uuid4().hex[:8]}", max_pending=3)
+    async with limited:
+        too_many = await limited.post("/v1/completions", json={"model": FAST_MODEL, "prompt": ["a"] * 4})
+        assert too_many.status_code == 400  # could never fit: not worth a retry
+        assert _error(too_many)["code"] == "max_pending" and "creates 4 jobs" in _error(too_many)["message"]
+        first = await limited.post("/v1/chat/completions", json=_chat())
+        assert first.status_code == 504  # its job is still pending
+        over = await limited.post("/v1/completions", json={"model": FAST_MODEL, "prompt": ["a", "b", "c"]})
+        assert over.status_code == 429
+        assert "has 1 jobs pending and this request would add 3" in _error(over)["message"]
+        assert (await limited.post("/v1/chat/completions", json=_chat(n=2))).status_code == 504
+    assert len(enqueued.calls) == 3
+
+
+async def test_a_repeated_call_is_answered_from_its_jobs_whatever_the_quota(
+    v1: V1, enqueued: EnqueueRecorder
+) -> None:
+    limited = await v1.client_of(f"q-{uuid.uuid4().hex[:8]}", max_pending=1)
+    async with limited:
+        headers = {"Idempotency-Key": "one-call"}
+        first = await limited.post("/v1/chat/completions", json=_chat(), headers=headers)
+        again = await limited.post("/v1/chat/completions", json=_chat(), headers=headers)
+        assert first.status_code == again.status_code == 504, again.text  # pending, not refused
+        assert first.headers["x-result-id"] == again.headers["x-result-id"]
     assert len(enqueued.calls) == 1
 
 
@@ -487,7 +543,8 @@ async def test_an_idempotency_key_answers_from_the_same_jobs(v1: V1, enqueued: E
     assert first.headers["x-result-id"] == again.headers["x-result-id"]
     assert len(enqueued.calls) == 2  # created (and enqueued) once
     other = await v1.user.post("/v1/chat/completions", json=_chat(n=1), headers=headers)
-    assert other.status_code == 422 and "already used with a different request" in _error(other)["message"]
+    assert other.status_code == 400 and "already used with a different request" in _error(other)["message"]
+    assert _error(other)["param"] == "header.Idempotency-Key"
 
 
 async def test_a_remote_image_is_fetched_only_from_an_allowed_host(

@@ -19,10 +19,10 @@ from collections.abc import AsyncIterator
 from functools import lru_cache
 
 import redis
-import redis.asyncio as aioredis
 
 from app import background
 from app.config import Settings
+from app.redis_clients import async_client
 from app.subscription import subscribe_forever
 
 log = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class CancelNotices:
     """The API's side: a cancelled job's final row to its waiters, its id to the workers."""
 
     def __init__(self, settings: Settings) -> None:
-        self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
+        self._redis = async_client(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
         self._done = done_channel(settings)
         self._cancel = cancel_channel(settings)
 

@@ -21,13 +21,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
 from celery import Celery
 from kombu import Connection, Producer
 
 from app import background
 from app.config import Settings
 from app.kombu_patch import reuse_redis_clients
+from app.redis_clients import async_client
 
 RUN_JOBS_TASK = "llmq.run_jobs"
 RUN_JOB_TASK = "llmq.run_job"  # one id per message: what producers before run_jobs sent
@@ -278,7 +278,7 @@ class Doorbell:
 
     def __init__(self, job_queue: JobQueue, redis_url: str) -> None:
         self._job_queue = job_queue
-        self._redis = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=2)
+        self._redis = async_client(redis_url, socket_connect_timeout=1, socket_timeout=2)
         self._ids: list[uuid.UUID] = []
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None

@@ -14,13 +14,13 @@ import logging
 import math
 import time
 
-import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from app.auth import Principal
 from app.background import Refreshes
 from app.db import Database
 from app.errors import AppError, InvalidInput
+from app.redis_clients import async_client
 from app.repositories import results as results_repo
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class OverQuota(AppError):
 
 class SubmitRate:
     def __init__(self, redis_url: str, namespace: str) -> None:
-        self._redis = aioredis.from_url(redis_url, socket_connect_timeout=1, socket_timeout=1)
+        self._redis = async_client(redis_url, socket_connect_timeout=1, socket_timeout=1)
         self._namespace = namespace
         self._allowance: dict[str, tuple[int, int]] = {}  # key -> (second, submits still allowed)
         self._locks: dict[str, asyncio.Lock] = {}

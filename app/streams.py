@@ -23,10 +23,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import redis.asyncio as aioredis
-
 from app import background
 from app.config import Settings
+from app.redis_clients import async_client
 from app.subscription import subscribe_forever
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ class TokenStreamReader:
     def __init__(self, settings: Settings) -> None:
         self._queue = settings.CELERY_QUEUE
         self._redis_url = settings.REDIS_URL
-        self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1)
+        self._redis = async_client(settings.REDIS_URL, socket_connect_timeout=1)
         self._followers: dict[str, set[Follower]] = {}
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()

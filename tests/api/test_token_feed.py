@@ -21,7 +21,15 @@ from app.notify import done_channel, notice
 from app.schemas import ResultOut
 from app.services import streams as streams_service
 from app.sse import KEEPALIVE
-from app.streams import DONE_FIELD, TEXT_FIELD, encode_published, entry_id, pieces_channel, stream_key
+from app.streams import (
+    DONE_FIELD,
+    TEXT_FIELD,
+    TokenStreamReader,
+    encode_published,
+    entry_id,
+    pieces_channel,
+    stream_key,
+)
 from tests.conftest import FAST_MODEL, InProcessApi
 
 pytestmark = pytest.mark.anyio
@@ -292,3 +300,15 @@ async def test_an_openai_stream_with_nothing_to_send_yet_keeps_the_connection_al
     assert reader.sent[0]["status"] == 200
     first_chunk, rest = reader.body.split(b"\n\n", 1)  # the role/empty chunk, then only keep-alives
     assert first_chunk.startswith(b"data: {") and rest == KEEPALIVE * 3
+
+
+async def test_hundreds_of_concurrent_stream_reads_wait_for_a_connection_instead_of_failing() -> None:
+    # Each blocking read holds a connection: 300 at once is three times the pool.
+    reader = TokenStreamReader(get_settings())
+    try:
+        reads = await asyncio.gather(
+            *(reader.read(uuid.uuid4(), 0, block_ms=200) for _ in range(300)), return_exceptions=True
+        )
+    finally:
+        await reader.close()
+    assert [r for r in reads if isinstance(r, BaseException)] == []

@@ -45,14 +45,23 @@ class CancelNotices:
         self._done = done_channel(settings)
         self._cancel = cancel_channel(settings)
 
-    async def cancelled(self, result_id: uuid.UUID, row_json: bytes) -> None:
-        """Best effort: without Redis a running generation goes on, and its outcome is dropped (the
-        row is already final)."""
+    async def cancelled(self, result_id: uuid.UUID, row_json: bytes | None) -> None:
+        """The cancel to the workers and, unless `row_json` is None (see `ended`), the row to its
+        waiters. Best effort: without Redis a running generation goes on, and its outcome is dropped
+        (the row is already final)."""
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 pipe.publish(self._cancel, str(result_id))
-                pipe.publish(self._done, notice(result_id, row_json))
+                if row_json is not None:
+                    pipe.publish(self._done, notice(result_id, row_json))
                 await pipe.execute()
+        except (redis.RedisError, OSError) as exc:
+            log.warning("result %s: cancel notice not published (%s)", result_id, exc)
+
+    async def ended(self, result_id: uuid.UUID, row_json: bytes) -> None:
+        """A cancelled job's final row to its waiters, once it is the one to keep."""
+        try:
+            await self._redis.publish(self._done, notice(result_id, row_json))
         except (redis.RedisError, OSError) as exc:
             log.warning("result %s: cancel notice not published (%s)", result_id, exc)
 

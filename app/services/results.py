@@ -260,9 +260,16 @@ async def cancel(
     body = result.model_dump_json().encode()
     if result.status == ResultStatus.CANCELLED:
         # Again for a repeated cancel: harmless, and a lost one is resent.
-        await notices.cancelled(result_id, body)
-        if result.started_at is not None and result.params.get("stream") and result.finish_reason is None:
-            return await _with_partial_output(db, principal, result_id, partial_wait_s) or body
+        if result.started_at is None or not result.params.get("stream") or result.finish_reason is not None:
+            await notices.cancelled(result_id, body)
+            return body
+        # A running streamed job: its worker records the text produced so far and announces that
+        # row; waiters hear of the end from there, or from here once the wait is over.
+        await notices.cancelled(result_id, None)
+        try:
+            body = await _with_partial_output(db, principal, result_id, partial_wait_s) or body
+        finally:
+            await notices.ended(result_id, body)
         return body
     raise Conflict(
         f"result {result_id} is already {result.status.value}: only a pending job can be cancelled",

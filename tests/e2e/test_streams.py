@@ -119,9 +119,14 @@ def test_cancelling_a_streamed_job_keeps_what_it_had_written_and_frees_the_engin
     params = {**STREAMED, "max_tokens": 480}  # ~7 s if nothing stops it
     result_id = send(api, SLOW_MODEL, create_context(api, "Talk, then stop."), params)
     seen = read_events(api, result_id, stop_after=10)  # it is generating
-    time.sleep(0.3)
-    cancelled = api.post(f"/results/{result_id}/cancel")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        long_poll = pool.submit(api.get, f"/results/{result_id}", params={"wait": 30})
+        time.sleep(0.3)
+        cancelled = api.post(f"/results/{result_id}/cancel")
+        polled = long_poll.result(timeout=30)
     assert cancelled.status_code == 200, cancelled.text
+    # A long poll the cancel ended answers with the row that keeps the text, as the cancel does.
+    assert polled.status_code == 200 and polled.json() == cancelled.json()
     _until(lambda: running() == 0, 5, "the engine still runs the sequence")
     events = read_events(api, result_id)
     final = events[-1].data

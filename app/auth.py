@@ -192,9 +192,12 @@ class Authentication:
         await self.app(scope, receive, send)
 
     async def _principal(self, scope: Scope) -> Principal:
-        header = next((v for k, v in scope["headers"] if k == b"authorization"), None)
-        if header is None:
+        headers = [v for k, v in scope["headers"] if k == b"authorization"]
+        if not headers:
             raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <API key>'")
+        if len(headers) > 1:  # which one counts would depend on each proxy on the way: neither
+            raise Unauthenticated("more than one Authorization header: send one")
+        header = headers[0]
         scheme, _, token = header.decode("latin-1").partition(" ")
         token = token.strip()
         if scheme.lower() != "bearer" or not token:

@@ -94,6 +94,14 @@ async def test_requests_without_a_valid_key_are_401(
         assert set(body) == {"error", "detail"} and message in body["error"]
 
 
+async def test_two_authorization_headers_are_401_whichever_comes_first(api_app: InProcessApi) -> None:
+    user, admin = api_app.user.headers["authorization"], bearer(ADMIN_KEY)["authorization"]
+    for pair in ((user, admin), (admin, user), (user, user)):
+        response = await api_app.http.get("/contexts/", headers=[("authorization", value) for value in pair])
+        assert response.status_code == 401, response.text
+        assert "more than one Authorization header" in response.json()["error"]
+
+
 async def test_a_revoked_key_is_refused_at_once_on_this_process(api_app: InProcessApi) -> None:
     created = (await api_app.admin.post("/admin/keys", json={"tenant": "acme", "name": "short-lived"})).json()
     headers = bearer(created["key"])

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import psycopg
 import typer
+from pydantic import ValidationError
 
 from app.config import get_settings
 from app.db import AsyncConnection, connection_kwargs, conninfo
+from app.errors import AppError
 from app.schemas import ApiKeyCreate
 from app.services import keys as service
 
@@ -31,7 +33,20 @@ def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         ) as conn:
             return await action(conn)
 
-    return asyncio.run(run())
+    try:
+        return asyncio.run(run())
+    except AppError as exc:
+        _fail(exc.message)
+    except psycopg.Error as exc:  # its first line names the server, never the password
+        _fail(
+            f"database error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
+        )
+
+
+def _fail(message: str) -> NoReturn:
+    """An operator's mistake or an unreachable database: one line on stderr, exit status 1."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(1)
 
 
 @keys.command("create")
@@ -43,15 +58,20 @@ def create(
     submit_rate_per_s: int | None = typer.Option(None, help="Override the submit rate."),
 ) -> None:
     """Create a key and print it: it is shown this once, only its hash is stored."""
-    spec = ApiKeyCreate.model_validate(
-        {
-            "tenant": tenant,
-            "name": name,
-            "scope": scope,
-            "max_pending": max_pending,
-            "submit_rate_per_s": submit_rate_per_s,
-        }
-    )
+    try:
+        spec = ApiKeyCreate.model_validate(
+            {
+                "tenant": tenant,
+                "name": name,
+                "scope": scope,
+                "max_pending": max_pending,
+                "submit_rate_per_s": submit_rate_per_s,
+            }
+        )
+    except ValidationError as exc:
+        _fail(
+            "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        )
     created = _run(lambda conn: service.create_key(conn, spec))
     typer.echo(f"id:     {created.id}\ntenant: {created.tenant}\nscope:  {created.scope}")
     typer.echo(f"key:    {created.key}\n(shown once: store it now)")

@@ -1,0 +1,61 @@
+"""The operator's command line (`python -m app.cli`), run as an operator would, on the real database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.anyio
+
+
+def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "DATABASE_URL": database_url}
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+async def test_keys_are_created_listed_and_revoked(api_db_url: str, db: psycopg.AsyncConnection[Any]) -> None:
+    made = _cli(api_db_url, "create", "--tenant", "acme", "--name", "ci")
+    assert made.returncode == 0, made.stderr
+    fields = dict(
+        line.split(":", 1) for line in made.stdout.splitlines() if ":" in line and not line.startswith("(")
+    )
+    key_id, key = fields["id"].strip(), fields["key"].strip()
+    assert key.startswith("llmq_")
+    listed = _cli(api_db_url, "list")
+    assert key_id in listed.stdout and key not in listed.stdout
+    revoked = _cli(api_db_url, "revoke", key_id)
+    assert revoked.returncode == 0 and f"revoked {key_id} (acme, ci)" in revoked.stdout
+
+
+async def test_mistakes_are_one_line_errors_not_tracebacks(
+    api_db_url: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    unreachable = "postgresql+psycopg://postgres:s3cret-pw@127.0.0.1:1/llmq"
+    cases = [
+        (api_db_url, ("revoke", str(uuid.UUID(int=0))), "not found"),
+        (api_db_url, ("create", "--tenant", "a b", "--name", "x"), "--tenant:"),
+        (api_db_url, ("create", "--tenant", "acme", "--name", "x", "--scope", "root"), "--scope:"),
+        (unreachable, ("list",), "database error: connection"),
+    ]
+    for url, args, message in cases:
+        done = _cli(url, *args)
+        assert done.returncode == 1, (args, done.stdout, done.stderr)
+        assert done.stderr.startswith("error: ") and message in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+        assert "s3cret-pw" not in done.stderr

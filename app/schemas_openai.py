@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 # NUL cannot be stored in Postgres (text or JSONB): refused here with the field named.
 NoNul = Annotated[str, Field(pattern=r"^[^\x00]*$")]
@@ -76,6 +76,9 @@ class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     include_usage: bool | None = None
+    # OpenAI pads chunks with random text against side channels unless this is false; this server
+    # never pads, which either value allows.
+    include_obfuscation: bool | None = None
 
 
 class _Common(BaseModel):
@@ -106,6 +109,13 @@ class _Common(BaseModel):
         ]
         | None
     ) = Field(default=None, description="Stored with the job (up to 16 string pairs).")
+
+    @field_validator("stream_options")
+    @classmethod
+    def _only_when_streamed(cls, value: StreamOptions | None, info: ValidationInfo) -> StreamOptions | None:
+        if value is not None and not info.data.get("stream"):
+            raise ValueError("stream_options is only allowed when stream is true")
+        return value
 
     def stop_list(self) -> list[str]:
         return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])

@@ -226,6 +226,8 @@ async def test_values_that_change_nothing_are_accepted(v1: V1) -> None:
         (_chat(chat_template_kwargs={"a": {"b": ["\x00"]}}), "chat_template_kwargs"),
         (_chat(chat_template_kwargs={"a\x00": 1}), "chat_template_kwargs"),
         (_chat(messages=[{"role": "user", "content": "x", "name": "a\x00"}]), "messages.0.name"),
+        (_chat(stream_options={"include_usage": True}), "stream_options"),
+        (_chat(stream=False, stream_options={"include_usage": True}), "stream_options"),
         ({"model": FAST_MODEL, "prompt": ""}, "prompt"),
     ],
 )

@@ -36,21 +36,21 @@ StopString = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[^\x0
 
 
 class TextPart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["text"]
     text: NoNul
 
 
 class ImageUrl(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     url: str = Field(min_length=1, description="A `data:image/png;base64,…` or `data:image/jpeg;…` URL.")
     detail: Literal["auto", "low", "high"] | None = None
 
 
 class ImagePart(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     type: Literal["image_url"]
     image_url: ImageUrl
@@ -60,7 +60,7 @@ ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
     content: NoNul | Annotated[list[ContentPart], Field(min_length=1)] | None = None
@@ -73,7 +73,7 @@ class ChatMessage(BaseModel):
 
 
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     include_usage: bool | None = None
     # OpenAI pads chunks with random text against side channels unless this is false; this server
@@ -85,7 +85,8 @@ class _Common(BaseModel):
     """Fields shared by chat and completions. Unknown fields are kept (`extra`) so that the service
     can refuse those it does not support by name instead of ignoring them."""
 
-    model_config = ConfigDict(extra="allow")
+    # Strict, as OpenAI's API: "5" is not a number, nor true a count (lax parsing would accept both).
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str = Field(min_length=1, max_length=255)
     max_tokens: int | None = Field(default=None, ge=1)

@@ -202,7 +202,14 @@ async def test_a_field_that_would_change_the_answer_is_refused_by_name(
 async def test_values_that_change_nothing_are_accepted(v1: V1) -> None:
     response = await v1.user.post(
         "/v1/chat/completions",
-        json=_chat(logprobs=False, response_format={"type": "text"}, store=False, parallel_tool_calls=True),
+        json=_chat(
+            logprobs=False,
+            response_format={"type": "text"},
+            store=False,
+            parallel_tool_calls=True,
+            temperature=1,  # an integer where a number goes is a number
+            top_p=1,
+        ),
     )
     assert response.status_code == 504  # accepted: created, then not finished here
 
@@ -228,6 +235,13 @@ async def test_values_that_change_nothing_are_accepted(v1: V1) -> None:
         (_chat(messages=[{"role": "user", "content": "x", "name": "a\x00"}]), "messages.0.name"),
         (_chat(stream_options={"include_usage": True}), "stream_options"),
         (_chat(stream=False, stream_options={"include_usage": True}), "stream_options"),
+        # Types are OpenAI's: no string for a number, no boolean for a count, no float for an integer.
+        (_chat(max_tokens="5"), "max_tokens"),
+        (_chat(n=True), "n"),
+        (_chat(stream="yes"), "stream"),
+        (_chat(stream=1), "stream"),
+        (_chat(seed=1e18), "seed"),
+        (_chat(temperature="0.5"), "temperature"),
         ({"model": FAST_MODEL, "prompt": ""}, "prompt"),
     ],
 )

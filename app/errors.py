@@ -178,6 +178,16 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # FastAPI answers a body json.loads cannot read (not JSON's UTF-8, nested past the recursion
+        # limit) with a bare 400 "error parsing the body": say what is wrong, as for other bad bodies.
+        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError | RecursionError):
+            problem = (
+                "the body is not valid UTF-8"
+                if isinstance(exc.__cause__, UnicodeDecodeError)
+                else "the JSON body is nested too deeply"
+            )
+            detail = [{"field": "body", "message": problem, "type": "json_invalid"}]
+            return render_error(request.url.path, 422, f"invalid request: {problem}", detail)
         headers = dict(exc.headers or {}) or None
         return render_error(request.url.path, exc.status_code, str(exc.detail), headers=headers)
 

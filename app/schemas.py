@@ -40,7 +40,7 @@ class ContextOut(BaseModel):
 class SamplingParams(BaseModel):
     """Sampling parameters passed to vLLM (a subset of SamplingParams, validated here)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN fails bounds with a wrong message
 
     max_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)

@@ -86,7 +86,7 @@ class _Common(BaseModel):
     can refuse those it does not support by name instead of ignoring them."""
 
     # Strict, as OpenAI's API: "5" is not a number, nor true a count (lax parsing would accept both).
-    model_config = ConfigDict(extra="allow", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True, allow_inf_nan=False)
 
     model: str = Field(min_length=1, max_length=255)
     max_tokens: int | None = Field(default=None, ge=1)

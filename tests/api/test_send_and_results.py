@@ -108,6 +108,28 @@ async def test_send_with_invalid_params_is_422(
     assert enqueued.calls == []
 
 
+async def test_a_body_json_cannot_read_is_422_saying_why(
+    client: httpx.AsyncClient, enqueued: EnqueueRecorder
+) -> None:
+    context_id = await _context(client)
+    for body, problem in [
+        (b'{"stop": "\xff\xfe"}', "the body is not valid UTF-8"),
+        (b"[" * 20_000 + b"]" * 20_000, "the JSON body is nested too deeply"),
+        (b'{"temperature": NaN}', "body.temperature: Input should be a finite number"),
+        (b'{"temperature": Infinity}', "body.temperature: Input should be a finite number"),
+    ]:
+        response = await client.post(
+            f"/models/send/{FAST_MODEL}/{context_id}",
+            content=body,
+            headers={"content-type": "application/json"},
+        )
+        assert response.status_code == 422, response.text
+        assert problem in response.json()["error"] and response.json()["detail"][0]["field"].startswith(
+            "body"
+        )
+    assert enqueued.calls == []
+
+
 async def test_max_tokens_above_configured_limit_is_422(client: httpx.AsyncClient) -> None:
     context_id = await _context(client)
     response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 100_000})

@@ -10,6 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 
 from app.db import DATABASE_ERRORS
 
@@ -163,6 +164,18 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, list[dict[str
     return f"invalid request: {summary}", problems
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    routes = request.app.router.routes
+    return [
+        method
+        for method in _METHODS
+        if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
+    ]
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError) -> JSONResponse:
@@ -189,6 +202,8 @@ def install_error_handlers(app: FastAPI) -> None:
             detail = [{"field": "body", "message": problem, "type": "json_invalid"}]
             return render_error(request.url.path, 422, f"invalid request: {problem}", detail)
         headers = dict(exc.headers or {}) or None
+        if exc.status_code == 405:  # Starlette's Allow names the first route of the path only
+            headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
         return render_error(request.url.path, exc.status_code, str(exc.detail), headers=headers)
 
     @app.exception_handler(RecursionError)

@@ -105,3 +105,16 @@ async def test_fastapi_opentelemetry_runs_only_when_the_setting_asks_for_it(
         async with serve_in_process(app) as http:
             assert (await http.get("/health")).status_code == 200
         assert bool(tracers) is enabled, tracers
+
+
+async def test_a_method_a_path_lacks_is_405_allowing_every_method_it_has(
+    db: Any, triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    async with serve_in_process(make_api_app(triton.http_url, enqueued)) as client:
+        spec = (await client.get("/openapi.json")).json()
+        for path, item in spec["paths"].items():
+            concrete = re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), path.replace("{model_name}", FAST_MODEL))
+            response = await client.request("PATCH", concrete, headers=bearer(ADMIN_KEY))
+            assert response.status_code == 405, (path, response.text)
+            allowed = sorted(method.upper() for method in item)
+            assert response.headers["allow"] == ", ".join(allowed), path

@@ -20,9 +20,11 @@ async def newest_first(
     cursor: str | None,
     limit: int,
 ) -> tuple[list[dict[str, Any]], str | None]:
-    """One page of rows matching every `column = value` filter (None values are ignored)."""
+    """One page of rows matching every `column = value` filter (a list: any of its values; None
+    values are ignored)."""
     where: list[sql.Composable] = [
-        sql.SQL("{} = {}").format(sql.Identifier(k), v) for k, v in _given(filters)
+        sql.SQL("{} = ANY({})" if isinstance(filters[k], list) else "{} = {}").format(sql.Identifier(k), v)
+        for k, v in _given(filters)
     ]
     params: dict[str, Any] = {k: v for k, v in filters.items() if v is not None}
     if cursor:

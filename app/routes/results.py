@@ -26,7 +26,9 @@ router = APIRouter(prefix="/results", tags=["results"])
 async def list_results(
     limit: int = Query(50, ge=1, le=500, description="Page size."),
     cursor: str | None = Query(None, max_length=512, description="`next_cursor` of the previous page."),
-    status: ResultStatus | None = Query(None, description="Only results in this state."),
+    status: list[ResultStatus] | None = Query(
+        None, max_length=4, description="Only results in this state (repeat it for several)."
+    ),
     # Postgres text cannot hold NUL: refuse it here (422) instead of failing the query.
     model: str | None = Query(
         None, max_length=255, pattern=r"^[^\x00]*$", description="Only results of this model."

@@ -284,13 +284,13 @@ async def list_results(
     tenant: str | None,
     limit: int,
     cursor: str | None,
-    status: ResultStatus | None = None,
+    status: list[ResultStatus] | None = None,
     model: str | None = None,
     context_id: uuid.UUID | None = None,
 ) -> Page[ResultOut]:
     filters = {
         "tenant": principal.tenant_filter or tenant,
-        "status": status.value if status else None,
+        "status": [s.value for s in status] if status else None,
         "model": model,
         "context_id": context_id,
     }

@@ -181,6 +181,7 @@ async def test_results_filters_and_pagination(
     assert await listing(status="completed") == [ids[0]]
     assert await listing(status="failed") == [ids[3]]
     assert await listing(status="pending") == [ids[2], ids[1]]
+    assert await listing(status=["completed", "failed"]) == [ids[3], ids[0]]  # repeated: any of them
     assert await listing(model=SLOW_MODEL) == [ids[1]]
     assert await listing(context_id=ctx_b) == [ids[3], ids[2]]
     assert await listing(context_id=ctx_b, model=FAST_MODEL, status="pending") == [ids[2]]

@@ -293,7 +293,9 @@ async def test_unknown_model_is_404_model_not_found(v1: V1, enqueued: EnqueueRec
     error = _error(response)
     assert error["code"] == "model_not_found" and error["param"] == "model"
     assert "no-such-model" in error["message"] and FAST_MODEL in error["message"]
-    assert (await v1.user.get("/v1/models/no-such-model")).status_code == 404
+    for unknown in ("no-such-model", "m" * 300):
+        missing = await v1.user.get(f"/v1/models/{unknown}")
+        assert missing.status_code == 404 and _error(missing)["code"] == "model_not_found"
     assert enqueued.calls == []
 
 

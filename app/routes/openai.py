@@ -143,9 +143,7 @@ async def list_models(c: Caller = Depends(caller)) -> ModelList:
 
 
 @router.get("/models/{model_id}", response_model=ModelObject, responses=_ERRORS)
-async def get_model(
-    model_id: str = Path(min_length=1), c: Caller = Depends(caller)
-) -> ModelObject:
+async def get_model(model_id: str = Path(min_length=1), c: Caller = Depends(caller)) -> ModelObject:
     found = next((m for m in await _models(c) if m.id == model_id), None)
     if found is None:
         raise AppError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -36,6 +37,19 @@ class Quiet:
 QUIET = Quiet()
 
 
+async def _read(db: Database, principal: Principal, result_id: uuid.UUID) -> ResultOut:
+    """The row, read to the end even if the stream is cancelled meanwhile (its client left): a query
+    cancelled midway costs the pool its connection, and a warning in the log."""
+    read = asyncio.ensure_future(results.read(db, principal, result_id))
+    read.add_done_callback(_retrieve)
+    return await asyncio.shield(read)
+
+
+def _retrieve(task: asyncio.Future[ResultOut]) -> None:
+    if not task.cancelled():
+        task.exception()  # nobody may await it any more: its error is not "never retrieved"
+
+
 async def follow(
     db: Database,
     waiter: ResultWaiter,
@@ -54,7 +68,7 @@ async def follow(
         known = waiter.known(result_id, principal.tenant_filter)
         # Created by this process and not ended: no need to read the row to know it is pending.
         pending = known == PENDING or (
-            not known and (await results.read(db, principal, result_id)).status == ResultStatus.PENDING
+            not known and (await _read(db, principal, result_id)).status == ResultStatus.PENDING
         )
         done_seq: int | None = None  # the end marker's event id, once seen
         caught_up = False
@@ -70,7 +84,7 @@ async def follow(
             taken = live.take()
             if not taken:
                 if not finished.done():  # a quiet spell: the worker may be gone, look at the row
-                    result = await results.read(db, principal, result_id)
+                    result = await _read(db, principal, result_id)
                     pending, caught_up = result.status == ResultStatus.PENDING, False
                     yield QUIET
                 continue
@@ -108,7 +122,7 @@ async def follow(
                         seq = piece.seq
                 done_seq = entries.done_seq
         streamed = last is not None
-    final = await results.read(db, principal, result_id)
+    final = await _read(db, principal, result_id)
     if done_seq is None and not streamed and after == 0 and final.output:
         yield Piece(1, final.output)  # never streamed (or its stream expired)
         seq = 1

@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 
 from app.config import get_settings
 from app.notify import done_channel, notice
+from app.repositories import results as results_repo
 from app.schemas import ResultOut
 from app.services import streams as streams_service
 from app.sse import KEEPALIVE
@@ -204,6 +205,7 @@ class _Reader:
 
     enough: Callable[[bytes], bool]
     sent: list[dict[str, Any]] = field(default_factory=list)
+    leaves_after_s: float = 0.0  # from `enough` to the disconnect
 
     @property
     def body(self) -> bytes:
@@ -240,6 +242,7 @@ class _Reader:
             if asked == 1:
                 return {"type": "http.request", "body": payload, "more_body": False}
             await left.wait()
+            await asyncio.sleep(self.leaves_after_s)
             return {"type": "http.disconnect"}
 
         async def send(message: dict[str, Any]) -> None:
@@ -312,3 +315,24 @@ async def test_hundreds_of_concurrent_stream_reads_wait_for_a_connection_instead
     finally:
         await reader.close()
     assert [r for r in reads if isinstance(r, BaseException)] == []
+
+
+async def test_a_reader_that_leaves_during_a_read_of_the_row_costs_the_pool_nothing(
+    api_app: InProcessApi, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(streams_service, "QUIET_S", 0.0)  # read the row at once, again and again
+    real_get = results_repo.get
+
+    async def slow_get(conn: Any, result_id: uuid.UUID, tenant: str | None) -> Any:
+        await conn.execute("SELECT pg_sleep(0.3)")  # the client leaves while this runs
+        return await real_get(conn, result_id, tenant)
+
+    monkeypatch.setattr(results_repo, "get", slow_get)
+    result_id = await _streamed_job(api_app.user, "queued while its reader leaves")
+    pool = api_app.app.state.runtime.db.pool
+    before = pool.get_stats().get("returns_bad", 0)
+    reader = _Reader(lambda body: True, leaves_after_s=0.1)  # in the middle of the first read
+    await reader.request(api_app.app, "GET", f"/results/{result_id}/stream", _key(api_app))
+    await asyncio.sleep(0.5)  # the read it left behind ends
+    assert pool.get_stats().get("returns_bad", 0) == before
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -111,8 +111,12 @@ async def insert_with_context(
 
 
 # Conditional like every write that ends a job: only a pending job is cancelled.
+# A job its worker had claimed ends `abort`, as vLLM names an aborted generation (a streamed one gets
+# it from its worker, with the text it had produced); one still queued never generated anything.
 _CANCEL = """
-    UPDATE result SET status = 'cancelled', error = 'cancelled by the client', finished_at = now(), updated_at = now()
+    UPDATE result SET status = 'cancelled', error = 'cancelled by the client', finished_at = now(), updated_at = now(),
+           finish_reason = CASE WHEN started_at IS NOT NULL
+                                 AND NOT coalesce((params->>'stream')::boolean, false) THEN 'abort' END
      WHERE id = %(id)s AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s) AND status = 'pending'
     RETURNING *
 """

@@ -38,6 +38,7 @@ def test_a_cancelled_queued_job_never_runs(api: httpx.Client, e2e_env: dict[str,
     assert (
         cancelled.json()["status"] == "cancelled" and cancelled.json()["error"] == "cancelled by the client"
     )
+    assert cancelled.json()["finish_reason"] is None  # it never generated anything
     ring(e2e_env["CELERY_QUEUE"], result_id)  # the doorbell arrives late (or twice): nothing runs
     time.sleep(2)
     with engine.connect() as conn:
@@ -65,6 +66,7 @@ def test_cancelling_a_running_job_frees_its_engine_sequence(api: httpx.Client, t
     started = time.monotonic()
     cancelled = api.post(f"/results/{result_id}/cancel")
     assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled"
+    assert cancelled.json()["finish_reason"] == "abort"  # as a job past its deadline ends
     aborted = lambda: read_metric(triton, "sim_engine_cancelled_total", SLOW_MODEL)  # noqa: E731
     _until(
         lambda: running() == 0 and aborted() == aborted_before + 1,

@@ -3,8 +3,10 @@
 Neither costs a round trip per request. The rate is counted in Redis (shared by every API process)
 in chunks: a process takes up to 1/8 of a key's per-second allowance at once and spends it locally.
 The pending count is read from Postgres at most every QUOTA_PENDING_REFRESH_S per tenant and
-process, plus this process's submits since (a request that an older count would refuse reads it
-again first); across processes the cap may be passed by the submits of one refresh interval.
+process, plus this process's submits since; a request that this count would refuse reads it again
+first when it counts submits of this process (whose jobs may have ended) or is older than
+REFUSE_ON_COUNT_S.
+Across processes the cap may be passed by the submits of one refresh interval.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import asyncio
 import logging
 import math
 import time
+from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
@@ -82,16 +85,29 @@ class SubmitRate:
         await self._redis.aclose()
 
 
+# A refusal rests on a count at most this old (read again otherwise): jobs end all the time.
+REFUSE_ON_COUNT_S = 0.25
+
+
+@dataclass
+class _Count:
+    read_at: float  # time.monotonic() of the read
+    pending: int  # the tenant's pending jobs then (counted up to the cap)
+    added: int = 0  # jobs this process has created since (some may have ended already)
+
+
 class PendingJobs:
     def __init__(self, db: Database, refresh_s: float) -> None:
         self._db = db
         self._refresh_s = refresh_s
-        self._known: dict[str, tuple[float, int]] = {}  # tenant -> (read at, pending then + submitted since)
+        self._known: dict[str, _Count] = {}
+        self._reads: dict[str, asyncio.Lock] = {}
         self._background = Refreshes("pending-jobs count")
 
     async def check(self, principal: Principal, jobs: int = 1) -> None:
         """Refuse a request that would create `jobs` jobs (429) while the tenant has `max_pending`
-        pending; a count past its refresh time only lets requests through, never refuses one."""
+        pending. A refusal rests on a count read after this process's last submit for the tenant
+        and at most REFUSE_ON_COUNT_S ago: a client whose jobs have ended is not refused."""
         tenant, cap = principal.tenant, principal.max_pending
         if jobs > cap:
             raise InvalidInput(
@@ -102,28 +118,36 @@ class PendingJobs:
         known = self._known.get(tenant)
         if known is None or self._refresh_s == 0:
             known = await self._read(tenant, cap)
-        elif time.monotonic() - known[0] >= self._refresh_s:
-            if known[1] + jobs > cap:
+        elif known.pending + known.added + jobs > cap:
+            if known.added or time.monotonic() - known.read_at >= min(self._refresh_s, REFUSE_ON_COUNT_S):
                 known = await self._read(tenant, cap)
-            else:  # this request passes on the old count while one task re-reads it
-                self._background.start(tenant, lambda: self._read(tenant, cap))
-        if known[1] + jobs > cap:
+        elif time.monotonic() - known.read_at >= self._refresh_s:
+            # This request passes on the old count while one task re-reads it.
+            self._background.start(tenant, lambda: self._read(tenant, cap))
+        if known.pending + known.added + jobs > cap:
+            pending = known.pending + known.added
             adds = f" and this request would add {jobs}" if jobs > 1 else ""
             raise OverQuota(
-                f"pending job limit reached: tenant '{tenant}' has {known[1]} jobs pending{adds} "
+                f"pending job limit reached: tenant '{tenant}' has {pending} jobs pending{adds} "
                 f"(the limit is {cap}); retry when some have finished",
-                retry_after_s=max(1, math.ceil(self._refresh_s)),
+                retry_after_s=1,
                 detail={"limit": "max_pending", "value": cap},
             )
 
-    async def _read(self, tenant: str, cap: int) -> tuple[float, int]:
-        read_at = time.monotonic()
-        async with self._db.connection() as conn:
-            known = (read_at, await results_repo.count_pending(conn, tenant, cap))
-        self._known[tenant] = known
-        return known
+    async def _read(self, tenant: str, cap: int) -> _Count:
+        asked_at = time.monotonic()
+        # One read per tenant at a time: requests refused together share it.
+        async with self._reads.setdefault(tenant, asyncio.Lock()):
+            known = self._known.get(tenant)
+            if known is not None and known.read_at >= asked_at:
+                return known
+            read_at = time.monotonic()
+            async with self._db.connection() as conn:
+                known = _Count(read_at, await results_repo.count_pending(conn, tenant, cap))
+            self._known[tenant] = known
+            return known
 
     def submitted(self, tenant: str, jobs: int = 1) -> None:
         known = self._known.get(tenant)
         if known is not None:
-            self._known[tenant] = (known[0], known[1] + jobs)
+            known.added += jobs

@@ -292,6 +292,31 @@ async def test_a_pending_count_past_its_refresh_time_is_read_again_before_refusi
     assert len(enqueued.calls) == 3
 
 
+async def test_a_client_sending_one_job_at_a_time_is_never_refused(
+    db: psycopg.AsyncConnection[Any], triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    # The count is fresh (a minute) but counts this process's own submit, whose job has ended.
+    app = make_api_app(triton.http_url, enqueued, QUOTA_PENDING_REFRESH_S=60)
+    async with serve_in_process(app) as http:
+        key = await make_key(http, "sequential", max_pending=1)
+        client = httpx.AsyncClient(transport=http._transport, base_url="http://api.test", headers=bearer(key))
+        async with client:
+            context_id = await _context(client)
+            for attempt in range(4):
+                sent = await _send(client, context_id)
+                assert sent.status_code == 202, sent.text
+                if attempt % 2:  # one that tries again while its job runs is refused, then let in
+                    refused = await _send(client, context_id)
+                    assert refused.status_code == 429 and "has 1 jobs pending" in refused.json()["error"]
+                    assert refused.headers["retry-after"] == "1"
+                await db.execute(
+                    "UPDATE result SET status = 'completed' WHERE id = %s", (sent.json()["result_id"],)
+                )
+                if attempt % 2:
+                    await asyncio.sleep(0.3)
+    assert len(enqueued.calls) == 4
+
+
 async def test_the_submit_rate_per_key_is_429_with_retry_after(api_app: InProcessApi) -> None:
     limited = await api_app.client_of("rated", submit_rate_per_s=3)
     async with limited:

@@ -40,7 +40,8 @@ class ContextOut(BaseModel):
 class SamplingParams(BaseModel):
     """Sampling parameters passed to vLLM (a subset of SamplingParams, validated here)."""
 
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # NaN fails bounds with a wrong message
+    # Strict: "5" is not a number, nor true a seed. NaN would fail the bounds with a wrong message.
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 
     max_tokens: int = Field(default=256, ge=1, description="Upper bound on generated tokens.")
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)

@@ -96,6 +96,12 @@ async def test_send_to_unloaded_model_is_409(client: httpx.AsyncClient, enqueued
         ({"stop": [""]}, "body.stop.0"),
         ({"seed": -4}, "body.seed"),
         ({"best_of": 3}, "body.best_of"),
+        # Strict types: no string for a number, no boolean for a seed or a count.
+        ({"max_tokens": "5"}, "body.max_tokens"),
+        ({"seed": True}, "body.seed"),
+        ({"temperature": "0.5"}, "body.temperature"),
+        ({"stream": "yes"}, "body.stream"),
+        ({"max_tokens": 5.0}, "body.max_tokens"),
     ],
 )
 async def test_send_with_invalid_params_is_422(
@@ -135,6 +141,14 @@ async def test_max_tokens_above_configured_limit_is_422(client: httpx.AsyncClien
     response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 100_000})
     assert response.status_code == 422
     assert response.json()["error"] == "max_tokens must be at most 8192, got 100000"
+
+
+async def test_an_integer_where_a_number_goes_is_a_number(client: httpx.AsyncClient) -> None:
+    context_id = await _context(client)
+    response = await client.post(
+        f"/models/send/{FAST_MODEL}/{context_id}", json={"temperature": 1, "top_p": 1}
+    )
+    assert response.status_code == 202, response.text
 
 
 async def test_stop_accepts_a_single_string(client: httpx.AsyncClient) -> None:

@@ -55,6 +55,18 @@ class Principal:
         """The tenant a read is confined to; None for an admin (every tenant)."""
         return None if self.is_admin else self.tenant
 
+    def listing_tenant(self, tenant: str | None) -> str | None:
+        """The tenant a listing shows: the key's own, or for an admin the `tenant` filter (None: all).
+        A user key naming another tenant is refused rather than silently shown its own rows."""
+        if self.is_admin:
+            return tenant
+        if tenant is not None and tenant != self.tenant:
+            raise Forbidden(
+                "the tenant filter needs an admin key: a user key sees its own tenant's rows only",
+                detail={"field": "query.tenant"},
+            )
+        return self.tenant
+
     @property
     def rate_key(self) -> str:
         return str(self.key_id) if self.key_id else "bootstrap-admin"

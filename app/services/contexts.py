@@ -42,6 +42,6 @@ async def list_contexts(
 ) -> Page[ContextOut]:
     async with db.connection() as conn:
         rows, next_cursor = await repo.page(
-            conn, tenant=principal.tenant_filter or tenant, cursor=cursor, limit=limit
+            conn, tenant=principal.listing_tenant(tenant), cursor=cursor, limit=limit
         )
     return Page[ContextOut](items=[ContextOut.model_validate(r) for r in rows], next_cursor=next_cursor)

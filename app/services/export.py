@@ -66,7 +66,7 @@ async def lines(
             rows = await repo.export_page(
                 conn,
                 statuses=chosen,
-                tenant=principal.tenant_filter or tenant,
+                tenant=principal.listing_tenant(tenant),
                 model=model,
                 since=since,
                 until=until,

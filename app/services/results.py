@@ -289,7 +289,7 @@ async def list_results(
     context_id: uuid.UUID | None = None,
 ) -> Page[ResultOut]:
     filters = {
-        "tenant": principal.tenant_filter or tenant,
+        "tenant": principal.listing_tenant(tenant),
         "status": [s.value for s in status] if status else None,
         "model": model,
         "context_id": context_id,

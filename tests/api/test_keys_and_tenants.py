@@ -147,8 +147,12 @@ async def test_another_tenants_objects_are_not_found(api_app: InProcessApi) -> N
         assert (await _send(other, context_id)).status_code == 404  # cannot run A's prompt either
         assert (await other.get("/contexts/")).json()["items"] == []
         assert (await other.get("/results/")).json()["items"] == []
-        # An admin filter is ignored for a user key: it still sees only its tenant.
-        assert (await other.get("/results/", params={"tenant": api_app.tenant})).json()["items"] == []
+        # The tenant filter is an admin's: a user key naming another tenant is refused, not shown its own.
+        for path in ("/results/", "/contexts/", "/results/export"):
+            refused = await other.get(path, params={"tenant": api_app.tenant})
+            assert refused.status_code == 403, (path, refused.text)
+            assert "the tenant filter needs an admin key" in refused.json()["error"]
+            assert (await other.get(path, params={"tenant": "tenant-b"})).status_code == 200  # its own
         assert (await other.get("/models/")).status_code == 200  # open to every key
     mine = (await api_app.user.get(f"/results/{result_id}")).json()
     assert mine["tenant"] == api_app.tenant

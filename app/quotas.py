@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from app.auth import Principal
 from app.background import Refreshes
-from app.db import Database
+from app.db import AsyncConnection, Database
 from app.errors import AppError, InvalidInput
 from app.redis_clients import async_client
 from app.repositories import results as results_repo
@@ -101,13 +101,14 @@ class PendingJobs:
         self._db = db
         self._refresh_s = refresh_s
         self._known: dict[str, _Count] = {}
-        self._reads: dict[str, asyncio.Lock] = {}
+        self._reads: dict[str, asyncio.Future[_Count]] = {}
         self._background = Refreshes("pending-jobs count")
 
-    async def check(self, principal: Principal, jobs: int = 1) -> None:
+    async def check(self, principal: Principal, jobs: int = 1, conn: AsyncConnection | None = None) -> None:
         """Refuse a request that would create `jobs` jobs (429) while the tenant has `max_pending`
         pending. A refusal rests on a count read after this process's last submit for the tenant
-        and at most REFUSE_ON_COUNT_S ago: a client whose jobs have ended is not refused."""
+        and at most REFUSE_ON_COUNT_S ago: a client whose jobs have ended is not refused. `conn`: the
+        caller's transaction, where a count is read (it must not wait for a second connection)."""
         tenant, cap = principal.tenant, principal.max_pending
         if jobs > cap:
             raise InvalidInput(
@@ -117,10 +118,10 @@ class PendingJobs:
             )
         known = self._known.get(tenant)
         if known is None or self._refresh_s == 0:
-            known = await self._read(tenant, cap)
+            known = await self._read(tenant, cap, conn)
         elif known.pending + known.added + jobs > cap:
             if known.added or time.monotonic() - known.read_at >= min(self._refresh_s, REFUSE_ON_COUNT_S):
-                known = await self._read(tenant, cap)
+                known = await self._read(tenant, cap, conn)
         elif time.monotonic() - known.read_at >= self._refresh_s:
             # This request passes on the old count while one task re-reads it.
             self._background.start(tenant, lambda: self._read(tenant, cap))
@@ -134,18 +135,32 @@ class PendingJobs:
                 detail={"limit": "max_pending", "value": cap},
             )
 
-    async def _read(self, tenant: str, cap: int) -> _Count:
-        asked_at = time.monotonic()
-        # One read per tenant at a time: requests refused together share it.
-        async with self._reads.setdefault(tenant, asyncio.Lock()):
-            known = self._known.get(tenant)
-            if known is not None and known.read_at >= asked_at:
-                return known
+    async def _read(self, tenant: str, cap: int, conn: AsyncConnection | None = None) -> _Count:
+        if conn is not None:  # in the caller's transaction: read there, waiting for nothing else
             read_at = time.monotonic()
-            async with self._db.connection() as conn:
-                known = _Count(read_at, await results_repo.count_pending(conn, tenant, cap))
-            self._known[tenant] = known
-            return known
+            return self._store(tenant, read_at, await results_repo.count_pending(conn, tenant, cap))
+        # One pooled read per tenant at a time: requests refused together share it.
+        reading = self._reads.get(tenant)
+        if reading is None:
+            reading = asyncio.ensure_future(self._read_pooled(tenant, cap))
+            self._reads[tenant] = reading
+            reading.add_done_callback(lambda done: self._read_done(tenant, done))
+        return await asyncio.shield(reading)
+
+    async def _read_pooled(self, tenant: str, cap: int) -> _Count:
+        read_at = time.monotonic()
+        async with self._db.connection() as conn:
+            return self._store(tenant, read_at, await results_repo.count_pending(conn, tenant, cap))
+
+    def _read_done(self, tenant: str, done: asyncio.Future[_Count]) -> None:
+        if self._reads.get(tenant) is done:
+            del self._reads[tenant]
+        if not done.cancelled():
+            done.exception()  # its waiters may all have gone: not an error "never retrieved"
+
+    def _store(self, tenant: str, read_at: float, pending: int) -> _Count:
+        known = self._known[tenant] = _Count(read_at, pending)
+        return known
 
     def submitted(self, tenant: str, jobs: int = 1) -> None:
         known = self._known.get(tenant)

@@ -118,7 +118,7 @@ async def send(
     else:
 
         async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
-            await _admit(c)  # a replay creates nothing: only a first request counts against the quotas
+            await _admit(c, conn)  # a replay creates nothing: only a first request counts against the quotas
             job = await service.insert_job(
                 conn,
                 c.principal,
@@ -151,10 +151,11 @@ async def send(
     return answer
 
 
-async def _admit(c: Caller) -> None:
-    """The quotas of a request that creates a job: the key's submit rate, the tenant's pending jobs."""
+async def _admit(c: Caller, conn: AsyncConnection | None = None) -> None:
+    """The quotas of a request that creates a job: the key's submit rate, the tenant's pending jobs
+    (read on `conn` when the request holds one)."""
     await c.rt.submit_rate.check(c.principal)
-    await c.rt.pending.check(c.principal)
+    await c.rt.pending.check(c.principal, conn=conn)
 
 
 _WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)(?:$|[;,\s])")

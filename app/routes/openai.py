@@ -12,6 +12,7 @@ from fastapi import APIRouter, Depends, Header, Path
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import sse
+from app.db import AsyncConnection
 from app.deps import Caller, caller
 from app.errors import AppError, NotFound, ServiceUnavailable
 from app.routes.models import check_ready
@@ -62,9 +63,9 @@ async def _create(c: Caller, call: service.Call, idempotency_key: str | None) ->
     """Create the call's jobs, quotas first (the pending-jobs cap counts each of its jobs); a
     repeated Idempotency-Key is answered from the first call's jobs whatever the quotas."""
 
-    async def admit(jobs: int) -> None:
+    async def admit(jobs: int, conn: AsyncConnection | None) -> None:
         await c.rt.submit_rate.check(c.principal)
-        await c.rt.pending.check(c.principal, jobs)
+        await c.rt.pending.check(c.principal, jobs, conn)
 
     result_ids, created = await service.create_jobs(
         c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter, admit

@@ -337,17 +337,17 @@ async def create_jobs(
     call: Call,
     idempotency_key: str | None,
     waiter: ResultWaiter | None = None,
-    admit: Callable[[int], Awaitable[None]] | None = None,
+    admit: Callable[[int, AsyncConnection | None], Awaitable[None]] | None = None,
 ) -> tuple[list[uuid.UUID], bool]:
     """The call's result ids in choice order, and whether they were created now (False: replayed for
-    a repeated Idempotency-Key). `admit(jobs)` (the quotas) is asked only when jobs are
+    a repeated Idempotency-Key). `admit(jobs, conn)` (the quotas) is asked only when jobs are
     about to be created, so a replay is answered whatever the quota. Rings the doorbell once the rows
     are committed (after telling `waiter` the jobs are this process's, so that waiting for them needs
     no read of their rows)."""
     jobs_count = len(call.prompts) * call.n
     if idempotency_key is None:
         if admit is not None:
-            await admit(jobs_count)
+            await admit(jobs_count, None)
         async with db.connection() as conn:
             if len(call.prompts) == 1:  # one statement: atomic without a transaction's round trips
                 jobs = await _insert(conn, principal, call)
@@ -359,7 +359,7 @@ async def create_jobs(
 
         async def create(conn: AsyncConnection) -> tuple[int, JobsCreated]:
             if admit is not None:
-                await admit(jobs_count)
+                await admit(jobs_count, conn)  # on the key's transaction: no second connection
             return 200, await _insert(conn, principal, call)
 
         _, answer, created = await idempotency.first_answer(

@@ -230,6 +230,28 @@ async def test_concurrent_duplicates_create_exactly_one_job(
     assert len(enqueued.calls) == 1
 
 
+async def test_duplicates_holding_every_pooled_connection_do_not_starve_the_first(
+    api_app: InProcessApi, enqueued: EnqueueRecorder, db: psycopg.AsyncConnection[Any]
+) -> None:
+    # The first request takes its time before its quota check; meanwhile its duplicates take every
+    # pooled connection and wait for its key's row. Its pending count must be read on its own one.
+    rate = api_app.app.state.runtime.submit_rate
+    real_check = rate.check
+
+    async def slow_check(principal: Any) -> None:
+        await asyncio.sleep(0.3)
+        await real_check(principal)
+
+    rate.check = slow_check
+    context_id = await _context(api_app.user)
+    answers = await asyncio.gather(
+        *(_send(api_app.user, context_id, **{"Idempotency-Key": "crowded"}) for _ in range(12))
+    )
+    assert [a.status_code for a in answers] == [202] * 12, [a.text for a in answers if a.status_code != 202]
+    assert len({a.json()["result_id"] for a in answers}) == 1
+    assert await (await db.execute("SELECT count(*) FROM result")).fetchone() == (1,)
+
+
 # ---------------------------------------------------------------- quotas
 
 

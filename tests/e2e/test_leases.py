@@ -111,7 +111,8 @@ def test_a_killed_workers_jobs_run_again_on_another_within_20_s_and_one_sweeper_
     assert leader_pid in pids and waiting == 2  # exactly one sweeps; the other two wait for the lock
 
     ids = _insert(lease_db, 12)
-    ring(e2e_env["CELERY_QUEUE"] + "-leases", *ids)
+    for rid in ids:  # a message each (rung together they would share one, and one worker would take it)
+        ring(e2e_env["CELERY_QUEUE"] + "-leases", rid)
     prefix = f":{leader_pid}:"
     _wait(
         lambda: any(prefix in (r["lease_owner"] or "") for r in _rows(lease_db, ids).values()),

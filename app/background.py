@@ -7,9 +7,11 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Coroutine, Hashable
-from typing import Any
+from typing import Any, TypeVar
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class Refreshes:
@@ -54,3 +56,16 @@ def cancelling() -> bool:
     """Whether the running task has been asked to stop."""
     task = asyncio.current_task()
     return task is not None and task.cancelling() > 0
+
+
+def detached(work: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """A task that runs to its end even when whoever awaits it (through `asyncio.shield`) is
+    cancelled; its error, when nobody is left to await it, is not reported as never retrieved."""
+    task = asyncio.ensure_future(work)
+    task.add_done_callback(_retrieve)
+    return task
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()

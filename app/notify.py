@@ -49,19 +49,21 @@ class CancelNotices:
         """The cancel to the workers and, unless `row_json` is None (see `ended`), the row to its
         waiters. Best effort: without Redis a running generation goes on, and its outcome is dropped
         (the row is already final)."""
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.publish(self._cancel, str(result_id))
-                if row_json is not None:
-                    pipe.publish(self._done, notice(result_id, row_json))
-                await pipe.execute()
-        except (redis.RedisError, OSError) as exc:
-            log.warning("result %s: cancel notice not published (%s)", result_id, exc)
+        messages = [(self._cancel, str(result_id).encode())]
+        if row_json is not None:
+            messages.append((self._done, notice(result_id, row_json)))
+        await self._publish(result_id, messages)
 
     async def ended(self, result_id: uuid.UUID, row_json: bytes) -> None:
         """A cancelled job's final row to its waiters, once it is the one to keep."""
+        await self._publish(result_id, [(self._done, notice(result_id, row_json))])
+
+    async def _publish(self, result_id: uuid.UUID, messages: list[tuple[str, bytes]]) -> None:
         try:
-            await self._redis.publish(self._done, notice(result_id, row_json))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for channel, message in messages:
+                    pipe.publish(channel, message)
+                await pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("result %s: cancel notice not published (%s)", result_id, exc)
 

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 from redis.exceptions import RedisError
 
+from app import background
 from app.auth import Principal
-from app.background import Refreshes
 from app.db import AsyncConnection, Database
 from app.errors import AppError, InvalidInput
 from app.redis_clients import async_client
@@ -101,8 +101,8 @@ class PendingJobs:
         self._db = db
         self._refresh_s = refresh_s
         self._known: dict[str, _Count] = {}
-        self._reads: dict[str, asyncio.Future[_Count]] = {}
-        self._background = Refreshes("pending-jobs count")
+        self._reads: dict[str, asyncio.Task[_Count]] = {}
+        self._background = background.Refreshes("pending-jobs count")
 
     async def check(self, principal: Principal, jobs: int = 1, conn: AsyncConnection | None = None) -> None:
         """Refuse a request that would create `jobs` jobs (429) while the tenant has `max_pending`
@@ -142,21 +142,14 @@ class PendingJobs:
         # One pooled read per tenant at a time: requests refused together share it.
         reading = self._reads.get(tenant)
         if reading is None:
-            reading = asyncio.ensure_future(self._read_pooled(tenant, cap))
-            self._reads[tenant] = reading
-            reading.add_done_callback(lambda done: self._read_done(tenant, done))
+            reading = self._reads[tenant] = background.detached(self._read_pooled(tenant, cap))
+            reading.add_done_callback(lambda done: self._reads.pop(tenant, None))
         return await asyncio.shield(reading)
 
     async def _read_pooled(self, tenant: str, cap: int) -> _Count:
         read_at = time.monotonic()
         async with self._db.connection() as conn:
             return self._store(tenant, read_at, await results_repo.count_pending(conn, tenant, cap))
-
-    def _read_done(self, tenant: str, done: asyncio.Future[_Count]) -> None:
-        if self._reads.get(tenant) is done:
-            del self._reads[tenant]
-        if not done.cancelled():
-            done.exception()  # its waiters may all have gone: not an error "never retrieved"
 
     def _store(self, tenant: str, read_at: float, pending: int) -> _Count:
         known = self._known[tenant] = _Count(read_at, pending)
@@ -166,3 +159,16 @@ class PendingJobs:
         known = self._known.get(tenant)
         if known is not None:
             known.added += jobs
+
+
+async def admit(
+    rate: SubmitRate,
+    pending: PendingJobs,
+    principal: Principal,
+    jobs: int = 1,
+    conn: AsyncConnection | None = None,
+) -> None:
+    """The quotas of a request about to create `jobs` jobs: the key's submit rate, then the tenant's
+    pending jobs (counted on `conn`, the request's transaction, when it holds one)."""
+    await rate.check(principal)
+    await pending.check(principal, jobs, conn)

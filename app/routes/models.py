@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter, Body, Depends, Header, Path, Response
 from fastapi.responses import JSONResponse
 
+from app import quotas
 from app.db import AsyncConnection
 from app.deps import Caller, caller
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
@@ -98,7 +99,7 @@ async def send(
     params = params or SendOptions()
     service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT, c.rt.settings.JOB_DEADLINE_S)
     if idempotency_key is None:
-        await _admit(c)
+        await quotas.admit(c.rt.submit_rate, c.rt.pending, c.principal)
         accepted = await service.submit(
             c.rt.db,
             c.rt.inserts,
@@ -118,7 +119,8 @@ async def send(
     else:
 
         async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
-            await _admit(c, conn)  # a replay creates nothing: only a first request counts against the quotas
+            # A replay creates nothing: only a first request counts against the quotas.
+            await quotas.admit(c.rt.submit_rate, c.rt.pending, c.principal, conn=conn)
             job = await service.insert_job(
                 conn,
                 c.principal,
@@ -149,13 +151,6 @@ async def send(
             headers = {"Location": url, "Preference-Applied": f"wait={wait_s:g}"}
             return Response(final, status_code=200, media_type="application/json", headers=headers)
     return answer
-
-
-async def _admit(c: Caller, conn: AsyncConnection | None = None) -> None:
-    """The quotas of a request that creates a job: the key's submit rate, the tenant's pending jobs
-    (read on `conn` when the request holds one)."""
-    await c.rt.submit_rate.check(c.principal)
-    await c.rt.pending.check(c.principal, conn=conn)
 
 
 _WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)(?:$|[;,\s])")

@@ -5,14 +5,14 @@ stop its jobs. Errors are in OpenAI's shape (app/errors.py)."""
 
 from __future__ import annotations
 
+import functools
 import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Header, Path
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import sse
-from app.db import AsyncConnection
+from app import quotas, sse
 from app.deps import Caller, caller
 from app.errors import AppError, NotFound, ServiceUnavailable
 from app.routes.models import check_ready
@@ -63,10 +63,7 @@ async def _create(c: Caller, call: service.Call, idempotency_key: str | None) ->
     """Create the call's jobs, quotas first (the pending-jobs cap counts each of its jobs); a
     repeated Idempotency-Key is answered from the first call's jobs whatever the quotas."""
 
-    async def admit(jobs: int, conn: AsyncConnection | None) -> None:
-        await c.rt.submit_rate.check(c.principal)
-        await c.rt.pending.check(c.principal, jobs, conn)
-
+    admit = functools.partial(quotas.admit, c.rt.submit_rate, c.rt.pending, c.principal)
     result_ids, created = await service.create_jobs(
         c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter, admit
     )

@@ -8,6 +8,7 @@ import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from app import background
 from app.auth import Principal
 from app.db import Database
 from app.models import ResultStatus
@@ -40,14 +41,7 @@ QUIET = Quiet()
 async def _read(db: Database, principal: Principal, result_id: uuid.UUID) -> ResultOut:
     """The row, read to the end even if the stream is cancelled meanwhile (its client left): a query
     cancelled midway costs the pool its connection, and a warning in the log."""
-    read = asyncio.ensure_future(results.read(db, principal, result_id))
-    read.add_done_callback(_retrieve)
-    return await asyncio.shield(read)
-
-
-def _retrieve(task: asyncio.Future[ResultOut]) -> None:
-    if not task.cancelled():
-        task.exception()  # nobody may await it any more: its error is not "never retrieved"
+    return await asyncio.shield(background.detached(results.read(db, principal, result_id)))
 
 
 async def follow(

@@ -9,7 +9,9 @@ copy of the task skips a row another worker holds, and a lapsed lease is taken o
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -21,6 +23,18 @@ from psycopg.types.json import Jsonb
 from app.db import AsyncConnection, Connection
 from app.repositories.listing import newest_first
 
+
+def _json_rows(rows: Iterable[dict[str, Any]]) -> str:
+    """A batch's rows as one JSON document (`jsonb_to_recordset`): psycopg dumps an array
+    parameter element by element in Python, which cost a batched statement most of its CPU."""
+    return json.dumps(list(rows), separators=(",", ":"))
+
+
+def storable(text: str | None) -> str | None:
+    """Text as Postgres can store it: its text type cannot hold NUL, which a model may generate."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
 # ---------------------------------------------------------------- API side
 
 # One statement checks that each row's context exists for its tenant and inserts the rows (no
@@ -29,9 +43,8 @@ _SUBMIT = """
     INSERT INTO result (id, tenant, context_id, model, params, prompt, deadline_at)
     SELECT r.id, c.tenant, c.id, r.model, r.params, r.prompt,
            clock_timestamp() + make_interval(secs => r.timeout_s)
-      FROM unnest(%(ids)s::uuid[], %(tenants)s::text[], %(context_ids)s::uuid[], %(models)s::text[],
-                  %(params)s::jsonb[], %(prompts)s::text[], %(timeouts)s::float8[])
-           AS r(id, tenant, context_id, model, params, prompt, timeout_s)
+      FROM jsonb_to_recordset(%(rows)s::jsonb)
+           AS r(id uuid, tenant text, context_id uuid, model text, params jsonb, prompt text, timeout_s float8)
       JOIN context AS c ON c.id = r.context_id AND c.tenant = r.tenant
     RETURNING id, created_at
 """
@@ -60,15 +73,19 @@ class NewResult:
 async def insert_for_contexts(conn: AsyncConnection, rows: list[NewResult]) -> dict[uuid.UUID, datetime]:
     """Each inserted row's created_at, by id; a row whose context its tenant does not have is not
     inserted (and not in the answer)."""
-    values = {
-        "ids": [r.id for r in rows],
-        "tenants": [r.tenant for r in rows],
-        "context_ids": [r.context_id for r in rows],
-        "models": [r.model for r in rows],
-        "params": [Jsonb(r.params) for r in rows],
-        "prompts": [r.prompt for r in rows],
-        "timeouts": [r.timeout_s for r in rows],
-    }
+    batch = _json_rows(
+        {
+            "id": str(r.id),
+            "tenant": r.tenant,
+            "context_id": str(r.context_id),
+            "model": r.model,
+            "params": r.params,
+            "prompt": r.prompt,
+            "timeout_s": r.timeout_s,
+        }
+        for r in rows
+    )
+    values = {"rows": batch}
     return {row[0]: row[1] for row in await (await conn.execute(_SUBMIT, values)).fetchall()}
 
 
@@ -220,16 +237,15 @@ _COMPLETE = """
        SET status = 'completed', output = v.output, error = NULL, finish_reason = v.finish_reason,
            prompt_tokens = v.prompt_tokens, completion_tokens = v.completion_tokens,
            finished_at = now(), updated_at = now()
-      FROM unnest(%(ids)s::uuid[], %(outputs)s::text[], %(reasons)s::text[],
-                  %(prompt_tokens)s::integer[], %(completion_tokens)s::integer[])
-           AS v(id, output, finish_reason, prompt_tokens, completion_tokens)
+      FROM jsonb_to_recordset(%(rows)s::jsonb)
+           AS v(id uuid, output text, finish_reason text, prompt_tokens integer, completion_tokens integer)
      WHERE r.id = v.id AND r.status = 'pending'
     RETURNING r.*
 """
 _FAIL = """
     UPDATE result AS r
        SET status = 'failed', error = v.error, finished_at = now(), updated_at = now()
-      FROM unnest(%(ids)s::uuid[], %(errors)s::text[]) AS v(id, error)
+      FROM jsonb_to_recordset(%(rows)s::jsonb) AS v(id uuid, error text)
      WHERE r.id = v.id AND r.status = 'pending'
     RETURNING r.*
 """
@@ -306,19 +322,18 @@ def complete_many(
     that were still pending, as now written."""
     if not outcomes:
         return {}
-    ids = list(outcomes)
-    columns = list(zip(*(outcomes[i] for i in ids), strict=True))
-    cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(
-        _COMPLETE,
+    batch = _json_rows(
         {
-            "ids": ids,
-            "outputs": list(columns[0]),
-            "reasons": list(columns[1]),
-            "prompt_tokens": list(columns[2]),
-            "completion_tokens": list(columns[3]),
-        },
-    ).fetchall()
+            "id": str(rid),
+            "output": storable(output),
+            "finish_reason": reason,
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+        }
+        for rid, (output, reason, prompt_tokens, completion_tokens) in outcomes.items()
+    )
+    cur = conn.cursor(row_factory=dict_row)
+    rows = cur.execute(_COMPLETE, {"rows": batch}).fetchall()
     return {row["id"]: row for row in rows}
 
 
@@ -326,9 +341,9 @@ def fail_many(conn: Connection, errors: dict[uuid.UUID, str]) -> FinalRows:
     """Like `complete_many`, for jobs that end with an error."""
     if not errors:
         return {}
-    ids = list(errors)
+    batch = _json_rows({"id": str(rid), "error": storable(error)} for rid, error in errors.items())
     cur = conn.cursor(row_factory=dict_row)
-    rows = cur.execute(_FAIL, {"ids": ids, "errors": [errors[i] for i in ids]}).fetchall()
+    rows = cur.execute(_FAIL, {"rows": batch}).fetchall()
     return {row["id"]: row for row in rows}
 
 
@@ -419,8 +434,8 @@ def _write_stopped(
 ) -> dict[str, Any] | None:
     values = {
         "id": result_id,
-        "error": error,
-        "output": output,
+        "error": storable(error),
+        "output": storable(output),
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
     }

@@ -171,7 +171,9 @@ def _first_str(raw: bytes) -> str | None:
     if len(raw) < 4:
         return None
     size = int.from_bytes(raw[:4], "little")
-    return raw[4 : 4 + size].decode("utf-8", errors="replace")
+    # NUL as U+FFFD, like undecodable bytes: Postgres text cannot store it, and a stream's pieces
+    # must add up to the stored output.
+    return raw[4 : 4 + size].decode("utf-8", errors="replace").replace("\x00", "\ufffd")
 
 
 def _int_sum(datatype: str, raw: bytes) -> int | None:

@@ -288,3 +288,33 @@ async def test_a_row_postgres_refuses_fails_only_its_own_submit(
     assert all(isinstance(a, datetime) for i, a in enumerate(answers) if i != 2), answers
     stored = await (await db.execute("SELECT id FROM result")).fetchall()
     assert {r[0] for r in stored} == {r.id for i, r in enumerate(rows) if i != 2}
+
+
+async def test_a_submit_stores_its_parameters_and_deadline_as_sent(
+    client: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    """What a batch carries to Postgres comes back unchanged: text outside ASCII, numbers that
+    are not exact in binary, and the job's own deadline (`timeout_s` after its creation)."""
+    context_id = await _context(client)
+    stop = ["é", "猫", "🙂", 'quote " and \\ backslash']
+    response = await client.post(
+        f"/models/send/{FAST_MODEL}/{context_id}",
+        json={"max_tokens": 7, "temperature": 0.1, "top_p": 0.3, "stop": stop, "timeout_s": 2.5},
+    )
+    assert response.status_code == 202, response.text
+    row = await (
+        await db.execute(
+            "SELECT params, extract(epoch FROM deadline_at - created_at) FROM result WHERE id = %s",
+            (response.json()["result_id"],),
+        )
+    ).fetchone()
+    assert row is not None
+    params, deadline_s = row
+    assert params["stop"] == stop
+    assert (params["temperature"], params["top_p"]) == (0.1, 0.3)
+    assert 2.49 <= float(deadline_s) < 3.5
+    plain = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 7})
+    no_deadline = await (
+        await db.execute("SELECT deadline_at FROM result WHERE id = %s", (plain.json()["result_id"],))
+    ).fetchone()
+    assert no_deadline == (None,)

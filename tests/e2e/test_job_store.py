@@ -82,6 +82,32 @@ def test_concurrent_claims_and_writes_are_batched_and_won_once(engine: Engine, e
         assert (rows[rid].status, rows[rid].error) == ("failed", f"err {rid}")
 
 
+def test_a_nul_in_one_output_does_not_fail_the_batch_it_is_written_with(
+    engine: Engine, e2e_db_url: str
+) -> None:
+    """Postgres text cannot hold NUL, which a model may generate: that output is stored with U+FFFD in
+    its place, and the outcomes written in the same statement are written too (text outside ASCII
+    unchanged)."""
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
+    ids = _pending(engine, 30)
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        assert all(pool.map(store.claim, ids))
+        outputs = {rid: f"out \u00e9\U0001f642 {i}" for i, rid in enumerate(ids)}
+        outputs[ids[7]] = "a\x00b"
+        errors = {rid: f"err \x00 {rid}" for rid in ids[20:]}
+        done = list(pool.map(lambda rid: store.complete(rid, Outcome(outputs[rid], "stop", 2, 3)), ids[:20]))
+        failed = list(pool.map(lambda rid: store.fail(rid, errors[rid]), ids[20:]))
+    assert all(done) and all(failed)
+    with engine.connect() as conn:
+        rows = {
+            r.id: r for r in conn.execute(text("SELECT * FROM result WHERE id = ANY(:ids)"), {"ids": ids})
+        }
+    assert rows[ids[7]].output == "a\ufffdb"
+    assert all(rows[rid].output == outputs[rid] for rid in ids[:20] if rid != ids[7])
+    assert all((rows[rid].status, rows[rid].error) == ("failed", f"err \ufffd {rid}") for rid in ids[20:])
+
+
 def test_coroutines_claim_and_write_through_the_same_batches(engine: Engine, e2e_db_url: str) -> None:
     """The worker's jobs are coroutines on one loop: their answers come back on that loop."""
     settings = Settings(DATABASE_URL=e2e_db_url)

@@ -91,3 +91,20 @@ def test_server_messages_are_classified() -> None:
     # Known to the repository but still loading (Triton just restarted): worth waiting for.
     loading = "Request for unknown model: 'sim-llm-slow' has no available versions"
     assert classify_server_message(loading).transient is True
+
+
+def test_generated_text_is_decoded_as_postgres_can_store_it() -> None:
+    """A NUL the model generates arrives as U+FFFD, as an undecodable byte does, in the stream's
+    piece and in the text kept for the row alike."""
+    from tritonclient.grpc import service_pb2
+
+    from app.triton.inference import _Responses
+
+    raw = "a\x00é".encode() + b"\xff"
+    response = service_pb2.ModelInferResponse()
+    response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+    response.raw_output_contents.append(len(raw).to_bytes(4, "little") + raw)
+    streamed: list[str] = []
+    responses = _Responses(streamed.append)
+    responses.add(response)
+    assert responses.pieces == streamed == ["a\ufffdé\ufffd"]

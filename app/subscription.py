@@ -27,7 +27,9 @@ async def subscribe_forever(
     reopened a second later, after `on_lost` (messages may have been missed meanwhile);
     `subscribed` is set while the subscription stands."""
     while True:
-        client = aioredis.from_url(redis_url)
+        # RESP2: under RESP3 redis-py hands every pub/sub message to its push handler, which
+        # formats the message into a debug string whether or not debug is logged.
+        client = aioredis.from_url(redis_url, protocol=2)
         pubsub = client.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(channel)

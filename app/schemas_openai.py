@@ -63,13 +63,37 @@ class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: NoNul | Annotated[list[ContentPart], Field(min_length=1)] | None = None
-    name: Annotated[str, Field(max_length=64, pattern=r"^[^\x00]*$")] | None = None
+    # Before `content`: whether a message without content is valid depends on it.
     image: str | None = Field(
         default=None,
         description="Non-standard, sent by some clients: one image as a data URL, or a markdown "
         "image link around one (`![](data:…)`).",
     )
+    content: NoNul | Annotated[list[ContentPart], Field(min_length=1)] | None = Field(
+        default=None, validate_default=True
+    )
+    name: Annotated[str, Field(max_length=64, pattern=r"^[^\x00]*$")] | None = None
+    # What the SDK sends back with an earlier answer (`messages.append(choice.message)`): accepted
+    # null or empty, since then they change nothing; this platform has no tools, refusals or audio.
+    refusal: str | None = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
+    audio: Any = None
+    annotations: list[Any] | None = None
+
+    @field_validator("content")
+    @classmethod
+    def _required(cls, value: object, info: ValidationInfo) -> object:
+        if value is None and info.data.get("image") is None:
+            raise ValueError("a message needs content: a string or a list of parts")
+        return value
+
+    @field_validator("refusal", "tool_calls", "function_call", "audio", "annotations")
+    @classmethod
+    def _empty(cls, value: object, info: ValidationInfo) -> object:
+        if value:
+            raise ValueError(f"{info.field_name} is not supported here: only null or empty is accepted")
+        return value
 
 
 class StreamOptions(BaseModel):

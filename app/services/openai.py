@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from app.auth import Principal
 from app.config import Settings
 from app.db import AsyncConnection, Database
-from app.errors import AppError, InvalidInput, PayloadTooLarge
+from app.errors import AppError, InvalidInput
 from app.images import image_base64
 from app.notify import ResultWaiter
 from app.repositories import results as results_repo
@@ -171,10 +171,12 @@ def _sampling(
 
 def _check_size(text: str, what: str, settings: Settings) -> None:
     size = len(text.encode("utf-8"))
-    if size > settings.MAX_CONTENT_BYTES:
-        raise PayloadTooLarge(
+    if size > settings.MAX_CONTENT_BYTES:  # a 400, as OpenAI answers a string over its limit
+        raise InvalidInput(
             f"{what} is {size} bytes, over the limit of {settings.MAX_CONTENT_BYTES} bytes",
+            status_code=400,
             detail={"field": "messages" if what == "the conversation" else "prompt"},
+            code="string_above_max_length",
         )
 
 

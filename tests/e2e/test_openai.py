@@ -84,6 +84,32 @@ def test_a_chat_call_answers_the_simulated_text_and_its_job_is_kept(
     assert result["params"]["openai"] == {"n": 1, "index": 0, "user": "alice"}
 
 
+def test_a_conversation_goes_on_with_the_answer_message_the_sdk_returned(sdk: openai.OpenAI) -> None:
+    """`messages.append(choice.message)`: the SDK sends the answer back with `refusal`, `tool_calls`
+    and the like set to null; the next turn is rendered with it."""
+    params = {"max_tokens": 8, "temperature": 0.0, "top_p": 1.0}
+    messages: list[object] = [{"role": "user", "content": "Why batch requests?"}]
+    first = sdk.chat.completions.create(model=FAST_MODEL, messages=messages, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+    answer = first.choices[0].message
+    assert answer.content
+    for sent_back in (answer, answer.model_dump(), answer.to_dict()):
+        turn = [*messages, sent_back, {"role": "user", "content": "And then?"}]
+        second = sdk.chat.completions.create(model=FAST_MODEL, messages=turn, max_tokens=8, temperature=0)  # type: ignore[arg-type]
+        prompt = chatml(("user", "Why batch requests?"), ("assistant", answer.content), ("user", "And then?"))
+        assert second.choices[0].message.content == simulate(prompt, params, SIM_MAX_MODEL_LEN).text
+
+    with pytest.raises(openai.BadRequestError) as with_tools:
+        call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+        turn = [*messages, {"role": "assistant", "content": "x", "tool_calls": call}]
+        sdk.chat.completions.create(model=FAST_MODEL, messages=turn, max_tokens=8)  # type: ignore[arg-type]
+    assert with_tools.value.param == "messages.1.tool_calls"
+    assert "tool_calls is not supported" in with_tools.value.message
+    with pytest.raises(openai.BadRequestError) as without_content:
+        sdk.chat.completions.create(model=FAST_MODEL, messages=[{"role": "user", "content": None}])  # type: ignore[list-item]
+    assert without_content.value.param == "messages.0.content"
+    assert "needs content" in without_content.value.message
+
+
 def test_max_tokens_ends_with_length(sdk: openai.OpenAI) -> None:
     prompt = chatml(("user", "Count to a thousand."))
     params = {"max_tokens": 3, "temperature": 0.0, "top_p": 1.0}
@@ -355,3 +381,16 @@ def test_a_body_over_the_limit_is_a_413_in_openais_shape(sdk: openai.OpenAI) -> 
     assert refused.value.status_code == 413
     body = refused.value.body
     assert isinstance(body, dict) and body["code"] == "request_too_large" and "limit" in body["message"]
+
+
+def test_a_conversation_over_the_content_limit_is_a_400(sdk: openai.OpenAI) -> None:
+    """Within the body limit but over MAX_CONTENT_BYTES (4096 in these tests): a 400, as OpenAI
+    answers a string over its limit, so the SDK raises BadRequestError."""
+    long = "word " * 1000
+    with pytest.raises(openai.BadRequestError) as refused:
+        sdk.chat.completions.create(model=FAST_MODEL, messages=[{"role": "user", "content": long}])
+    assert refused.value.code == "string_above_max_length" and refused.value.param == "messages"
+    assert "over the limit of 4096 bytes" in refused.value.message
+    with pytest.raises(openai.BadRequestError) as prompt:
+        sdk.completions.create(model=FAST_MODEL, prompt=long)
+    assert prompt.value.code == "string_above_max_length" and prompt.value.param == "prompt"

@@ -3,11 +3,13 @@
 Every request but health and the API docs passes the `Authentication` middleware, in front of
 routing and body parsing, so no operation can be served without a key. Keys are `llmq_` + 256 random bits; only
 their SHA-256 is stored. An API process keeps what it read about a key for KEY_CACHE_TTL_S, so a
-request costs no database round trip; a revocation is seen by every process within that time.
+request costs no database round trip (a key in use is re-read ahead, in the background); past that
+time a request waits for the re-read, so a revocation is seen by every process within it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -104,32 +106,40 @@ class KeyRing:
         self._bootstrap_hash = key_hash(settings.ADMIN_API_KEY) if settings.ADMIN_API_KEY else None
         self._cache: dict[bytes, tuple[Principal | None, float]] = {}  # digest -> (principal, fresh until)
         self._touched: dict[uuid.UUID, float] = {}
+        self._reading: dict[bytes, asyncio.Future[tuple[Principal | None, float]]] = {}
         self._background = Refreshes("API key re-read or last-use write")
 
     async def principal(self, key: str) -> Principal | None:
         digest = key_hash(key)
-        if self._bootstrap_hash is not None and hmac.compare_digest(digest, self._bootstrap_hash):
-            return Principal(
-                key_id=None,
-                tenant=DEFAULT_TENANT,
-                scope="admin",
-                max_pending=self.settings.MAX_PENDING_PER_TENANT,
-                submit_rate_per_s=self.settings.SUBMIT_RATE_PER_KEY,
-            )
         now = time.monotonic()
         cached = self._cache.get(digest)
-        if cached is None:
-            cached = await self._refresh(digest)
-        elif cached[1] < now:
-            # Stale: answered from the cache while one task re-reads it (no request waits for the
-            # database, and a burst of requests does not read it once each).
+        if cached is None or cached[1] <= now:
+            # Unknown or expired: this request waits for the read (one read for a burst), so a
+            # revocation is never answered from the cache past KEY_CACHE_TTL_S.
+            cached = await self._read(digest)
+        elif cached[1] - now < self.settings.KEY_CACHE_TTL_S / 2:
+            # Half its time left: re-read ahead in the background, so a key in use never waits.
             known = cached[0]
             label = f"key {known.key_id}" if known is not None and known.key_id else "an unknown key"
-            self._background.start(digest, lambda: self._refresh(digest), label)
+            self._background.start(digest, lambda: self._read(digest), label)
         principal = cached[0]
         if principal is not None and principal.key_id is not None:
             self._touch(principal.key_id, now)
         return principal
+
+    async def _read(self, digest: bytes) -> tuple[Principal | None, float]:
+        """The key read again; concurrent callers share one read, which none of them can cancel."""
+        reading = self._reading.get(digest)
+        if reading is None:
+            reading = asyncio.ensure_future(self._refresh(digest))
+            self._reading[digest] = reading
+            reading.add_done_callback(lambda done: self._read_done(digest, done))
+        return await asyncio.shield(reading)
+
+    def _read_done(self, digest: bytes, done: asyncio.Future[tuple[Principal | None, float]]) -> None:
+        self._reading.pop(digest, None)
+        if not done.cancelled():
+            done.exception()  # retrieved: every caller may have gone, the next one reads again
 
     async def _refresh(self, digest: bytes) -> tuple[Principal | None, float]:
         entry = (await self._load(digest), time.monotonic() + self.settings.KEY_CACHE_TTL_S)
@@ -139,6 +149,17 @@ class KeyRing:
         return entry
 
     async def _load(self, digest: bytes) -> Principal | None:
+        if self._bootstrap_hash is not None and hmac.compare_digest(digest, self._bootstrap_hash):
+            # The bootstrap key is tenant `default`'s admin: that tenant's limits apply to it too.
+            async with self.db.connection() as conn:
+                limits = await repo.tenant_limits(conn, DEFAULT_TENANT)
+            return Principal(
+                key_id=None,
+                tenant=DEFAULT_TENANT,
+                scope="admin",
+                max_pending=limits["max_pending"] or self.settings.MAX_PENDING_PER_TENANT,
+                submit_rate_per_s=limits["submit_rate_per_s"] or self.settings.SUBMIT_RATE_PER_KEY,
+            )
         async with self.db.connection() as conn:
             row = await repo.by_hash(conn, digest)
         if (

@@ -26,6 +26,10 @@ _BY_HASH = """
       FROM api_key AS k LEFT JOIN tenant_limits AS t ON t.tenant = k.tenant
      WHERE k.hash = %(hash)s
 """
+_TENANT_LIMITS = """
+    SELECT t.max_pending, t.submit_rate_per_s
+      FROM (SELECT 1) AS one LEFT JOIN tenant_limits AS t ON t.tenant = %(tenant)s
+"""
 _LIST = f"SELECT {_PUBLIC} FROM api_key ORDER BY created_at DESC, id DESC"
 _REVOKE = f"""
     UPDATE api_key SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %(id)s RETURNING {_PUBLIC}
@@ -50,6 +54,14 @@ async def insert(conn: AsyncConnection, **values: Any) -> dict[str, Any]:
 async def by_hash(conn: AsyncConnection, key_hash: bytes) -> dict[str, Any] | None:
     cur = conn.cursor(row_factory=dict_row)
     return await (await cur.execute(_BY_HASH, {"hash": key_hash})).fetchone()
+
+
+async def tenant_limits(conn: AsyncConnection, tenant: str) -> dict[str, Any]:
+    """The tenant's quota overrides (each None when not set)."""
+    cur = conn.cursor(row_factory=dict_row)
+    row = await (await cur.execute(_TENANT_LIMITS, {"tenant": tenant})).fetchone()
+    assert row is not None  # one row, whether the tenant has limits or not
+    return row
 
 
 async def all_keys(conn: AsyncConnection) -> list[dict[str, Any]]:

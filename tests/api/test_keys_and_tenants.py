@@ -344,6 +344,19 @@ async def test_tenant_limits_apply_to_every_key_of_the_tenant(api_app: InProcess
         assert (await _send(small, context_id)).status_code == 429
 
 
+async def test_the_bootstrap_admin_key_counts_against_its_tenants_limits(api_app: InProcessApi) -> None:
+    """ADMIN_API_KEY is tenant `default`'s: that tenant's limits apply to it as to its other keys."""
+    context_id = await _context(api_app.admin)
+    put = await api_app.admin.put("/admin/tenants/default/limits", json={"submit_rate_per_s": 1})
+    try:
+        assert put.status_code == 200
+        assert (await _send(api_app.admin, context_id)).status_code == 202
+        refused = await _send(api_app.admin, context_id)
+        assert refused.status_code == 429 and "submits per second" in refused.json()["error"]
+    finally:
+        await api_app.admin.put("/admin/tenants/default/limits", json={})
+
+
 async def test_the_bootstrap_admin_key_is_refused_in_production() -> None:
     from pydantic import ValidationError
 

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -115,6 +116,32 @@ def test_a_revocation_reaches_another_api_process_within_seconds(
         assert time.monotonic() - revoked_at < 5, "the server still accepts a revoked key"
         time.sleep(0.1)
     assert httpx.get(f"{api_server}/contexts/", headers=headers).status_code == 401
+
+
+def test_a_key_revoked_elsewhere_is_refused_once_the_cache_time_has_passed(
+    api_server: str, e2e_env: dict[str, str]
+) -> None:
+    """Past KEY_CACHE_TTL_S (1 s here) not even the first requests are answered from the cache:
+    a burst after an idle spell creates nothing."""
+    created = _new_key(api_server, "e2e")
+    headers = bearer(created["key"])
+    assert httpx.get(f"{api_server}/contexts/", headers=headers).status_code == 200  # cached now
+    subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "revoke", created["id"]],
+        cwd=ROOT,
+        env={**e2e_env, "PATH": str(Path(sys.executable).parent)},
+        check=True,
+        capture_output=True,
+    )
+    time.sleep(1.5)
+
+    def create(i: int) -> int:
+        body = {"content": f"after the revocation {i}"}
+        return httpx.post(f"{api_server}/contexts/", json=body, headers=headers).status_code
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        statuses = list(pool.map(create, range(20)))
+    assert statuses == [401] * 20
 
 
 def test_no_key_appears_in_any_log(

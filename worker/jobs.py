@@ -64,6 +64,9 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
         return
     if runtime.was_cancelled(str(rid)):
         log.info("result %s was cancelled before it started", rid)
+        await asyncio.to_thread(
+            record_stop, settings, job, Stopped("cancelled", Generation("", None, None, None))
+        )
         return
     if job.seconds_left is not None and job.seconds_left <= 0:
         stop = Stopped("deadline", Generation("", None, None, None))
@@ -103,10 +106,16 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
         prompt_tokens=generation.prompt_tokens,
         completion_tokens=generation.completion_tokens,
     )
-    if not await store.acomplete(rid, outcome):
-        log.info("result %s was already finished; the duplicate outcome was dropped", rid)
+    if await store.acomplete(rid, outcome):
+        if sink is not None:
+            sink.finish("completed")
+        return
     if sink is not None:
-        sink.finish("completed")
+        # Cancelled as it ended: the row keeps the text its stream showed, as a cancel mid-way does.
+        await asyncio.to_thread(record_stop, settings, job, Stopped("cancelled", generation))
+        sink.finish("cancelled")
+        return
+    log.info("result %s was already finished; the duplicate outcome was dropped", rid)
 
 
 async def _failed(settings: Settings, job: ClaimedJob, exc: GenerationError, ring: Ring) -> bool:
@@ -145,8 +154,9 @@ def record_stop(settings: Settings, job: ClaimedJob, stop: Stopped) -> None:
     made it so); past its own deadline: it ends `cancelled` here, saying why."""
     partial = stop.partial
     values = (partial.text or None, partial.prompt_tokens, partial.completion_tokens)
-    if stop.reason == "cancelled" and not partial.text and not partial.completion_tokens:
-        return  # nothing produced (or not streamed): the row stays as the cancel left it
+    if stop.reason == "cancelled" and not job.params.get("stream"):
+        return  # nothing to show before its end: the cancel made the row final already
+    # A streamed one is recorded even with nothing produced yet: its cancel waits for this row.
     with get_database(settings).connection() as conn:
         if stop.reason == "cancelled":
             row = repo.record_cancelled(conn, job.result_id, *values)

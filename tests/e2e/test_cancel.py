@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any
 
@@ -95,3 +96,44 @@ def test_a_finished_job_cannot_be_cancelled_and_a_cancel_repeats(api: httpx.Clie
     assert first.status_code == again.status_code == 200
     assert first.json() == again.json()
     assert api.post(f"/results/{done_id[:-4]}beef/cancel").status_code == 404
+
+
+def test_a_streamed_job_cancelled_as_it_ends_keeps_the_text_its_stream_showed(
+    api: httpx.Client, e2e_env: dict[str, str]
+) -> None:
+    """The cancel commits while the worker's completion waits for the row (held locked here): the
+    completion then finds the job cancelled, and the row keeps the whole text rather than none."""
+    from app.repositories.results import _CANCEL
+
+    params = {"max_tokens": 20, "ignore_eos": True, "stream": True}
+    result_id = send(api, SLOW_MODEL, create_context(api, "Say twenty words."), params)
+    engine = create_engine(e2e_env["DATABASE_URL"])
+    try:
+        with engine.connect() as lock:
+            _until(
+                lambda: lock.execute(
+                    text("SELECT started_at IS NOT NULL FROM result WHERE id = :i"), {"i": result_id}
+                ).scalar_one(),
+                20,
+                "the job never started",
+            )
+            lock.commit()
+            lock.execute(text("SELECT 1 FROM result WHERE id = :i FOR UPDATE"), {"i": result_id})
+            pieces: list[str] = []
+            with api.stream("GET", f"/results/{result_id}/stream") as stream:
+                for line in stream.iter_lines():  # the 20 tokens come; `done` waits for the row
+                    if line.startswith("data:"):
+                        pieces.append(json.loads(line[5:])["text"])
+                    if len(pieces) == 20:
+                        break
+            streamed = "".join(pieces)
+            time.sleep(0.5)  # the worker's completion is waiting for the lock by now
+            lock.exec_driver_sql(_CANCEL, {"id": result_id, "tenant": None})
+            lock.commit()
+        final = lambda: api.get(f"/results/{result_id}").json()  # noqa: E731
+        _until(lambda: final()["finish_reason"] is not None, 10, f"the text was not kept: {final()}")
+    finally:
+        engine.dispose()
+    row = final()
+    assert row["status"] == "cancelled" and row["error"] == "cancelled by the client"
+    assert (row["output"], row["completion_tokens"], row["finish_reason"]) == (streamed, 20, "abort")

@@ -280,3 +280,34 @@ def test_a_row_that_cannot_be_rendered_still_gets_an_id_notice(caplog: pytest.Lo
     with caplog.at_level(logging.ERROR, logger="worker.job_store"):
         assert parse_notice(final_notice(rid, {"id": rid, "status": "completed"})) == (str(rid), None)
     assert "not renderable" in caplog.text
+
+
+def test_a_streamed_job_cancelled_before_its_first_token_ends_abort_at_once(
+    engine: Engine, e2e_db_url: str
+) -> None:
+    """Its cancel waits for the worker's record of what the stream showed: with nothing shown yet
+    the worker still records it (finish_reason abort), so the cancel is not left to its timeout."""
+    from app.repositories.results import _CANCEL
+    from app.triton.inference import Generation
+    from worker.jobs import record_stop
+    from worker.runtime import Stopped
+
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
+    streamed, plain = _pending(engine, 2)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE result SET params = '{\"stream\": true}' WHERE id = :i"), {"i": streamed})
+    jobs = [store.claim(rid) for rid in (streamed, plain)]
+    with engine.begin() as conn:
+        for rid in (streamed, plain):
+            conn.exec_driver_sql(_CANCEL, {"id": rid, "tenant": None})
+    for job in jobs:
+        assert job is not None
+        record_stop(settings, job, Stopped("cancelled", Generation("", None, None, None)))
+    with engine.connect() as conn:
+        rows = dict(
+            conn.execute(
+                text("SELECT id, finish_reason FROM result WHERE id = ANY(:ids)"), {"ids": [streamed, plain]}
+            ).all()
+        )
+    assert rows == {streamed: "abort", plain: "abort"}  # the plain one's from the cancel itself

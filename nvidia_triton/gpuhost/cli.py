@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from typing import Annotated, Any
 import typer
 
 from . import remote
-from .config import DEFAULT_CONFIG, ConfigError, InstanceDefinition, load
+from .config import DEFAULT_CONFIG, ConfigError, InstanceDefinition, load, missing_model_folder
 from .runner import Runner, known_secrets
 from .vast import SshTarget, Vast, VastError
 
@@ -32,7 +33,7 @@ class Ctx:
     config: Path
     runner: Runner
     vast: Vast
-    ssh_url: str
+    direct_ssh: SshTarget | None
     ssh_opts: list[str]
     models_dir: Path
     _defn: InstanceDefinition | None = None
@@ -49,8 +50,8 @@ class Ctx:
         self.runner.say(text, err=err)
 
     def target(self, contract_id: int | None) -> SshTarget:
-        if self.ssh_url:
-            return SshTarget.parse(self.ssh_url)
+        if self.direct_ssh is not None:
+            return self.direct_ssh
         return self.vast.ssh_target(need_contract(contract_id))
 
 
@@ -96,7 +97,25 @@ def main(
     ] = MODELS_DIR,
 ) -> None:
     runner = Runner(dry_run=dry_run, secrets=known_secrets())
-    ctx.obj = Ctx(config, runner, Vast(runner, vastai), ssh_url, shlex.split(ssh_opts), models_dir)
+    ctx.obj = Ctx(
+        config, runner, Vast(runner, vastai), parse_ssh_url(ssh_url), parse_ssh_opts(ssh_opts), models_dir
+    )
+
+
+def parse_ssh_url(value: str) -> SshTarget | None:
+    if not value.strip():
+        return None
+    try:
+        return SshTarget.parse(value)
+    except VastError as exc:
+        raise ConfigError(f"SSH_URL: {exc}") from None
+
+
+def parse_ssh_opts(value: str) -> list[str]:
+    try:
+        return shlex.split(value)
+    except ValueError as exc:
+        raise ConfigError(f"SSH_OPTS: {str(exc).lower()} in {value!r} (quote it as for a shell)") from None
 
 
 def _c(ctx: typer.Context) -> Ctx:
@@ -116,6 +135,10 @@ def check_config(ctx: typer.Context) -> None:
 
     c = _c(ctx)
     d = c.defn
+    # Only deploy would notice otherwise, after the instance is rented.
+    missing = missing_model_folder(c.models_dir, d.triton.models)
+    if missing:
+        raise ConfigError(f"{d.source.name}: triton.models: {missing}")
     c.say(f"{d.source}: ok")
     c.say(f"offer query: {offer_query(d.offer, d.instance.disk_gb)}")
     c.say(f"image: {d.instance.image}, disk {d.instance.disk_gb:g} GB, ports {d.instance.ports}")
@@ -293,10 +316,9 @@ def deploy_models(
     """Copy triton_models/<MODELS> to the instance, load each through the repository API, wait for ready."""
     c = _c(ctx)
     names = split_models(models, c.defn.triton.models)
-    missing = [n for n in names if not (c.models_dir / n / "config.pbtxt").is_file()]
+    missing = missing_model_folder(c.models_dir, names)
     if missing:
-        known = sorted(p.name for p in c.models_dir.iterdir() if (p / "config.pbtxt").is_file())
-        raise _fail(c, f"no model folder {missing[0]!r} in {c.models_dir} (have: {', '.join(known)})")
+        raise _fail(c, missing)
     _gpu_budget(c, names)
     if not skip_copy:
         target = c.target(contract_id)
@@ -408,9 +430,69 @@ def destroy_instance(
         c.say(f"instance {cid} destroyed")
 
 
+# The pinned typer raises its own click copy's exceptions, older ones click's: handle both by
+# their public bases (typer.TyperException is the base of typer's vendored ClickException).
+_USAGE_ERRORS: tuple[type[Exception], ...] = (typer.TyperException,)
+_ABORTS: tuple[type[BaseException], ...] = (typer.Abort,)
+with contextlib.suppress(ImportError):
+    import click
+
+    _USAGE_ERRORS += (click.ClickException,)
+    _ABORTS += (click.exceptions.Abort,)
+
+_KINDS = {
+    "integer": "an integer",
+    "number": "a number",
+    "float": "a number",
+    "boolean": "1/0, yes/no or true/false",
+}
+
+
+def _option_value(opts: list[str], argv: list[str]) -> str | None:
+    """The value given on the command line to one of opts (--opt value or --opt=value)."""
+    for i, arg in enumerate(argv):
+        for opt in opts:
+            if arg == opt and i + 1 < len(argv):
+                return argv[i + 1]
+            if arg.startswith(opt + "="):
+                return arg[len(opt) + 1 :]
+    return None
+
+
+def bad_value_message(exc: Exception, argv: list[str]) -> str | None:
+    """`CONTRACT_ID must be an integer, got 'abc'`: the make variable when the value came from one."""
+    param = getattr(exc, "param", None)
+    if param is None:
+        return None
+    opts = list(getattr(param, "opts", None) or [])
+    envvar = getattr(param, "envvar", None)
+    envvar = envvar[0] if isinstance(envvar, list | tuple) and envvar else envvar
+    value = _option_value(opts, argv)
+    if value is None and isinstance(envvar, str) and envvar in os.environ:
+        name, value = envvar, os.environ[envvar]
+    else:
+        name = opts[0] if opts else str(getattr(param, "name", "?"))
+    detail = str(getattr(exc, "message", "") or exc)
+    kind = re.search(r"valid (integer|number|float|boolean)", detail.lower())
+    if kind is None or value is None:
+        return f"{name}: {detail}"
+    return f"{name} must be {_KINDS[kind[1]]}, got {value!r}"
+
+
+def usage_message(exc: Exception, argv: list[str]) -> str:
+    bad = bad_value_message(exc, argv)
+    if bad:
+        return bad
+    fmt = getattr(exc, "format_message", None)
+    text = str(fmt() if callable(fmt) else exc).rstrip(".")
+    command = getattr(getattr(exc, "ctx", None), "command_path", None)
+    return f"{text} (see `{command} --help`)" if command else text
+
+
 def run() -> None:
+    argv = sys.argv[1:]
     try:
-        code = app(standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)
     except (ConfigError, VastError) as exc:
         # Masking again: messages can quote vastai's output.
         runner = Runner(secrets=known_secrets())
@@ -418,13 +500,13 @@ def run() -> None:
         sys.exit(1)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except _ABORTS:
+        sys.exit(1)
+    except _USAGE_ERRORS as exc:
+        # No command at all: the help is the answer, not an error line.
+        if type(exc).__name__ == "NoArgsIsHelpError" and hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
+        else:
+            Runner(secrets=known_secrets()).say(f"error: {usage_message(exc, argv)}", err=True)
+        sys.exit(int(getattr(exc, "exit_code", 2)))
     sys.exit(code if isinstance(code, int) else 0)

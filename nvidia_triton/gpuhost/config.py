@@ -280,6 +280,18 @@ def load(path: Path = DEFAULT_CONFIG) -> InstanceDefinition:
     return parse(data, path)
 
 
+def missing_model_folder(models_dir: Path, names: list[str]) -> str | None:
+    """Why one of names has no Triton model folder under models_dir, naming the folders there."""
+    missing = [n for n in names if not (models_dir / n / "config.pbtxt").is_file()]
+    if not missing:
+        return None
+    try:
+        known = sorted(p.name for p in models_dir.iterdir() if (p / "config.pbtxt").is_file())
+    except OSError:
+        return f"no model folder {missing[0]!r}: cannot read {models_dir}"
+    return f"no model folder {missing[0]!r} in {models_dir} (have: {', '.join(known) or 'none'})"
+
+
 def offer_query(offer: OfferFilter, disk_gb: float) -> str:
     """The `vastai search offers` query string for these filters."""
     parts = [

@@ -29,6 +29,21 @@ def vastai_key_file() -> Path:
     return Path(base) / "vastai" / "vast_api_key"
 
 
+def vast_key_configured() -> bool:
+    """Whether vastai has a key: VAST_API_KEY, or a file `vastai set api-key` (or 2FA login) wrote."""
+    # vastai reads no file once the variable is set, even to an empty value.
+    if "VAST_API_KEY" in os.environ:
+        return bool(os.environ["VAST_API_KEY"].strip())
+    key_dir = vastai_key_file().parent
+    # The legacy ~/.vast_api_key is still read (vastai copies it into its config dir).
+    candidates = [vastai_key_file(), key_dir / "vast_tfa_key", Path.home() / ".vast_api_key"]
+    for path in candidates:
+        with contextlib.suppress(OSError):
+            if path.read_text().strip():
+                return True
+    return False
+
+
 def known_secrets(extra_env_names: Iterable[str] = ()) -> list[str]:
     names = ["VAST_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", *extra_env_names]
     values = [os.environ.get(n, "") for n in names]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -14,6 +13,28 @@ from prometheus_client.parser import text_string_to_metric_families
 from .runner import Runner
 
 TUNNEL_HINT = "is the tunnel up? run `make ssh-tunnels-tritonserver CONTRACT_ID=…` in another terminal"
+
+
+def not_triton(client: httpx.Client, base: str) -> str | None:
+    """Why the server at base is not Triton, or None: Triton answers GET /v2 with its metadata JSON."""
+    resp = client.get(f"{base}/v2")
+    meta = _json(resp)
+    if resp.status_code == 200 and isinstance(meta, dict) and {"name", "version"} <= meta.keys():
+        return None
+    ctype = resp.headers.get("content-type", "no content type").split(";")[0]
+    status = f"HTTP {resp.status_code} {resp.reason_phrase}".strip()
+    return (
+        f"{base} is not a Triton server: GET /v2 answered {status} ({ctype}), not Triton's server "
+        "metadata; check TRITON_URL"
+    )
+
+
+def _json(resp: httpx.Response) -> Any:
+    """The body as JSON, or None when it is not JSON."""
+    try:
+        return resp.json()
+    except ValueError:
+        return None
 
 
 @dataclass
@@ -28,12 +49,19 @@ def check_health(base_url: str, models: Sequence[str] = (), timeout: float = 5.0
     lines: list[str] = []
     try:
         with httpx.Client(timeout=timeout) as client:
+            foreign = not_triton(client, base)
+            if foreign:
+                return Health(False, [f"NOT healthy: {foreign}"])
             live = client.get(f"{base}/v2/health/live").status_code == 200
             ready = client.get(f"{base}/v2/health/ready").status_code == 200
             lines.append(f"server {base}: live={'yes' if live else 'NO'} ready={'yes' if ready else 'NO'}")
             index_resp = client.post(f"{base}/v2/repository/index", json={})
-            index: list[dict[str, Any]] = index_resp.json() if index_resp.status_code == 200 else []
-            states = {m["name"]: m for m in index}
+            index = _json(index_resp) if index_resp.status_code == 200 else []
+            states: dict[str, dict[str, Any]] = {
+                m["name"]: m
+                for m in (index if isinstance(index, list) else [])
+                if isinstance(m, dict) and "name" in m
+            }
             # Without MODELS: every model Triton tried to load, except those unloaded on purpose.
             wanted = list(models) or sorted(
                 n for n, m in states.items() if m.get("state") and m.get("reason") != "unloaded"
@@ -121,9 +149,14 @@ def model_stats(base_url: str, metrics_url: str, timeout: float = 5.0) -> tuple[
     base = base_url.rstrip("/")
     try:
         with httpx.Client(timeout=timeout) as client:
+            foreign = not_triton(client, base)
+            if foreign:
+                return [f"cannot read statistics: {foreign}"], False
             resp = client.get(f"{base}/v2/models/stats")
             resp.raise_for_status()
-            stats = resp.json()
+            stats = _json(resp)
+            if not isinstance(stats, dict):
+                return [f"cannot read statistics from {base}: /v2/models/stats is not JSON"], False
             notes: list[str] = []
             try:
                 mresp = client.get(metrics_url)
@@ -134,6 +167,12 @@ def model_stats(base_url: str, metrics_url: str, timeout: float = 5.0) -> tuple[
             except httpx.HTTPError as exc:
                 metrics = {}
                 notes.append(f"metrics unavailable at {metrics_url}: {type(exc).__name__}")
+            except ValueError:
+                # prometheus_client's parser rejects anything that is not the text format.
+                metrics = {}
+                notes.append(
+                    f"metrics unavailable: {metrics_url} is not Prometheus text (check TRITON_METRICS_URL)"
+                )
     except httpx.HTTPError as exc:
         return [f"cannot read statistics from {base}: {type(exc).__name__} ({TUNNEL_HINT})"], False
     return [*format_stats(stats, metrics), *notes], True
@@ -161,6 +200,14 @@ def load_models(
     all_ok = True
     # The load call blocks while vLLM downloads and warms up: only the connect must be quick.
     with httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0)) as client:
+        try:
+            foreign = not_triton(client, base)
+        except httpx.HTTPError as exc:
+            runner.say(f"FAILED: cannot reach Triton at {base}: {type(exc).__name__} ({TUNNEL_HINT})")
+            return False
+        if foreign:
+            runner.say(f"FAILED: {foreign}")
+            return False
         for name in models:
             start = clock()
             runner.say(f"loading {name} …")
@@ -193,7 +240,7 @@ def load_models(
 
 
 def _error_text(resp: httpx.Response) -> str:
-    try:
-        return str(resp.json().get("error", resp.text))
-    except (json.JSONDecodeError, AttributeError):
-        return resp.text.strip()[:500] or f"HTTP {resp.status_code}"
+    body = _json(resp)
+    if isinstance(body, dict) and "error" in body:
+        return str(body["error"])
+    return resp.text.strip()[:500] or f"HTTP {resp.status_code}"

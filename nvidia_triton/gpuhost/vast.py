@@ -9,6 +9,7 @@ error and exits 0, and raw JSON may hold the HF token (extra_env), so it is neve
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import sys
 import time
@@ -19,10 +20,14 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .config import InstanceDefinition, docker_env, offer_order, offer_query
-from .runner import Runner
+from .runner import Result, Runner, vast_key_configured
 
 # Statuses after which an instance will not become "running" by waiting.
 DEAD_STATUSES = frozenset({"exited", "unknown", "offline"})
+NO_KEY = (
+    "no Vast.ai API key: run `.venv/bin/vastai set api-key <KEY>` or export VAST_API_KEY=<KEY>"
+    " (key from your Vast.ai account page)"
+)
 # The update nudge would add a network call and a stray stderr line to every command.
 _ENV = {"VASTAI_NO_UPDATE_CHECK": "1"}
 
@@ -48,9 +53,13 @@ class SshTarget:
     @classmethod
     def parse(cls, url: str) -> SshTarget:
         parts = urlsplit(url.strip())
-        if parts.scheme != "ssh" or not parts.hostname or not parts.port:
-            raise VastError(f"not an ssh URL (expected ssh://user@host:port): {url.strip()!r}")
-        return cls(parts.username or "root", parts.hostname, parts.port)
+        try:
+            port = parts.port
+        except ValueError:  # not a number, or outside 0-65535
+            port = None
+        if parts.scheme != "ssh" or not parts.hostname or not port:
+            raise VastError(f"not an ssh URL (expected ssh://user@host:port, port 1-65535): {url.strip()!r}")
+        return cls(parts.username or "root", parts.hostname, port)
 
     def url(self) -> str:
         return f"ssh://{self.user}@{self.host}:{self.port}"
@@ -68,9 +77,15 @@ class Vast:
     def _cmd(self, *args: str) -> list[str]:
         return [self.vastai, *args]
 
-    def _raw(self, *args: str, what: str) -> Any:
+    def _run(self, *args: str, timeout: float = 120, keyless: bool = False) -> Result:
+        # Without a key vastai still goes to the network and fails with a vaguer message.
+        if not keyless and not self.runner.dry_run and not vast_key_configured():
+            raise VastError(NO_KEY)
+        return self.runner.run(self._cmd(*args), env=_ENV, timeout=timeout)
+
+    def _raw(self, *args: str, what: str, keyless: bool = False) -> Any:
         """Run a vastai command with --raw and return its JSON (None under DRY_RUN)."""
-        result = self.runner.run(self._cmd(*args, "--raw"), env=_ENV, timeout=120)
+        result = self._run(*args, "--raw", keyless=keyless)
         if self.runner.dry_run:
             return None
         error = _error_from(result.returncode, result.stdout, result.stderr)
@@ -96,6 +111,8 @@ class Vast:
             "--storage",
             f"{defn.instance.disk_gb:g}",
             what="search offers",
+            # Vast.ai lists offers to anyone: searching before signing up works.
+            keyless=True,
         )
         if rows is None:
             return []
@@ -203,14 +220,15 @@ class Vast:
             sleep(interval_s)
 
     def ssh_target(self, contract_id: int) -> SshTarget:
-        argv = self._cmd("ssh-url", str(contract_id))
-        result = self.runner.run(argv, env=_ENV, timeout=60)
+        result = self._run("ssh-url", str(contract_id), timeout=60)
         if self.runner.dry_run:
             # Placeholders keep the printed ssh/scp lines readable.
             return SshTarget("root", f"<ssh-host-of-{contract_id}>", 0)
         out = result.stdout.strip().splitlines()
         url = out[-1].strip() if out else ""
         error = _error_from(result.returncode, "[]", result.stderr)
+        if error and error.startswith(UNREACHABLE):
+            raise VastError(f"ssh-url of instance {contract_id} failed: {error}")
         if error or not url.startswith("ssh://"):
             said = self.runner.mask(url or error or "nothing")
             raise VastError(
@@ -220,9 +238,7 @@ class Vast:
         return SshTarget.parse(url)
 
     def logs(self, contract_id: int, tail: int) -> str:
-        result = self.runner.run(
-            self._cmd("logs", str(contract_id), "--tail", str(tail)), env=_ENV, timeout=120
-        )
+        result = self._run("logs", str(contract_id), "--tail", str(tail))
         if self.runner.dry_run:
             return ""
         error = _error_from(result.returncode, "[]", result.stderr)
@@ -232,9 +248,7 @@ class Vast:
 
     def destroy(self, contract_id: int) -> None:
         # Not --raw: in 1.9.1 `destroy instance --raw` prints nothing even on success.
-        result = self.runner.run(
-            self._cmd("destroy", "instance", str(contract_id), "-y"), env=_ENV, timeout=120
-        )
+        result = self._run("destroy", "instance", str(contract_id), "-y")
         if self.runner.dry_run:
             return
         error = _error_from(result.returncode, result.stdout, result.stderr)
@@ -261,11 +275,26 @@ def _error_from(returncode: int, stdout: str, stderr: str) -> str | None:
     if returncode != 0:
         last = err.splitlines()[-1] if err else f"exit status {returncode}"
         if "ConnectionError" in err or "Max retries exceeded" in err:
-            last = f"cannot reach the Vast.ai API ({last[:200]})"
+            return unreachable_message(last)
         return last
     if not stdout.strip():
         return err.splitlines()[-1] if err else "vastai printed nothing"
     return None
+
+
+UNREACHABLE = "cannot reach the Vast.ai API"
+
+
+def unreachable_message(line: str) -> str:
+    """requests' one-line ConnectionError, shortened to the host and the cause."""
+    host = re.search(r"host='([^']+)', port=(\d+)", line)
+    cause = re.search(r"Caused by (\w+)\(", line)
+    errno = re.search(r"\[Errno -?\d+\] ([^)\"']+)", line)
+    exc = re.match(r"^([\w.]+):", line)
+    what = cause[1] if cause else exc[1].rsplit(".", 1)[-1] if exc else "connection error"
+    where = f" at {host[1]}:{host[2]}" if host else ""
+    why = f": {errno[1].strip()}" if errno else ""
+    return f"{UNREACHABLE}{where} ({what}{why})"
 
 
 def filter_offers(rows: list[dict[str, Any]], defn: InstanceDefinition) -> list[dict[str, Any]]:

@@ -3,6 +3,7 @@ isolated environment for the real `vastai` CLI (pinned 1.9.1), and a runner for 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -175,6 +176,35 @@ def fake_vast() -> Iterator[FakeVast]:
     server.server_close()
 
 
+@contextlib.contextmanager
+def foreign_http(status: int) -> Iterator[str]:
+    """An HTTP server that is not Triton: every GET/POST gets `status` with an HTML page. Yields its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def _serve(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            data = b"<html><body>not triton</body></html>"
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        do_GET = do_POST = _serve
+
+        def log_message(self, format: str, *args: Any) -> None:
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def write_config(path: Path, **overrides: Any) -> Path:
     """The shipped yaml with test-friendly overrides (section.key=value)."""
     data = yaml.safe_load((NVIDIA_TRITON / "vastai_instance_definition.yaml").read_text())
@@ -218,6 +248,18 @@ def run_tool(
         text=True,
         timeout=timeout,
         cwd=NVIDIA_TRITON,
+    )
+
+
+def run_make(env: dict[str, str], target: str, *variables: str) -> subprocess.CompletedProcess[str]:
+    """`make -s -C nvidia_triton TARGET VAR=value …` with the project's venv, as a user runs it."""
+    clean = {k: v for k, v in env.items() if k not in ("MAKEFLAGS", "MAKELEVEL")}
+    return subprocess.run(
+        ["make", "-s", "-C", str(NVIDIA_TRITON), target, *variables],
+        env={**clean, "PYTHON": str(ROOT / ".venv" / "bin" / "python")},
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
 
 

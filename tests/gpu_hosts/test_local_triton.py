@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from gpuhost_testlib import NVIDIA_TRITON, ROOT, TRITON_MODELS, assert_no_secrets, run_tool
+from gpuhost_testlib import NVIDIA_TRITON, ROOT, TRITON_MODELS, assert_no_secrets, foreign_http, run_tool
 
 launcher = pytest.importorskip("localtriton.launcher")
 
@@ -135,6 +135,15 @@ def test_model_stats_without_server(deployed: Deployed) -> None:
     proc = tool(deployed, "check-model-stats-tritonserver", TRITON_URL="http://127.0.0.1:9")
     assert proc.returncode == 1
     assert "cannot read statistics from http://127.0.0.1:9" in proc.stdout
+
+
+def test_model_stats_with_a_metrics_url_that_is_not_prometheus(deployed: Deployed) -> None:
+    with foreign_http(200) as url:
+        proc = tool(deployed, "check-model-stats-tritonserver", TRITON_METRICS_URL=url)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.splitlines()[0].split()[:3] == ["model", "ver", "ok"]
+    assert f"metrics unavailable: {url} is not Prometheus text (check TRITON_METRICS_URL)" in proc.stdout
+    assert "Traceback" not in proc.stderr
 
 
 def test_make_target_reads_triton_url(deployed: Deployed) -> None:

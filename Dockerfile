@@ -9,6 +9,9 @@ COPY worker ./worker
 COPY migrations ./migrations
 COPY alembic.ini ./
 RUN pip install --no-cache-dir .
+# The chat templates the API renders (.dockerignore keeps only the files app/templates.py reads).
+COPY triton_models ./triton_models
+ENV CHAT_TEMPLATES_DIRS=/srv/triton_models
 RUN useradd --system --uid 10001 llmq
 USER llmq
 EXPOSE 8887

@@ -19,8 +19,9 @@ target_metadata = Base.metadata
 
 
 def _url() -> str:
-    # An explicit -x url=... or sqlalchemy.url (tests) wins over the settings.
-    return config.get_main_option("sqlalchemy.url") or get_settings().DATABASE_URL
+    # An explicit -x url=... wins, then sqlalchemy.url (tests), then the settings (DATABASE_URL).
+    explicit = context.get_x_argument(as_dictionary=True).get("url")
+    return explicit or config.get_main_option("sqlalchemy.url") or get_settings().DATABASE_URL
 
 
 def run_migrations_offline() -> None:

@@ -23,5 +23,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    # 0003 knows no 'cancelled': such jobs become failed, keeping their error or saying why.
+    op.execute(
+        "UPDATE result SET status = 'failed', error = COALESCE(error, 'cancelled (downgraded)') "
+        "WHERE status = 'cancelled'"
+    )
     op.drop_constraint(op.f("ck_result_status_valid"), "result", type_="check")
     op.create_check_constraint("status_valid", "result", "status IN ('pending', 'completed', 'failed')")

@@ -4,12 +4,16 @@ specification (typed parser of the compose-spec) and check that it wires the sta
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
+import json
+import re
+import shlex
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import pytest
 from compose_spec import PyOptions
 from dotenv import dotenv_values
+from sqlalchemy import make_url
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -63,11 +67,52 @@ def test_commands_point_at_real_code(compose: dict[str, Any]) -> None:
     assert "-P" not in worker_cmd and "--pool" not in worker_cmd
 
 
+def _interpolate(value: str, shell: dict[str, str]) -> str:
+    """Compose's interpolation of `${VAR}`, `${VAR:-default}` and `$$` (all this file uses)."""
+
+    def one(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return shell.get(match.group(1)) or (match.group(2) or "")
+
+    return re.sub(r"\$\$|\$\{(\w+)(?::-([^}]*))?\}", one, value)
+
+
+def _container_env(service: dict[str, Any], shell: dict[str, str]) -> dict[str, str]:
+    """What a container's environment would be: its env files, overridden by `environment`."""
+    env: dict[str, str] = {}
+    for env_file in service.get("env_file", []):
+        env.update({k: v or "" for k, v in dotenv_values(ROOT / env_file, interpolate=False).items()})
+    env.update({k: _interpolate(str(v), shell) for k, v in service.get("environment", {}).items()})
+    return env
+
+
+@pytest.mark.parametrize(
+    "shell",
+    [{}, {"POSTGRES_USER": "llmq", "POSTGRES_PASSWORD": "s3cret-from-env", "POSTGRES_DB": "jobs"}],
+    ids=["defaults", "set-by-the-operator"],
+)
+def test_database_credentials_have_one_source(compose: dict[str, Any], shell: dict[str, str]) -> None:
+    s = compose["services"]
+    db = _container_env(s["db"], shell)
+    for name in ("migrate", "api", "worker"):
+        url = make_url(_container_env(s[name], shell)["DATABASE_URL"])
+        assert (url.username, url.password, url.database) == (
+            db["POSTGRES_USER"],
+            db["POSTGRES_PASSWORD"],
+            db["POSTGRES_DB"],
+        ), name
+
+
+def test_the_development_db_env_file_holds_the_compose_defaults(compose: dict[str, Any]) -> None:
+    """`--env-file .env.db.dev` and no env file at all give the same database."""
+    dev = {k: v or "" for k, v in dotenv_values(ROOT / ".env.db.dev").items()}
+    assert set(dev) == {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"}
+    assert _container_env(compose["services"]["db"], dev) == _container_env(compose["services"]["db"], {})
+
+
 def test_environment_and_env_files(compose: dict[str, Any]) -> None:
     s = compose["services"]
-    assert s["db"]["env_file"] == [".env.db.dev"]
-    db_env = dotenv_values(ROOT / ".env.db.dev")
-    assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"} <= set(db_env)
     api_env = dotenv_values(ROOT / ".env.api.dev")
     from app.config import Settings
 
@@ -94,7 +139,114 @@ def test_gpu_triton_serves_the_model_repository(compose: dict[str, Any]) -> None
     assert devices["driver"] == "nvidia" and devices["capabilities"] == ["gpu"]
 
 
+def test_gpu_triton_loads_one_model_that_fits_the_gpu(compose: dict[str, Any]) -> None:
+    command = compose["services"]["triton"]["command"]
+    assert "--model-control-mode=explicit" in command
+    loads = [arg.removeprefix("--load-model=") for arg in command if arg.startswith("--load-model")]
+    # Each model folder is tuned to have the GPU to itself: loading several runs out of memory.
+    assert len(loads) == 1, loads
+    chosen = re.fullmatch(r"\$\{TRITON_MODEL:-([^}]+)\}", loads[0])
+    assert chosen, loads[0]
+    default = ROOT / "triton_models" / chosen.group(1)
+    assert (default / "config.pbtxt").is_file()
+    engine_args = json.loads((default / "1" / "model.json").read_text())
+    assert engine_args["gpu_memory_utilization"] <= 1.0
+
+
 def test_dockerfile_ships_what_the_commands_need() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     for path in ("app", "worker", "migrations", "alembic.ini", "pyproject.toml"):
         assert f"COPY {path}" in dockerfile or f" {path} " in dockerfile, path
+
+
+def _dockerfile() -> list[tuple[str, str]]:
+    """The Dockerfile's instructions as (INSTRUCTION, arguments), continuation lines joined."""
+    text = re.sub(r"\\\n", " ", (ROOT / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines()]
+    return [
+        (line.split(maxsplit=1)[0].upper(), line.split(maxsplit=1)[1])
+        for line in lines
+        if line and not line.startswith("#")
+    ]
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    # Docker's matching: `*` and `?` stay within a path segment, `**` spans segments.
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        else:
+            out += {"*": "[^/]*", "?": "[^/]"}.get(pattern[i], re.escape(pattern[i]))
+            i += 1
+    return re.compile(out)
+
+
+def _in_build_context(path: str) -> bool:
+    """Whether .dockerignore lets `path` (relative to the root) into the build context, as Docker
+    walks it: the last pattern matching a path or one of its parents decides, and an excluded
+    folder is skipped unless an exception pattern starts with its literal path."""
+    patterns = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            raw = line.removeprefix("!").strip("/")
+            patterns.append((line.startswith("!"), raw, _dockerignore_regex(raw)))
+
+    def excluded(candidate: str) -> bool:
+        parts = PurePosixPath(candidate).parts
+        prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+        result = False
+        for exception, _, regex in patterns:
+            if any(regex.fullmatch(p) for p in prefixes):
+                result = not exception
+        return result
+
+    parts = PurePosixPath(path).parts
+    for n in range(1, len(parts)):
+        folder = "/".join(parts[:n])
+        if excluded(folder) and not any(e and raw.startswith(folder + "/") for e, raw, _ in patterns):
+            return False
+    return not excluded(path)
+
+
+def test_image_ships_the_chat_templates_the_api_reads(compose: dict[str, Any]) -> None:
+    from app.templates import CONFIG_FILE, TEMPLATE_FILE
+
+    instructions = _dockerfile()
+    workdir = PurePosixPath("/")
+    image_dirs: dict[str, PurePosixPath] = {}  # each COPY source: where it lands in the image
+    env: dict[str, str] = {}
+    for instruction, args in instructions:
+        if instruction == "WORKDIR":
+            workdir = workdir / args
+        elif instruction == "COPY":
+            *sources, dest = shlex.split(args)
+            for source in sources:
+                image_dirs[source.rstrip("/")] = workdir / dest
+        elif instruction == "ENV":
+            for pair in shlex.split(args):
+                key, _, value = pair.partition("=")
+                env[key] = value
+    # The API looks templates up in CHAT_TEMPLATES_DIRS: the image's copy of triton_models/.
+    assert "triton_models" in image_dirs
+    assert env.get("CHAT_TEMPLATES_DIRS") == str(image_dirs["triton_models"])
+    for name in ("migrate", "api", "worker"):
+        assert "CHAT_TEMPLATES_DIRS" not in _container_env(compose["services"][name], {}), name
+
+    read_by_the_api = [
+        path.relative_to(ROOT).as_posix()
+        for model in sorted((ROOT / "triton_models").iterdir())
+        for path in (model / TEMPLATE_FILE, model / CONFIG_FILE)
+        if path.is_file()
+    ]
+    assert any(path.endswith(TEMPLATE_FILE) for path in read_by_the_api)
+    for relative in read_by_the_api:
+        assert _in_build_context(relative), relative
+    # Nothing else of the model repository (no model weights in the image).
+    for path in (ROOT / "triton_models").rglob("*"):
+        relative = path.relative_to(ROOT).as_posix()
+        if path.is_file() and relative not in read_by_the_api:
+            assert not _in_build_context(relative), relative

@@ -13,7 +13,6 @@ import asyncio
 import hashlib
 import hmac
 import logging
-import re
 import secrets
 import time
 import uuid
@@ -24,7 +23,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.background import Refreshes
 from app.bodylimit import discard_body
-from app.config import Settings
+from app.config import API_KEY_SHAPE, Settings
 from app.db import DATABASE_ERRORS, Database
 from app.errors import DATABASE_DOWN, AppError, render_error
 from app.models import DEFAULT_TENANT
@@ -34,7 +33,6 @@ log = logging.getLogger(__name__)
 
 KEY_PREFIX = "llmq_"
 KeyScope = Literal["user", "admin"]
-_KEY_SHAPE = re.compile(r"llmq_[A-Za-z0-9_\-]{20,200}")
 _TOUCH_EVERY_S = 60.0  # last_used_at is a hint, written at most once a minute per key and process
 
 
@@ -235,7 +233,7 @@ class Authentication:
         token = token.strip()
         if scheme.lower() != "bearer" or not token:
             raise Unauthenticated("malformed Authorization header: expected 'Bearer <API key>'")
-        if not _KEY_SHAPE.fullmatch(token):
+        if not API_KEY_SHAPE.fullmatch(token):
             raise Unauthenticated(f"malformed API key: keys look like '{KEY_PREFIX}…'")
         try:
             principal = await self.keyring.principal(token)

@@ -11,7 +11,7 @@ import psycopg
 import typer
 from pydantic import ValidationError
 
-from app.config import get_settings
+from app.config import SettingsError, get_settings
 from app.db import AsyncConnection, connection_kwargs, conninfo
 from app.errors import AppError
 from app.schemas import ApiKeyCreate
@@ -25,7 +25,10 @@ cli.add_typer(keys, name="keys")
 
 
 def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        _fail(str(exc))
 
     async def run() -> T:
         async with await psycopg.AsyncConnection.connect(

@@ -3,20 +3,45 @@
 from __future__ import annotations
 
 import os
+import re
 from functools import lru_cache
 from typing import Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that only make sense on a developer machine; refused in production.
 DEV_DB_PASSWORDS = frozenset({"postgres", "dev", "devpassword", "changeme"})
 DEV_ADMIN_API_KEY = "llmq_dev-admin-key-for-this-machine-only"
+# What a request's key must look like (app/auth.py); ADMIN_API_KEY is held to it too.
+API_KEY_SHAPE = re.compile(r"llmq_[A-Za-z0-9_\-]{20,200}")
+
+
+def _env_file() -> str | None:
+    """The development env file, unless another is named; none in production, whose settings
+    must not fall back to development values."""
+    if "APP_ENV_FILE" in os.environ:
+        return os.environ["APP_ENV_FILE"] or None
+    return None if os.environ.get("APP_ENV") == "production" else ".env.api.dev"
+
+
+class SettingsError(ValueError):
+    """Settings that cannot be used: one line per problem, never the values (they may be secrets)."""
+
+    @classmethod
+    def of(cls, exc: ValidationError) -> SettingsError:
+        problems = []
+        for error in exc.errors(include_input=False, include_url=False):
+            message = str(error["msg"]).removeprefix("Value error, ")
+            where = ".".join(str(part) for part in error["loc"])
+            problems.append(f"{where}: {message}" if where else message)
+        return cls("invalid settings: " + "; ".join(problems))
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_file=os.environ.get("APP_ENV_FILE", ".env.api.dev"),
+        env_file=_env_file(),
         env_file_encoding="utf-8",
         extra="ignore",
         case_sensitive=True,
@@ -37,7 +62,7 @@ class Settings(BaseSettings):
 
     REDIS_URL: str = "redis://127.0.0.1:6379/0"
     # Queue name so several deployments (or the test suite) can share one Redis.
-    CELERY_QUEUE: str = "llm"
+    CELERY_QUEUE: str = Field(default="llm", pattern=r"^[A-Za-z0-9_.:\-]+$")
 
     # Triton: HTTP for admin (health, repository index), gRPC for inference (streaming API,
     # which the decoupled vLLM backend requires).
@@ -83,7 +108,7 @@ class Settings(BaseSettings):
 
     # Keys and quotas. ADMIN_API_KEY is the first admin key (tenant "default"); more keys are made
     # with POST /admin/keys or `python -m app.cli keys create`.
-    ADMIN_API_KEY: str | None = Field(default=None, min_length=32)
+    ADMIN_API_KEY: str | None = Field(default=None, min_length=32)  # empty: unset
     # How long an API process trusts what it read about a key (a revocation takes effect within it).
     KEY_CACHE_TTL_S: float = Field(default=5.0, ge=0, le=60)
     # Per tenant: jobs pending at once; per key: submits per second. Overridable per tenant or key.
@@ -115,21 +140,64 @@ class Settings(BaseSettings):
     # providers (about 5 % of the API's CPU per request).
     OPENTELEMETRY: bool = False
 
+    @field_validator("ADMIN_API_KEY", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if value == "" else value
+
+    @field_validator("ADMIN_API_KEY")
+    @classmethod
+    def _shaped_like_a_key(cls, value: str | None) -> str | None:
+        if value is not None and not API_KEY_SHAPE.fullmatch(value):
+            raise ValueError(
+                "must look like the keys the API accepts: 'llmq_' then 20 to 200 of A-Z a-z 0-9 _ - "
+                """(python -c "import secrets; print('llmq_' + secrets.token_urlsafe(32))")"""
+            )
+        return value
+
+    @field_validator("DATABASE_URL")
+    @classmethod
+    def _postgres_url(cls, value: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            url = None
+        if url is None or url.get_backend_name() != "postgresql" or not url.database:
+            raise ValueError("must be a URL like postgresql+psycopg://user:password@host:5432/database")
+        return value
+
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("must be a redis://, rediss:// or unix:// URL")
+        return value
+
+    @field_validator("TRITON_URL", "TRITON_METRICS_URL")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
     @model_validator(mode="after")
     def _refuse_dev_secrets_outside_development(self) -> Settings:
         if self.APP_ENV == "production":
             from sqlalchemy.engine import make_url
 
-            password = make_url(self.DATABASE_URL).password
-            if password is None or password in DEV_DB_PASSWORDS:
+            # No password is fine (PGPASSWORD, .pgpass, certificates); a development one is not.
+            if make_url(self.DATABASE_URL).password in DEV_DB_PASSWORDS:
                 raise ValueError(
-                    "DATABASE_URL uses a development password (or none) while APP_ENV=production; "
-                    "set a real secret"
+                    "DATABASE_URL uses a development password while APP_ENV=production; set a real secret"
                 )
             if self.ADMIN_API_KEY == DEV_ADMIN_API_KEY:
                 raise ValueError(
                     "ADMIN_API_KEY is the development key while APP_ENV=production; set a real secret "
-                    "(at least 32 random characters) or leave it unset"
+                    "or leave it unset (ADMIN_API_KEY=)"
                 )
         if self.LEASE_RENEW_S >= self.LEASE_S:
             raise ValueError(
@@ -140,4 +208,8 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    return Settings()
+    """The process's settings; SettingsError (one line, no values) when they cannot be used."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError.of(exc) from None

@@ -20,7 +20,7 @@ def test_production_refuses_the_development_password() -> None:
     with pytest.raises(ValidationError, match="development password"):
         Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://postgres:postgres@db/llmq")
     with pytest.raises(ValidationError, match="development password"):
-        Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://app@db/llmq")
+        Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://app:changeme@db/llmq")
     ok = Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://app:s3cr3t-Long@db/llmq")
     assert ok.APP_ENV == "production"
     assert Settings(APP_ENV="development", DATABASE_URL="postgresql+psycopg://postgres:postgres@db/x")

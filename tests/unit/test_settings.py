@@ -1,0 +1,96 @@
+"""Settings as an operator meets them: what is refused at start, and how it is said (one line, no
+values: they may be secrets), by every entry point."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from app.config import DEV_ADMIN_API_KEY, Settings, SettingsError
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+SECRET = "llmq_myRealButShortSecret"
+
+
+def _start(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    inherited = {
+        k: v for k, v in os.environ.items() if k not in Settings.model_fields and k != "APP_ENV_FILE"
+    }
+    environ = {**inherited, "PATH": f"{BIN}:{os.environ['PATH']}", **env}
+    return subprocess.run(argv, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [str(BIN / "uvicorn"), "app.asgi:app", "--port", "1"],
+        [str(BIN / "celery"), "-A", "worker.celery_app", "worker"],
+        [sys.executable, "-m", "app.cli", "keys", "list"],
+    ],
+    ids=["api", "worker", "cli"],
+)
+def test_every_entry_point_refuses_bad_settings_in_one_line_without_their_values(argv: list[str]) -> None:
+    started = _start(argv, ADMIN_API_KEY=SECRET, DATABASE_URL="garbage", WORKER_SWEEPER="maybe")
+    assert started.returncode != 0
+    output = started.stdout + started.stderr
+    assert "Traceback" not in output and SECRET not in output and "garbage" not in output
+    [line] = [line for line in output.splitlines() if line.strip()]
+    assert line.startswith("error: invalid settings: ")
+    for name in ("ADMIN_API_KEY", "DATABASE_URL", "WORKER_SWEEPER"):
+        assert f"{name}: " in line
+
+
+def test_a_validation_error_never_carries_the_values() -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(ADMIN_API_KEY="llmq_" + "x" * 10 + "+/=" * 10)
+    message = str(SettingsError.of(raised.value))
+    assert "x" * 10 not in message and "ADMIN_API_KEY: must look like the keys the API accepts" in message
+    with pytest.raises(ValidationError) as whole:  # a check across settings: the values are named
+        Settings(ADMIN_API_KEY="llmq_" + "x" * 40, LEASE_RENEW_S=20)
+    message = str(SettingsError.of(whole.value))
+    assert message == "invalid settings: LEASE_RENEW_S (20) must be shorter than LEASE_S (10)"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("ADMIN_API_KEY", "0123456789abcdef0123456789abcdef0123"),  # long enough, not a key's shape
+        ("ADMIN_API_KEY", "llmq_abc+def/ghi=jkl" + "A" * 20),  # base64, not URL-safe
+        ("DATABASE_URL", "mysql://x@h/db"),
+        ("DATABASE_URL", "postgresql+psycopg://u:p@h:notaport/db"),
+        ("REDIS_URL", "localhost:6379"),
+        ("TRITON_URL", "garbage"),
+        ("CELERY_QUEUE", ""),
+        ("CELERY_QUEUE", "two words"),
+    ],
+)
+def test_unusable_values_are_refused_at_start(name: str, value: str) -> None:
+    with pytest.raises(ValidationError, match=name):
+        Settings(**{name: value})  # type: ignore[arg-type]
+
+
+def test_production_takes_no_development_values_and_no_password_is_fine() -> None:
+    production = {"APP_ENV": "production", "DATABASE_URL": "postgresql+psycopg://app@db:5432/llmq"}
+    # The development env file is not read: its admin key does not become production's.
+    loaded = _start(
+        [
+            sys.executable,
+            "-c",
+            "from app.config import get_settings as g; s = g(); print(s.ADMIN_API_KEY, s.APP_ENV)",
+        ],
+        **production,
+    )
+    assert loaded.returncode == 0, loaded.stderr
+    assert loaded.stdout.split() == ["None", "production"]
+    # ADMIN_API_KEY= leaves it unset, as the production refusal advises.
+    assert Settings(**production, ADMIN_API_KEY="").ADMIN_API_KEY is None  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="development key"):
+        Settings(**production, ADMIN_API_KEY=DEV_ADMIN_API_KEY)  # type: ignore[arg-type]
+    with pytest.raises(ValidationError, match="development password"):
+        Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://postgres:postgres@db/llmq")

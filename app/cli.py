@@ -83,7 +83,12 @@ def create(
 @keys.command("list")
 def list_keys() -> None:
     """Every key, without secrets."""
-    for key in _run(service.list_keys):
+    found = _run(service.list_keys)
+    if not found:
+        typer.echo("no keys (create one with: keys create --tenant … --name …)")
+        return
+    typer.echo(f"{'id':<36}  {'prefix':<12}  {'tenant':<20} {'scope':<5} {'state':<24} name")
+    for key in found:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
         typer.echo(f"{key.id}  {key.prefix}…  {key.tenant:<20} {key.scope:<5} {state:<24} {key.name}")
 

@@ -142,11 +142,25 @@ class Readiness(BaseModel):
 TenantName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 
 
+# Shown in listings and on terminals: no control or bidirectional-override characters.
+KeyName = Annotated[
+    str, Field(min_length=1, max_length=255, pattern=r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$")
+]
+
+
 class ApiKeyCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)  # as the send body: "5" is not a count
 
     tenant: TenantName
-    name: str = Field(min_length=1, max_length=255, pattern=r"^[^\x00]*$")
+    name: KeyName
+
+    @field_validator("name")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("name must not be blank")
+        return value
+
     scope: Literal["user", "admin"] = "user"
     max_pending: int | None = Field(
         default=None, ge=1, le=1_000_000_000, description="Overrides the tenant's cap."
@@ -176,7 +190,7 @@ class ApiKeyCreated(ApiKeyOut):
 
 
 class TenantLimitsIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     max_pending: int | None = Field(
         default=None, ge=1, le=1_000_000_000, description="null: the MAX_PENDING_PER_TENANT setting"

@@ -39,6 +39,7 @@ async def test_keys_are_created_listed_and_revoked(api_db_url: str, db: psycopg.
     assert key.startswith("llmq_")
     listed = _cli(api_db_url, "list")
     assert key_id in listed.stdout and key not in listed.stdout
+    assert listed.stdout.splitlines()[0].split() == ["id", "prefix", "tenant", "scope", "state", "name"]
     revoked = _cli(api_db_url, "revoke", key_id)
     assert revoked.returncode == 0 and f"revoked {key_id} (acme, ci)" in revoked.stdout
 
@@ -52,6 +53,15 @@ async def test_mistakes_are_one_line_errors_not_tracebacks(
         (api_db_url, ("create", "--tenant", "a b", "--name", "x"), "--tenant:"),
         (api_db_url, ("create", "--tenant", "acme", "--name", "x", "--scope", "root"), "--scope:"),
         (unreachable, ("list",), "database error: connection"),
+        # A name shows on terminals and in listings: no row can be forged, no escape sent.
+        (
+            api_db_url,
+            ("create", "--tenant", "acme", "--name", "a\nfake-id  llmq_AAAA  evil admin active"),
+            "--name:",
+        ),
+        (api_db_url, ("create", "--tenant", "acme", "--name", "\x1b[31mred"), "--name:"),
+        (api_db_url, ("create", "--tenant", "acme", "--name", "   "), "blank"),
+        ("garbage", ("list",), "invalid settings: DATABASE_URL"),
     ]
     for url, args, message in cases:
         done = _cli(url, *args)

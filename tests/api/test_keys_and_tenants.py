@@ -344,6 +344,32 @@ async def test_tenant_limits_apply_to_every_key_of_the_tenant(api_app: InProcess
         assert (await _send(small, context_id)).status_code == 429
 
 
+@pytest.mark.parametrize(
+    ("path", "method", "body", "field"),
+    [
+        ("/admin/keys", "POST", {"tenant": "acme", "name": "x", "max_pending": True}, "max_pending"),
+        (
+            "/admin/keys",
+            "POST",
+            {"tenant": "acme", "name": "x", "submit_rate_per_s": "5"},
+            "submit_rate_per_s",
+        ),
+        ("/admin/keys", "POST", {"tenant": "acme", "name": "row\nforged"}, "name"),
+        ("/admin/keys", "POST", {"tenant": "acme", "name": "\u202eevil"}, "name"),
+        ("/admin/keys", "POST", {"tenant": "acme", "name": "   "}, "name"),
+        ("/admin/tenants/acme/limits", "PUT", {"max_pending": True}, "max_pending"),
+        ("/admin/tenants/acme/limits", "PUT", {"submit_rate_per_s": 2.0}, "submit_rate_per_s"),
+    ],
+)
+async def test_admin_bodies_are_as_strict_as_the_send_body(
+    api_app: InProcessApi, path: str, method: str, body: dict[str, Any], field: str
+) -> None:
+    """`true` is not a count nor "5" a number; a key's name cannot carry control characters."""
+    response = await api_app.admin.request(method, path, json=body)
+    assert response.status_code == 422, response.text
+    assert field in response.text
+
+
 async def test_the_bootstrap_admin_key_counts_against_its_tenants_limits(api_app: InProcessApi) -> None:
     """ADMIN_API_KEY is tenant `default`'s: that tenant's limits apply to it as to its other keys."""
     context_id = await _context(api_app.admin)

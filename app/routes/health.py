@@ -17,17 +17,33 @@ router = APIRouter(prefix="/health", tags=["health"])
 CHECK_TIMEOUT_S = 0.8
 
 
-async def _ping_postgres(db: Database) -> None:
+# The migration this code's statements are written for (tests/unit/test_schema_revision.py keeps it
+# equal to the migrations' head).
+SCHEMA_REVISION = "0005"
+
+
+async def _schema_revision(db: Database) -> str | None:
+    """The database's migration; None when it has none (never migrated)."""
     async with db.connection() as connection:
-        await connection.execute("SELECT 1")
+        table = await (await connection.execute("SELECT to_regclass('alembic_version')")).fetchone()
+        if table is None or table[0] is None:
+            return None
+        row = await (await connection.execute("SELECT version_num FROM alembic_version")).fetchone()
+        return None if row is None else str(row[0])
 
 
 async def _check_postgres(db: Database) -> ComponentHealth:
     try:
-        await asyncio.wait_for(_ping_postgres(db), CHECK_TIMEOUT_S)
-        return ComponentHealth(ok=True)
+        revision = await asyncio.wait_for(_schema_revision(db), CHECK_TIMEOUT_S)
     except Exception as exc:
         return ComponentHealth(ok=False, detail=f"Postgres unreachable: {type(exc).__name__}: {exc}"[:300])
+    if revision != SCHEMA_REVISION:
+        found = "has no schema" if revision is None else f"is at migration {revision}"
+        return ComponentHealth(
+            ok=False,
+            detail=f"the database {found}, this code needs {SCHEMA_REVISION}: run alembic upgrade head",
+        )
+    return ComponentHealth(ok=True)
 
 
 async def _check_redis(url: str) -> ComponentHealth:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from devstack.processes import free_port
 
@@ -13,6 +15,7 @@ from app.triton.admin import TritonAdmin, TritonUnavailable
 from tests.conftest import (
     ADMIN_KEY,
     FAST_MODEL,
+    PG_BASE,
     SLOW_MODEL,
     UNLOADED_MODEL,
     bearer,
@@ -121,3 +124,24 @@ async def test_a_triton_that_never_answers_is_503_saying_it_timed_out() -> None:
         await admin.close()
         server.close()
     assert str(raised.value) == f"Triton at http://127.0.0.1:{port} is unreachable: ReadTimeout"
+
+
+async def test_readiness_says_a_database_without_the_schema_is_not_ready(triton: Any) -> None:
+    """Reachable is not enough: requests would fail on missing tables."""
+    name = "llmq_test_unmigrated"
+    with psycopg.connect(PG_BASE.replace("+psycopg", "") + "/postgres", autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.execute(f"CREATE DATABASE {name}")
+    try:
+        app = make_api_app(triton.http_url, None, DATABASE_URL=f"{PG_BASE}/{name}")
+        async with serve_in_process(app) as http:
+            ready = await http.get("/health/ready")
+        assert ready.status_code == 503
+        postgres = ready.json()["components"]["postgres"]
+        assert postgres["ok"] is False
+        assert (
+            postgres["detail"] == "the database has no schema, this code needs 0005: run alembic upgrade head"
+        )
+    finally:
+        with psycopg.connect(PG_BASE.replace("+psycopg", "") + "/postgres", autocommit=True) as admin:
+            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")

@@ -26,6 +26,7 @@ async def subscribe_forever(
     """Hand each message of `channel` to `on_message` until cancelled. A lost connection is
     reopened a second later, after `on_lost` (messages may have been missed meanwhile);
     `subscribed` is set while the subscription stands."""
+    failing = False
     while True:
         # RESP2: under RESP3 redis-py hands every pub/sub message to its push handler, which
         # formats the message into a debug string whether or not debug is logged.
@@ -34,15 +35,23 @@ async def subscribe_forever(
         try:
             await pubsub.subscribe(channel)
             subscribed.set()
+            if failing:
+                log.info("%s: subscribed again", what)
+                failing = False
             async for message in pubsub.listen():
                 if message.get("type") == "message":
                     on_message(message["data"])
         except asyncio.CancelledError:
             raise
-        except Exception:
+        except Exception as exc:
             if background.cancelling():  # a cancel the client library turned into an error
                 raise asyncio.CancelledError from None
-            log.warning("%s: subscription lost, reconnecting", what, exc_info=True)
+            # One line when it is lost, none for each second of an outage: no traceback per retry.
+            if not failing:
+                log.warning(
+                    "%s: subscription lost (%s: %s); retrying every second", what, type(exc).__name__, exc
+                )
+                failing = True
             subscribed.clear()
             on_lost()
             await asyncio.sleep(1)

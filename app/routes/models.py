@@ -153,20 +153,21 @@ async def send(
     return answer
 
 
-_WAIT = re.compile(r"(?:^|[;,\s])wait=(\d+(?:\.\d+)?)(?:$|[;,\s])")
+_SECONDS = re.compile(r"\d+(?:\.\d+)?")
 
 
 def _preferred_wait(prefer: str | None) -> float:
-    """Seconds of RFC 7240's `Prefer: wait=N` (0 without it); over 60 is refused."""
-    if not prefer:
-        return 0.0
-    found = _WAIT.search(prefer.strip())
-    if found is None:
-        return 0.0  # other preferences: not ours to honour
-    wait_s = float(found.group(1))
-    if wait_s > 60:
-        raise InvalidInput(
-            f"Prefer: wait={found.group(1)} is over the limit of 60 seconds",
-            detail={"field": "header.Prefer"},
-        )
-    return wait_s
+    """Seconds of RFC 7240's `Prefer: wait=N` (0 without it): names are case-insensitive, other
+    preferences are not ours to honour; a wait that is not a number of seconds up to 60 is refused."""
+    for preference in (prefer or "").split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        seconds = value.strip().strip('"')
+        if not _SECONDS.fullmatch(seconds) or float(seconds) > 60:
+            raise InvalidInput(
+                f"Prefer: wait={seconds} is not a number of seconds from 0 to 60",
+                detail={"field": "header.Prefer"},
+            )
+        return float(seconds)
+    return 0.0

@@ -41,7 +41,7 @@ def check_params(
     timeout_s = getattr(params, "timeout_s", None)
     if deadline_limit_s is not None and timeout_s is not None and timeout_s > deadline_limit_s:
         raise InvalidInput(
-            f"timeout_s must be at most {deadline_limit_s:g} (the platform's deadline for any job), got {timeout_s:g}",
+            f"timeout_s must be at most {deadline_limit_s:g} (the platform's deadline for any job), got {timeout_s!r}",
             detail={"field": "timeout_s", "limit": deadline_limit_s},
         )
 

@@ -318,3 +318,13 @@ async def test_a_submit_stores_its_parameters_and_deadline_as_sent(
         await db.execute("SELECT deadline_at FROM result WHERE id = %s", (plain.json()["result_id"],))
     ).fetchone()
     assert no_deadline == (None,)
+
+
+async def test_a_timeout_over_the_platforms_deadline_is_refused_with_the_value_sent(
+    client: httpx.AsyncClient,
+) -> None:
+    context_id = await _context(client)
+    over = 3600.0001  # JOB_DEADLINE_S is 3600 here: rounded, the value would read as allowed
+    response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"timeout_s": over})
+    assert response.status_code == 422
+    assert response.json()["error"].endswith(f"got {over!r}")

@@ -233,8 +233,17 @@ def test_prefer_wait_answers_with_the_final_row_when_the_job_ends_in_time(api: h
         headers={"Prefer": "wait=1"},
     )
     assert slow.status_code == 202 and slow.json()["status"] == "pending"
-    refused = api.post(f"/models/send/{FAST_MODEL}/{context_id}", headers={"Prefer": "wait=61"})
-    assert refused.status_code == 422 and "over the limit of 60 seconds" in refused.json()["error"]
+    for bad in ("wait=61", "wait=-1", "wait=abc", "wait", "respond-async, wait=1e3"):
+        refused = api.post(f"/models/send/{FAST_MODEL}/{context_id}", headers={"Prefer": bad})
+        assert refused.status_code == 422, (bad, refused.text)
+        assert "is not a number of seconds from 0 to 60" in refused.json()["error"], bad
+    # Preference names are case-insensitive (RFC 7240), with whitespace around "=" and others beside.
+    spelled = api.post(
+        f"/models/send/{FAST_MODEL}/{context_id}",
+        json={"max_tokens": 4},
+        headers={"Prefer": "respond-async, WAIT = 10"},
+    )
+    assert spelled.status_code == 200 and spelled.json()["status"] == "completed", spelled.text
 
     # With an Idempotency-Key too, and on its replay: the same job's final row.
     keyed = {"Prefer": "wait=10", "Idempotency-Key": f"wait-{context_id}"}

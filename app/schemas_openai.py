@@ -163,6 +163,16 @@ class ChatCompletionRequest(_Common):
 class CompletionRequest(_Common):
     prompt: NoNul | Annotated[list[NoNul], Field(min_length=1, max_length=64)]
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _text_only(cls, value: object) -> object:
+        items = value if isinstance(value, list) else [value]
+        if items and all(isinstance(i, int) or (isinstance(i, list) and i) for i in items):
+            raise ValueError(
+                "token ids are not supported as a prompt: send text (a string or a list of strings)"
+            )
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _not_empty(cls, value: str | list[str]) -> str | list[str]:

@@ -394,3 +394,11 @@ def test_a_conversation_over_the_content_limit_is_a_400(sdk: openai.OpenAI) -> N
     with pytest.raises(openai.BadRequestError) as prompt:
         sdk.completions.create(model=FAST_MODEL, prompt=long)
     assert prompt.value.code == "string_above_max_length" and prompt.value.param == "prompt"
+
+
+def test_a_prompt_of_token_ids_is_refused_saying_so(sdk: openai.OpenAI) -> None:
+    for prompt in ([1, 2, 3], [[1, 2], [3]]):
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk.completions.create(model=FAST_MODEL, prompt=prompt, max_tokens=4)
+        assert refused.value.param == "prompt"
+        assert "token ids are not supported as a prompt" in refused.value.message

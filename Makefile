@@ -55,7 +55,7 @@ format: $(STAMP)
 bench: $(STAMP) ## Throughput benchmark: direct Triton vs through the platform (see bench/README.md)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
-faults: $(STAMP) ## Fault suite: own Postgres/Redis, Triton, workers, API; kills and outages under load (~25 min; FAULTS_ARGS=--quick: ~3 min)
+faults: $(STAMP) ## Fault suite: own Postgres/Redis, Triton, workers, API; kills and outages under load (~10 min; FAULTS_ARGS=--quick: ~3 min)
 	$(BIN)/python -m bench.faults $(FAULTS_ARGS)
 
 bench-real: engine ## The real model: direct through Triton vs the platform, tokens/s at 1, 16, 32 jobs

@@ -223,8 +223,9 @@ class JobStore:
             errors.setdefault(rid, error)
         with self.db.connection() as conn:
             if batch.claims:
+                lease_s, deadline_s = self.settings.LEASE_S, self.settings.JOB_DEADLINE_S
                 claimed_rows = (
-                    repo.claim_many(conn, claim_ids, self.owner, self.settings.LEASE_S) if claim_ids else {}
+                    repo.claim_many(conn, claim_ids, self.owner, lease_s, deadline_s) if claim_ids else {}
                 )
                 with self._held_lock:
                     self._held.update(claimed_rows)

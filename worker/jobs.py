@@ -159,7 +159,7 @@ def record_stop(settings: Settings, job: ClaimedJob, stop: Stopped) -> None:
     # A streamed one is recorded even with nothing produced yet: its cancel waits for this row.
     with get_database(settings).connection() as conn:
         if stop.reason == "cancelled":
-            row = repo.record_cancelled(conn, job.result_id, *values)
+            row = repo.record_stopped(conn, job.result_id, *values)
         else:
             timeout_s = job.params.get("timeout_s")
             error = f"deadline passed: not finished within timeout_s = {timeout_s} s of its submission"

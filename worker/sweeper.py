@@ -41,11 +41,12 @@ def sweep_once(
     waiting: Callable[[], int | None] = lambda: None,
     broker_reset_s: float | None = None,
 ) -> dict[str, int]:
-    """One sweep: jobs past the deadline fail (saying so if Triton is unreachable), jobs whose lease
-    lapsed and jobs whose message was lost are sent again, jobs past their own deadline end.
+    """One sweep: jobs past JOB_DEADLINE_S fail (saying so if Triton is unreachable; a running one is
+    aborted), jobs whose lease lapsed and jobs whose message was lost are sent again, jobs past their
+    own deadline end.
     `broker_reset_s`: Redis lost its keys that long ago, so every job not started since then was lost."""
     why = f"Triton unreachable: {triton_down}" if triton_down else None
-    expired = repo.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S, why=why)
+    expired, running = repo.fail_expired(conn, deadline_s=settings.JOB_DEADLINE_S, why=why)
     lapsed = repo.release_lapsed(conn, limit=SWEEP_LIMIT) if release_lapsed else []
     # With nothing left in the broker, a job not started for a while had its message lost (taken by a
     # worker that died before claiming it): soon re-sent. With a backlog it may still be queued.
@@ -55,7 +56,7 @@ def sweep_once(
     lost = repo.requeue_candidates(conn, requeue_after_s=requeue_after_s, limit=SWEEP_LIMIT)
     idempotency.forget_old(conn, RETENTION_S)
     timed_out = repo.cancel_past_deadline(conn)
-    publish_cancels(settings, timed_out)  # a worker running one of them aborts it
+    publish_cancels(settings, running + timed_out)  # a worker running one of them aborts it
     publish_done(settings, expired + timed_out)
     if lapsed or lost:
         ring(lapsed + lost)

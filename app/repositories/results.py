@@ -209,6 +209,7 @@ async def export_page(
 
 # A job is free when nobody holds a live lease on it; `owner`'s own lapsed or live lease too (a
 # claim whose answer was lost with its connection), the caller skipping what it runs already.
+# A job past JOB_DEADLINE_S is never started: the sweeper ends it, saying why.
 _CLAIM = """
     UPDATE result AS r
        SET started_at = now(), attempts = r.attempts + 1, updated_at = now(),
@@ -216,6 +217,7 @@ _CLAIM = """
       FROM context AS c
      WHERE r.id = ANY(%(ids)s::uuid[]) AND c.id = r.context_id AND r.status = 'pending'
        AND (r.lease_until IS NULL OR r.lease_until < now() OR r.lease_owner = %(owner)s)
+       AND r.created_at >= now() - make_interval(secs => %(deadline)s)
     RETURNING r.id, r.model, r.params, r.attempts, COALESCE(r.prompt, c.content),
               EXTRACT(EPOCH FROM r.deadline_at - now())::float8
 """
@@ -283,16 +285,22 @@ _REQUEUE_CANDIDATES = """
          FOR UPDATE SKIP LOCKED)
     RETURNING id
 """
+# A job whose own timeout_s is within JOB_DEADLINE_S ends by it (`_CANCEL_PAST_DEADLINE`), not here.
+# `started`: a worker was running it (the caller has its generation aborted).
 _FAIL_EXPIRED = """
     UPDATE result
        SET status = 'failed', finished_at = now(), updated_at = now(), lease_owner = NULL, lease_until = NULL,
-           error = 'deadline exceeded: still pending ' || round(%(deadline)s) || ' s after submission'
+           error = CASE WHEN started_at IS NULL
+                        THEN 'deadline exceeded: still pending ' || round(%(deadline)s) || ' s after submission'
+                        ELSE 'deadline exceeded: not finished within JOB_DEADLINE_S = ' || round(%(deadline)s)
+                             || ' s of its submission' END
                    || COALESCE(%(why)s, '') || COALESCE(' (last error: ' || error || ')', '')
      WHERE id IN (
         SELECT id FROM result
          WHERE status = 'pending' AND created_at < now() - make_interval(secs => %(deadline)s)
+           AND NOT COALESCE((params->>'timeout_s')::float8 <= %(deadline)s, false)
          FOR UPDATE SKIP LOCKED)
-    RETURNING id
+    RETURNING id, started_at IS NOT NULL AS started
 """
 
 # id -> the final row as written (all columns)
@@ -301,9 +309,13 @@ FinalRows = dict[uuid.UUID, dict[str, Any]]
 ClaimedRows = dict[uuid.UUID, tuple[str, dict[str, Any], int, str, float | None]]
 
 
-def claim_many(conn: Connection, result_ids: list[uuid.UUID], owner: str, lease_s: float) -> ClaimedRows:
-    """Take the jobs that are pending and free (no live lease but `owner`'s), with a lease of `lease_s`."""
-    rows = conn.execute(_CLAIM, {"ids": result_ids, "owner": owner, "lease": lease_s}).fetchall()
+def claim_many(
+    conn: Connection, result_ids: list[uuid.UUID], owner: str, lease_s: float, deadline_s: float
+) -> ClaimedRows:
+    """Take the jobs that are pending, free (no live lease but `owner`'s) and submitted less than
+    `deadline_s` (JOB_DEADLINE_S) ago, with a lease of `lease_s`."""
+    values = {"ids": result_ids, "owner": owner, "lease": lease_s, "deadline": deadline_s}
+    rows = conn.execute(_CLAIM, values).fetchall()
     return {
         rid: (model, params, attempts, content, left) for rid, model, params, attempts, content, left in rows
     }
@@ -365,20 +377,25 @@ def requeue_candidates(conn: Connection, *, requeue_after_s: float, limit: int) 
     return [row[0] for row in conn.execute(_REQUEUE_CANDIDATES, params).fetchall()]
 
 
-def fail_expired(conn: Connection, *, deadline_s: float, why: str | None = None) -> list[uuid.UUID]:
+def fail_expired(
+    conn: Connection, *, deadline_s: float, why: str | None = None
+) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
     """Nothing stays pending forever: past the deadline a job fails, keeping its last error;
-    `why` (e.g. Triton unreachable) is added to the message."""
+    `why` (e.g. Triton unreachable) is added to the message. Returned: the failed jobs, and those
+    of them a worker was running."""
     params = {"deadline": deadline_s, "why": f" ({why})" if why else None}
-    return [row[0] for row in conn.execute(_FAIL_EXPIRED, params).fetchall()]
+    rows = conn.execute(_FAIL_EXPIRED, params).fetchall()
+    return [rid for rid, _ in rows], [rid for rid, started in rows if started]
 
 
 # ---------------------------------------------------------------- stopped jobs: cancel and deadlines
 
 # A job stopped before its end keeps what it had produced; `abort` is vLLM's finish reason for it.
-_RECORD_CANCELLED = """
+# The same whoever made the row final: the API's cancel, or the sweeper (JOB_DEADLINE_S, or its own deadline).
+_RECORD_STOPPED = """
     UPDATE result SET output = %(output)s, prompt_tokens = %(prompt_tokens)s,
            completion_tokens = %(completion_tokens)s, finish_reason = 'abort', updated_at = now()
-     WHERE id = %(id)s AND status = 'cancelled' AND finish_reason IS NULL
+     WHERE id = %(id)s AND status IN ('cancelled', 'failed') AND finish_reason IS NULL
     RETURNING *
 """
 _END_PAST_DEADLINE = """
@@ -398,15 +415,16 @@ _CANCEL_PAST_DEADLINE = """
 """
 
 
-def record_cancelled(
+def record_stopped(
     conn: Connection,
     result_id: uuid.UUID,
     output: str | None,
     prompt_tokens: int | None,
     completion_tokens: int | None,
 ) -> dict[str, Any] | None:
-    """What a cancelled job had produced, on its (already final) row; once."""
-    return _write_stopped(conn, _RECORD_CANCELLED, result_id, None, output, prompt_tokens, completion_tokens)
+    """What a job stopped by a cancel notice had produced, on its (already final) row, whoever ended
+    it (the API's cancel, the sweeper at JOB_DEADLINE_S or at its own deadline); once."""
+    return _write_stopped(conn, _RECORD_STOPPED, result_id, None, output, prompt_tokens, completion_tokens)
 
 
 def end_past_deadline(

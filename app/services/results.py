@@ -186,6 +186,24 @@ async def poll(
         if known:  # a notice brought its final row
             return known
         return (await read(db, principal, result_id)).model_dump_json().encode()
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    while True:
+        body = await _wait_once(db, waiter, principal, result_id, wait_s)
+        wait_s = deadline - loop.time()
+        if not _pending(body) or wait_s <= 0.05:
+            return body
+        # Woken without its end while time is left: the subscription was lost (Redis down). Waiting
+        # on, reading the row each second, keeps the wait the client asked for.
+        await asyncio.sleep(min(1.0, wait_s))
+        wait_s = deadline - loop.time()
+
+
+async def _wait_once(
+    db: Database, waiter: ResultWaiter, principal: Principal, result_id: uuid.UUID, wait_s: float
+) -> bytes:
+    """The result as JSON once a notice says it ended, or after `wait_s`, or when the notices are
+    lost (then possibly still pending)."""
     # Watch before reading, so that a notice sent between the read and the wait is not missed.
     async with waiter.watch(result_id) as finished:
         known = waiter.known(result_id, principal.tenant_filter)  # no await since the watch began

@@ -12,6 +12,7 @@ import httpx
 import psycopg
 import pytest
 import redis.asyncio as aioredis
+from devstack.processes import free_port
 
 from app.config import get_settings
 from app.notify import (
@@ -26,7 +27,16 @@ from app.notify import (
 from app.schemas import ResultOut
 from app.services import results as results_service
 from app.streams import TokenStreamReader
-from tests.conftest import FAST_MODEL, InProcessApi
+from tests.conftest import (
+    ADMIN_KEY,
+    FAST_MODEL,
+    EnqueueRecorder,
+    InProcessApi,
+    bearer,
+    make_api_app,
+    serve_in_process,
+    start_redis_server,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -40,11 +50,17 @@ async def _pending_result(client: httpx.AsyncClient) -> dict[str, object]:
     return dict(current.json())
 
 
-async def _long_poll_woken_by(client: httpx.AsyncClient, result_id: str, message: bytes) -> httpx.Response:
+async def _long_poll_woken_by(
+    client: httpx.AsyncClient,
+    result_id: str,
+    message: bytes,
+    poll: asyncio.Task[httpx.Response] | None = None,
+) -> httpx.Response:
     settings = get_settings()
     publisher = aioredis.from_url(settings.REDIS_URL)
     try:
-        poll = asyncio.create_task(client.get(f"/results/{result_id}", params={"wait": 10}, timeout=20))
+        if poll is None:
+            poll = asyncio.create_task(client.get(f"/results/{result_id}", params={"wait": 10}, timeout=20))
         # Publish until the waiter has subscribed and registered (a notice before that is lost).
         for _ in range(200):
             await asyncio.sleep(0.02)
@@ -73,7 +89,10 @@ async def test_the_long_poll_answers_with_the_row_the_notice_carries(client: htt
     "row", [None, b"{not json", b'{"id": "x"}', "other"], ids=["id-only", "garbage", "invalid", "other-id"]
 )
 async def test_a_notice_without_a_readable_row_makes_the_poll_read_the_database(
-    client: httpx.AsyncClient, row: bytes | str | None, caplog: pytest.LogCaptureFixture
+    client: httpx.AsyncClient,
+    db: psycopg.AsyncConnection[Any],
+    row: bytes | str | None,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     pending = await _pending_result(client)
     if row == "other":  # a well-formed row, but of another result
@@ -81,10 +100,17 @@ async def test_a_notice_without_a_readable_row_makes_the_poll_read_the_database(
         row = ResultOut.model_validate(other).model_dump_json().encode()
     assert not isinstance(row, str)
     message = str(pending["id"]).encode() + (b"\n" + row if row else b"")
+    poll = asyncio.create_task(client.get(f"/results/{pending['id']}", params={"wait": 10}, timeout=20))
+    await asyncio.sleep(0.5)  # waiting on the notice by now
+    await db.execute(
+        "UPDATE result SET status = 'completed', output = 'from postgres', finished_at = now() WHERE id = %s",
+        (pending["id"],),
+    )
     with caplog.at_level(logging.WARNING, logger="app.services.results"):
-        answer = await _long_poll_woken_by(client, str(pending["id"]), message)
+        answer = await _long_poll_woken_by(client, str(pending["id"]), message, poll)
     assert answer.status_code == 200
-    assert answer.json() == pending  # woken at once, and what Postgres says
+    assert answer.json()["status"] == "completed"
+    assert answer.json()["output"] == "from postgres"  # what Postgres says, not the notice
     assert ("unreadable completion notice" in caplog.text) == (row is not None)
 
 
@@ -214,3 +240,35 @@ async def test_once_subscribed_a_watch_and_a_follow_begin_without_a_trip_through
     finally:
         await waiter.close()
         await streams.close()
+
+
+async def test_a_long_poll_waits_its_time_through_a_redis_outage(
+    db: psycopg.AsyncConnection[Any], triton: Any
+) -> None:
+    """Losing the notices' subscription wakes the waiters to read Postgres; a job still pending
+    then keeps them waiting (the row read each second), rather than answering `pending` early."""
+    port = free_port()
+    redis = start_redis_server(port)
+    app = make_api_app(triton.http_url, EnqueueRecorder(), REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    try:
+        async with serve_in_process(app) as http:
+            http.headers.update(bearer(ADMIN_KEY))
+            pending = await _pending_result(http)
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            poll = asyncio.create_task(http.get(f"/results/{pending['id']}", params={"wait": 4}, timeout=20))
+            await asyncio.sleep(1)
+            redis.kill()
+            redis.wait(10)
+            await db.execute(
+                "UPDATE result SET status = 'completed', output = 'seen in the row', finished_at = now() "
+                "WHERE id = %s AND pg_sleep(1.5) IS NOT NULL",
+                (pending["id"],),
+            )
+            answer = await poll
+            waited = loop.time() - started
+    finally:
+        redis.kill()
+        redis.wait(10)
+    assert answer.json()["status"] == "completed" and answer.json()["output"] == "seen in the row"
+    assert waited < 4, "answered at the end of its wait, not when the row said it had ended"

@@ -4,33 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
-import socket
-import subprocess
-import time
 
 import pytest
 from devstack.processes import free_port
 
 from app.subscription import subscribe_forever
+from tests.conftest import start_redis_server
 
 pytestmark = pytest.mark.anyio
-
-
-def _redis(port: int) -> subprocess.Popen[bytes]:
-    """A redis-server of its own, answering by the time this returns."""
-    server = shutil.which("redis-server")
-    assert server is not None
-    argv = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
 
 
 async def _until(event: asyncio.Event, timeout_s: float) -> None:
@@ -41,7 +22,7 @@ async def test_an_outage_is_one_line_each_way_not_a_traceback_a_second(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     port = free_port()
-    redis = _redis(port)
+    redis = start_redis_server(port)
     subscribed, lost = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
         subscribe_forever(f"redis://127.0.0.1:{port}/0", "test", "test notices", subscribed, print, lost.set)
@@ -54,7 +35,7 @@ async def test_an_outage_is_one_line_each_way_not_a_traceback_a_second(
         await _until(lost, 10)
         await asyncio.sleep(3.5)  # three more failed attempts
         assert not subscribed.is_set()
-        redis = _redis(port)
+        redis = start_redis_server(port)
         await _until(subscribed, 10)
     finally:
         task.cancel()

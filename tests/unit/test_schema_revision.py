@@ -11,4 +11,4 @@ from tests.conftest import ROOT
 
 def test_readiness_expects_the_migrations_head() -> None:
     head = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini"))).get_current_head()
-    assert SCHEMA_REVISION == head
+    assert head == SCHEMA_REVISION

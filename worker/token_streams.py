@@ -3,13 +3,15 @@
 Lives on the runtime's event loop. The generation hands each piece to its `StreamSink` without
 waiting; one flusher sends whatever has gathered, for every job, in one pipeline, so a busy worker
 pays one round trip per flush rather than per token, and an idle one sends each piece at once.
-Best effort: without Redis the pieces are dropped (the row in Postgres is still written whole).
+Without Redis the pieces wait, with their event ids, and go out once it answers: a running job's
+until its end, an ended job's for KEEP_ENDED_S more (the row in Postgres is still written whole).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import uuid
 from typing import Any
 
@@ -17,6 +19,7 @@ import redis
 import redis.asyncio as aioredis
 
 from app.config import Settings
+from app.redis_clients import retry_once
 from app.streams import (
     DONE_FIELD,
     TEXT_FIELD,
@@ -30,6 +33,9 @@ from app.streams import (
 
 log = logging.getLogger(__name__)
 
+RETRY_S = 1.0  # between writes while Redis fails them
+KEEP_ENDED_S = 60.0  # bounds what an outage holds: ended jobs' pieces are dropped after this
+
 
 class StreamSink:
     """One job's stream: the next event id, and what was already published by an earlier attempt."""
@@ -42,8 +48,11 @@ class StreamSink:
         self.key = key
         self.next_seq = next_seq
         self._skip = skip_chars
-        self.pending: list[str] = []
+        self.pending: list[str] = []  # texts not known to be appended yet, an event each
+        self.unanswered = 0  # how many of the first pending texts a write sent, unanswered yet
         self.done: str | None = None
+        self.done_sent = False
+        self.ended_at = 0.0
 
     def __call__(self, text: str) -> None:
         if self._skip:  # an earlier attempt already published this much of the text
@@ -57,7 +66,23 @@ class StreamSink:
 
     def finish(self, status: str) -> None:
         self.done = status
+        self.ended_at = time.monotonic()
         self._writer.wake(self)
+
+    def texts(self) -> list[str]:
+        """The texts to append, an event each. A text a failed write sent keeps its event id, so
+        that sent again it is refused as a duplicate if it was appended after all."""
+        if len(self.pending) > self.unanswered + 1:
+            self.pending[self.unanswered :] = ["".join(self.pending[self.unanswered :])]
+        self.unanswered = len(self.pending)
+        return list(self.pending)
+
+    def written(self, count: int, done: bool) -> None:
+        """The last write appended the first `count` pending texts (and the end marker if `done`)."""
+        del self.pending[:count]
+        self.next_seq += count + int(done)
+        self.unanswered = 0
+        self.done_sent = self.done_sent or done
 
 
 class StreamWriter:
@@ -65,7 +90,9 @@ class StreamWriter:
         self._queue = settings.CELERY_QUEUE
         self._channel = pieces_channel(settings.CELERY_QUEUE)
         self._ttl_s = settings.STREAM_TTL_S
-        self._redis = aioredis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=5)
+        self._redis = aioredis.from_url(
+            settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=5, retry=retry_once()
+        )
         self._dirty: dict[str, StreamSink] = {}
         self._wake = asyncio.Event()
         self._task = asyncio.get_running_loop().create_task(self._flush_forever())
@@ -102,27 +129,52 @@ class StreamWriter:
                 self._warned = False
             except (redis.RedisError, OSError) as exc:
                 if not self._warned:
-                    log.warning("token streams: Redis write failed, pieces dropped (%s)", exc)
+                    log.warning("token streams: Redis write failed, pieces kept for a retry (%s)", exc)
                     self._warned = True
+                self._keep(dirty)
+                await asyncio.sleep(RETRY_S)
+
+    def _keep(self, failed: dict[str, StreamSink]) -> None:
+        """The sinks of a failed write, for the next one; an ended job's only for KEEP_ENDED_S."""
+        give_up = time.monotonic() - KEEP_ENDED_S
+        for key, sink in failed.items():
+            if sink.done is not None and sink.ended_at < give_up:
+                log.warning("result %s: Redis still failing, unsent stream pieces dropped", sink.result_id)
+            else:
+                self._dirty.setdefault(key, sink)
+        if self._dirty:
+            self._wake.set()
 
     async def _flush(self, sinks: list[StreamSink]) -> None:
         published: list[Published] = []
+        sent: list[tuple[StreamSink, int, bool]] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for sink in sinks:
-                if sink.pending:
-                    text, sink.pending = "".join(sink.pending), []
-                    pipe.xadd(sink.key, {TEXT_FIELD: text.encode()}, id=entry_id(sink.next_seq))
-                    published.append([sink.result_id, sink.next_seq, text])
-                    sink.next_seq += 1
-                if sink.done is not None:
-                    pipe.xadd(sink.key, {DONE_FIELD: sink.done.encode()}, id=entry_id(sink.next_seq))
-                    published.append([sink.result_id, sink.next_seq, None, sink.done])
-                    sink.next_seq += 1
+                seq, texts = sink.next_seq, sink.texts()
+                for text in texts:
+                    pipe.xadd(sink.key, {TEXT_FIELD: text.encode()}, id=entry_id(seq))
+                    published.append([sink.result_id, seq, text])
+                    seq += 1
+                end = None if sink.done_sent else sink.done
+                if end is not None:
+                    pipe.xadd(sink.key, {DONE_FIELD: end.encode()}, id=entry_id(seq))
+                    published.append([sink.result_id, seq, None, end])
                 pipe.expire(sink.key, self._ttl_s)
+                sent.append((sink, len(texts), end is not None))
             if published:  # after the appends: a follower that misses this reads them from the stream
                 pipe.publish(self._channel, encode_published(published))
-            await pipe.execute()
+            answers = await pipe.execute(raise_on_error=False)
+        for answer in answers:
+            if isinstance(answer, redis.ResponseError) and not _appended_before(answer):
+                raise answer
+        for sink, count, done in sent:  # pieces that came meanwhile wait for the next flush
+            sink.written(count, done)
 
     async def close(self) -> None:
         self._task.cancel()
         await self._redis.aclose()
+
+
+def _appended_before(error: redis.ResponseError) -> bool:
+    """An XADD refused because its event id is taken: by this text, from a write whose answer was lost."""
+    return "equal or smaller than the target stream top item" in str(error)

@@ -95,6 +95,17 @@ def test_every_operation_refuses_missing_wrong_and_revoked_keys_and_other_tenant
     assert probed >= 10
 
 
+def _revoke_from_the_command_line(key_id: str, e2e_env: dict[str, str]) -> None:
+    """As an operator would: another process, straight in the database."""
+    subprocess.run(
+        [sys.executable, "-m", "app.cli", "keys", "revoke", key_id],
+        cwd=ROOT,
+        env={**e2e_env, "PATH": str(Path(sys.executable).parent)},
+        check=True,
+        capture_output=True,
+    )
+
+
 def test_a_revocation_reaches_another_api_process_within_seconds(
     api_server: str, e2e_env: dict[str, str]
 ) -> None:
@@ -103,14 +114,7 @@ def test_a_revocation_reaches_another_api_process_within_seconds(
     assert (
         httpx.get(f"{api_server}/contexts/", headers=headers).status_code == 200
     )  # cached by the server now
-    # An operator revokes it from the command line: another process, straight in the database.
-    subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "revoke", created["id"]],
-        cwd=ROOT,
-        env={**e2e_env, "PATH": str(Path(sys.executable).parent)},
-        check=True,
-        capture_output=True,
-    )
+    _revoke_from_the_command_line(created["id"], e2e_env)
     revoked_at = time.monotonic()
     while httpx.get(f"{api_server}/contexts/", headers=headers).status_code == 200:
         assert time.monotonic() - revoked_at < 5, "the server still accepts a revoked key"
@@ -126,13 +130,7 @@ def test_a_key_revoked_elsewhere_is_refused_once_the_cache_time_has_passed(
     created = _new_key(api_server, "e2e")
     headers = bearer(created["key"])
     assert httpx.get(f"{api_server}/contexts/", headers=headers).status_code == 200  # cached now
-    subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "revoke", created["id"]],
-        cwd=ROOT,
-        env={**e2e_env, "PATH": str(Path(sys.executable).parent)},
-        check=True,
-        capture_output=True,
-    )
+    _revoke_from_the_command_line(created["id"], e2e_env)
     time.sleep(1.5)
 
     def create(i: int) -> int:

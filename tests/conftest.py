@@ -33,9 +33,6 @@ os.environ.update(
 )
 
 import shutil  # noqa: E402
-import socket  # noqa: E402
-import subprocess  # noqa: E402
-import time  # noqa: E402
 from collections.abc import AsyncIterator, Iterator, Sequence  # noqa: E402
 from contextlib import asynccontextmanager  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
@@ -151,22 +148,6 @@ async def serve_in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         httpx.AsyncClient(transport=transport, base_url="http://api.test") as http,
     ):
         yield http
-
-
-def start_redis_server(port: int) -> subprocess.Popen[bytes]:
-    """A redis-server of the test's own (never the shared one), answering by the time this returns."""
-    server = shutil.which("redis-server")
-    assert server is not None
-    argv = [server, "--port", str(port), "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return process
-        except OSError:
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
 
 
 def bearer(key: str) -> dict[str, str]:

@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 import redis.asyncio as aioredis
-from devstack.processes import free_port
 
 from app.config import get_settings
 from app.notify import (
@@ -27,6 +27,7 @@ from app.notify import (
 from app.schemas import ResultOut
 from app.services import results as results_service
 from app.streams import TokenStreamReader
+from bench.faults.services import OwnRedis
 from tests.conftest import (
     ADMIN_KEY,
     FAST_MODEL,
@@ -35,7 +36,6 @@ from tests.conftest import (
     bearer,
     make_api_app,
     serve_in_process,
-    start_redis_server,
 )
 
 pytestmark = pytest.mark.anyio
@@ -243,13 +243,13 @@ async def test_once_subscribed_a_watch_and_a_follow_begin_without_a_trip_through
 
 
 async def test_a_long_poll_waits_its_time_through_a_redis_outage(
-    db: psycopg.AsyncConnection[Any], triton: Any
+    db: psycopg.AsyncConnection[Any], triton: Any, logs_dir: Path
 ) -> None:
     """Losing the notices' subscription wakes the waiters to read Postgres; a job still pending
     then keeps them waiting (the row read each second), rather than answering `pending` early."""
-    port = free_port()
-    redis = start_redis_server(port)
-    app = make_api_app(triton.http_url, EnqueueRecorder(), REDIS_URL=f"redis://127.0.0.1:{port}/0")
+    redis = OwnRedis(logs_dir / "long-poll-outage")
+    redis.start()
+    app = make_api_app(triton.http_url, EnqueueRecorder(), REDIS_URL=redis.url)
     try:
         async with serve_in_process(app) as http:
             http.headers.update(bearer(ADMIN_KEY))
@@ -258,8 +258,7 @@ async def test_a_long_poll_waits_its_time_through_a_redis_outage(
             started = loop.time()
             poll = asyncio.create_task(http.get(f"/results/{pending['id']}", params={"wait": 4}, timeout=20))
             await asyncio.sleep(1)
-            redis.kill()
-            redis.wait(10)
+            redis.kill9()
             await db.execute(
                 "UPDATE result SET status = 'completed', output = 'seen in the row', finished_at = now() "
                 "WHERE id = %s AND pg_sleep(1.5) IS NOT NULL",
@@ -268,7 +267,6 @@ async def test_a_long_poll_waits_its_time_through_a_redis_outage(
             answer = await poll
             waited = loop.time() - started
     finally:
-        redis.kill()
-        redis.wait(10)
+        redis.stop()
     assert answer.json()["status"] == "completed" and answer.json()["output"] == "seen in the row"
     assert waited < 4, "answered at the end of its wait, not when the row said it had ended"

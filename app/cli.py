@@ -11,7 +11,7 @@ import psycopg
 import typer
 from pydantic import ValidationError
 
-from app.config import SettingsError, get_settings
+from app.config import settings_or_exit
 from app.db import AsyncConnection, connection_kwargs, conninfo
 from app.errors import AppError
 from app.schemas import ApiKeyCreate
@@ -25,10 +25,7 @@ cli.add_typer(keys, name="keys")
 
 
 def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
-    try:
-        settings = get_settings()
-    except SettingsError as exc:
-        _fail(str(exc))
+    settings = settings_or_exit()
 
     async def run() -> T:
         async with await psycopg.AsyncConnection.connect(

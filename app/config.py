@@ -213,3 +213,12 @@ def get_settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         raise SettingsError.of(exc) from None
+
+
+def settings_or_exit() -> Settings:
+    """The settings for an entry point (API, worker, CLI): unusable ones end the process with one
+    line for the operator, not a traceback through the importer."""
+    try:
+        return get_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import gc
 import logging
-import sys
 from functools import cache
 from typing import Any
 
 from celery import Celery
 from celery.signals import after_setup_logger, worker_process_init, worker_ready, worker_shutting_down
 
-from app.config import SettingsError, get_settings
+from app.config import settings_or_exit
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
 from app.queue import JobQueue, celery_config, check_publishable
@@ -21,10 +20,7 @@ from worker.pool import JobPool
 from worker.runtime import reset_runtime
 from worker.sweeper import Sweeper
 
-try:
-    settings = get_settings()
-except SettingsError as exc:  # one line for the operator, not a traceback through Celery's import
-    sys.exit(f"error: {exc}")
+settings = settings_or_exit()
 configure_logging()
 reuse_redis_clients()
 

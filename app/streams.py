@@ -1,7 +1,8 @@
 """Token streams: the new text of a streamed job, as it is generated, in a Redis stream per result.
 
 The worker appends one entry per piece of new text with the explicit id `0-<n>` (n = 1, 2, ...: the
-SSE event id), then an entry with a `done` field once the row is final. Every API process reads the
+SSE event id), then an entry with a `done` field once the row is final. A job run again after part
+of its text was streamed goes on with a `restart` entry: the text before it is void. Every API process reads the
 same stream, so a client can read it from any of them, from the start, or resume after an event id.
 A stream is bounded by its job (at most one entry per generated token, plus the end) and expires
 `STREAM_TTL_S` after its last entry; the row in Postgres stays the record.
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 TEXT_FIELD = b"t"
 DONE_FIELD = b"done"
+RESTART_FIELD = b"restart"
 
 
 def stream_key(queue: str, result_id: uuid.UUID | str) -> str:
@@ -65,9 +67,17 @@ class Piece:
 
 
 @dataclass(frozen=True)
+class Restart:
+    """The job runs again from the start: the text before event `seq` is void."""
+
+    seq: int
+
+
+@dataclass(frozen=True)
 class Entries:
-    pieces: list[Piece]
+    pieces: list[Piece]  # those after the last restart marker read, if any
     done_seq: int | None  # the event id of the worker's end marker, when read: nothing follows it
+    restart_seq: int | None = None  # the event id of the last restart marker read
 
 
 @dataclass(eq=False)
@@ -185,8 +195,12 @@ class TokenStreamReader:
 
 def _entries(raw: Any) -> Entries:
     pieces: list[Piece] = []
+    restart_seq: int | None = None
     for raw_id, fields in raw:
         if DONE_FIELD in fields:
-            return Entries(pieces, entry_seq(raw_id))
+            return Entries(pieces, entry_seq(raw_id), restart_seq)
+        if RESTART_FIELD in fields:
+            pieces, restart_seq = [], entry_seq(raw_id)
+            continue
         pieces.append(Piece(entry_seq(raw_id), fields[TEXT_FIELD].decode("utf-8", errors="replace")))
-    return Entries(pieces, None)
+    return Entries(pieces, None, restart_seq)

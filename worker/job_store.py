@@ -61,6 +61,7 @@ class ClaimedJob:
     attempts: int
     prompt: str
     seconds_left: float | None = None  # before the job's own deadline (`timeout_s`), if it has one
+    ran_before: bool = False  # an earlier run may have streamed part of its text
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,8 @@ class JobStore:
     @staticmethod
     def _answer_claims(claims: list[tuple[uuid.UUID, Reply]], rows: repo.ClaimedRows) -> None:
         jobs = {
-            rid: ClaimedJob(rid, model, params, attempts, prompt, left)
-            for rid, (model, params, attempts, prompt, left) in rows.items()
+            rid: ClaimedJob(rid, model, params, attempts, prompt, left, ran_before)
+            for rid, (model, params, attempts, prompt, left, ran_before) in rows.items()
         }
         _answer_once(claims, jobs.get, None)
 

@@ -72,7 +72,7 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
         stop = Stopped("deadline", Generation("", None, None, None))
         await asyncio.to_thread(record_stop, settings, job, stop)
         return
-    sink = await runtime.open_stream(rid, job.attempts) if job.params.get("stream") else None
+    sink = await runtime.open_stream(rid, job.ran_before) if job.params.get("stream") else None
     try:
         generation = await runtime.generate(
             job.model,
@@ -90,7 +90,7 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
         return
     except GenerationError as exc:
         if await _failed(settings, job, exc, ring) and sink is not None:
-            sink.finish("failed")  # (a job to be run again resumes its stream then)
+            sink.finish("failed")  # (a job to be run again goes on with its stream then)
         return
     except Exception as exc:
         # A bug on our side must still end the job with a reason rather than leave it pending.

@@ -102,10 +102,10 @@ class InferenceRuntime:
             log.error("job coroutine failed", exc_info=task.exception())
         on_end()
 
-    async def open_stream(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
-        if attempt == 1:  # the common case: nothing published before, no round trip to Redis
+    async def open_stream(self, result_id: uuid.UUID, ran_before: bool) -> StreamSink:
+        if not ran_before:  # the common case: nothing published before, no round trip to Redis
             return self._streams.first_sink(result_id)
-        return await self._streams.open(result_id, attempt)
+        return await self._streams.open(result_id)
 
     async def generate(
         self,

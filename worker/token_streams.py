@@ -5,6 +5,9 @@ waiting; one flusher sends whatever has gathered, for every job, in one pipeline
 pays one round trip per flush rather than per token, and an idle one sends each piece at once.
 Without Redis the pieces wait, with their event ids, and go out once it answers: a running job's
 until its end, an ended job's for KEEP_ENDED_S more (the row in Postgres is still written whole).
+A job that runs again after streaming part of its text (its worker died, Triton failed) opens its
+stream with a restart marker: the new generation need not repeat the old one, so readers are told to
+drop the text before it.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from app.config import Settings
 from app.redis_clients import retry_once
 from app.streams import (
     DONE_FIELD,
+    RESTART_FIELD,
     TEXT_FIELD,
     Published,
     encode_published,
@@ -38,16 +42,16 @@ KEEP_ENDED_S = 60.0  # bounds what an outage holds: ended jobs' pieces are dropp
 
 
 class StreamSink:
-    """One job's stream: the next event id, and what was already published by an earlier attempt."""
+    """One job's stream: the next event id, and whether it opens with a restart marker."""
 
     def __init__(
-        self, writer: StreamWriter, result_id: uuid.UUID, key: str, next_seq: int, skip_chars: int
+        self, writer: StreamWriter, result_id: uuid.UUID, key: str, next_seq: int, restart: bool
     ) -> None:
         self._writer = writer
         self.result_id = str(result_id)
         self.key = key
         self.next_seq = next_seq
-        self._skip = skip_chars
+        self.restart = restart  # an earlier run streamed text: the next write starts with the marker
         self.pending: list[str] = []  # texts not known to be appended yet, an event each
         self.unanswered = 0  # how many of the first pending texts a write sent, unanswered yet
         self.done: str | None = None
@@ -55,12 +59,6 @@ class StreamSink:
         self.ended_at = 0.0
 
     def __call__(self, text: str) -> None:
-        if self._skip:  # an earlier attempt already published this much of the text
-            cut = min(self._skip, len(text))
-            self._skip -= cut
-            text = text[cut:]
-            if not text:
-                return
         self.pending.append(text)
         self._writer.wake(self)
 
@@ -77,10 +75,12 @@ class StreamSink:
         self.unanswered = len(self.pending)
         return list(self.pending)
 
-    def written(self, count: int, done: bool) -> None:
-        """The last write appended the first `count` pending texts (and the end marker if `done`)."""
+    def written(self, restarted: bool, count: int, done: bool) -> None:
+        """The last write appended the restart marker if `restarted`, the first `count` pending texts,
+        and the end marker if `done`."""
         del self.pending[:count]
-        self.next_seq += count + int(done)
+        self.next_seq += int(restarted) + count + int(done)
+        self.restart = self.restart and not restarted
         self.unanswered = 0
         self.done_sent = self.done_sent or done
 
@@ -99,21 +99,24 @@ class StreamWriter:
         self._warned = False
 
     def first_sink(self, result_id: uuid.UUID) -> StreamSink:
-        """A first attempt's stream: nothing was published before, no need to look (any thread)."""
-        return StreamSink(self, result_id, stream_key(self._queue, result_id), 1, 0)
+        """A first run's stream: nothing was published before, no need to look (any thread)."""
+        return StreamSink(self, result_id, stream_key(self._queue, result_id), 1, False)
 
-    async def open(self, result_id: uuid.UUID, attempt: int) -> StreamSink:
+    async def open(self, result_id: uuid.UUID) -> StreamSink:
+        """The stream of a job that ran before: it goes on after what is there, with a restart
+        marker if an earlier run streamed text since the last one."""
         key = stream_key(self._queue, result_id)
-        next_seq, published = 1, 0
-        if attempt > 1:  # an earlier attempt may have streamed part of the text: go on after it
-            try:
-                entries: Any = await self._redis.xrange(key)
-                for raw_id, fields in entries:
-                    next_seq = entry_seq(raw_id) + 1
-                    published += len(fields.get(TEXT_FIELD, b"").decode("utf-8", errors="replace"))
-            except (redis.RedisError, OSError) as exc:
-                log.warning("result %s: earlier stream unreadable (%s)", result_id, exc)
-        return StreamSink(self, result_id, key, next_seq, published)
+        next_seq, restart = 1, False
+        try:
+            entries: Any = await self._redis.xrange(key)
+            for raw_id, fields in entries:
+                next_seq = entry_seq(raw_id) + 1
+                restart = TEXT_FIELD in fields or (restart and RESTART_FIELD not in fields)
+        except (redis.RedisError, OSError) as exc:
+            # Unknown: a marker costs a reader nothing, a missing one leaves it the old text.
+            log.warning("result %s: earlier stream unreadable (%s)", result_id, exc)
+            restart = True
+        return StreamSink(self, result_id, key, next_seq, restart)
 
     def wake(self, sink: StreamSink) -> None:
         self._dirty[sink.key] = sink
@@ -147,10 +150,13 @@ class StreamWriter:
 
     async def _flush(self, sinks: list[StreamSink]) -> None:
         published: list[Published] = []
-        sent: list[tuple[StreamSink, int, bool]] = []
+        sent: list[tuple[StreamSink, bool, int, bool]] = []
         async with self._redis.pipeline(transaction=False) as pipe:
             for sink in sinks:
-                seq, texts = sink.next_seq, sink.texts()
+                seq, texts, restarted = sink.next_seq, sink.texts(), sink.restart
+                if restarted:  # not published: a follower sees the gap and reads it from the stream
+                    pipe.xadd(sink.key, {RESTART_FIELD: b"1"}, id=entry_id(seq))
+                    seq += 1
                 for text in texts:
                     pipe.xadd(sink.key, {TEXT_FIELD: text.encode()}, id=entry_id(seq))
                     published.append([sink.result_id, seq, text])
@@ -160,15 +166,15 @@ class StreamWriter:
                     pipe.xadd(sink.key, {DONE_FIELD: end.encode()}, id=entry_id(seq))
                     published.append([sink.result_id, seq, None, end])
                 pipe.expire(sink.key, self._ttl_s)
-                sent.append((sink, len(texts), end is not None))
+                sent.append((sink, restarted, len(texts), end is not None))
             if published:  # after the appends: a follower that misses this reads them from the stream
                 pipe.publish(self._channel, encode_published(published))
             answers = await pipe.execute(raise_on_error=False)
         for answer in answers:
             if isinstance(answer, redis.ResponseError) and not _appended_before(answer):
                 raise answer
-        for sink, count, done in sent:  # pieces that came meanwhile wait for the next flush
-            sink.written(count, done)
+        for sink, restarted, count, done in sent:  # pieces that came meanwhile wait for the next flush
+            sink.written(restarted, count, done)
 
     async def close(self) -> None:
         self._task.cancel()

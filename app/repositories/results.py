@@ -219,7 +219,7 @@ _CLAIM = """
        AND (r.lease_until IS NULL OR r.lease_until < now() OR r.lease_owner = %(owner)s)
        AND r.created_at >= now() - make_interval(secs => %(deadline)s)
     RETURNING r.id, r.model, r.params, r.attempts, COALESCE(r.prompt, c.content),
-              EXTRACT(EPOCH FROM r.deadline_at - now())::float8
+              EXTRACT(EPOCH FROM r.deadline_at - now())::float8, r.attempts > 1 OR r.error IS NOT NULL
 """
 # The heartbeat: one statement for every job a worker process holds.
 # A row another statement holds locked (its outcome being written, a cancel) is skipped, not waited
@@ -305,8 +305,9 @@ _FAIL_EXPIRED = """
 
 # id -> the final row as written (all columns)
 FinalRows = dict[uuid.UUID, dict[str, Any]]
-# id -> (model, params, attempts, prompt, seconds left before its own deadline or None)
-ClaimedRows = dict[uuid.UUID, tuple[str, dict[str, Any], int, str, float | None]]
+# id -> (model, params, attempts, prompt, seconds left before its own deadline or None, whether it
+# ran before: another attempt, or a run given back without spending one, which leaves its `error`)
+ClaimedRows = dict[uuid.UUID, tuple[str, dict[str, Any], int, str, float | None, bool]]
 
 
 def claim_many(
@@ -317,7 +318,8 @@ def claim_many(
     values = {"ids": result_ids, "owner": owner, "lease": lease_s, "deadline": deadline_s}
     rows = conn.execute(_CLAIM, values).fetchall()
     return {
-        rid: (model, params, attempts, content, left) for rid, model, params, attempts, content, left in rows
+        rid: (model, params, attempts, content, left, ran_before)
+        for rid, model, params, attempts, content, left, ran_before in rows
     }
 
 

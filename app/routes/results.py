@@ -16,8 +16,13 @@ from app.models import ResultStatus
 from app.schemas import ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
 from app.services import streams
+from app.streams import Restart
 
 log = logging.getLogger(__name__)
+
+RESTART_DATA = json.dumps(
+    {"reason": "the job runs again from the start (its earlier run stopped): drop the text received before"}
+)
 
 router = APIRouter(prefix="/results", tags=["results"])
 
@@ -114,7 +119,9 @@ async def stream_result(
     """The job's text as it is generated (jobs sent with `"stream": true`; another job's text comes whole
     when it ends): `event: token` with `data: {"text": ...}` and a sequence number as `id`, then
     `event: done` with the final row (its `error` says why a failed or cancelled job ended). Read from
-    any API process, from the start or, with `Last-Event-ID`, after an event; after the end, all at once."""
+    any API process, from the start or, with `Last-Event-ID`, after an event; after the end, all at once.
+    `event: restart`: the job runs again from the start (its worker stopped); the text received before
+    it is void (a client starting later never gets that text)."""
     follow = streams.follow(
         c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, result_id, last_event_id or 0
     )
@@ -128,6 +135,9 @@ async def stream_result(
                         yield sse.event(item.result.model_dump_json(), name="done", event_id=item.seq)
                     elif isinstance(item, streams.Quiet):
                         yield sse.KEEPALIVE
+                    elif isinstance(item, Restart):
+                        yield sse.event(RESTART_DATA, name="restart", event_id=item.seq)
+                        last = item.seq
                     else:
                         yield sse.event(json.dumps({"text": item.text}), name="token", event_id=item.seq)
                         last = item.seq

@@ -19,12 +19,19 @@ from typing import Any
 from app import sse
 from app.auth import Principal
 from app.db import Database
-from app.errors import AppError, openai_error_body, stream_error
+from app.errors import AppError, ServiceUnavailable, openai_error_body, stream_error
 from app.notify import ResultWaiter
 from app.schemas_openai import Usage
 from app.services import streams
 from app.services.openai import Call, job_error, usage
-from app.streams import Piece, TokenStreamReader
+from app.streams import Piece, Restart, TokenStreamReader
+
+# A chunk cannot be taken back: a job run again after some of its text was sent ends the answer.
+RESTARTED = ServiceUnavailable(
+    "the generation was interrupted (its worker stopped) and runs again from the start: "
+    "the text streamed so far is void; send the request again",
+    code="generation_restarted",
+)
 
 
 def _event(payload: Any) -> bytes:
@@ -71,7 +78,7 @@ async def chunks(
     with its finish reason, the usage when asked, then `[DONE]`. A job that fails or is cancelled
     ends the answer with an `error` event saying why (the SDK raises it)."""
     out = _Chunks(call, result_ids)
-    queue: asyncio.Queue[tuple[int, Piece | streams.Quiet | streams.Final] | None] = asyncio.Queue()
+    queue: asyncio.Queue[tuple[int, Piece | Restart | streams.Quiet | streams.Final] | None] = asyncio.Queue()
 
     async def follow(index: int, result_id: uuid.UUID) -> None:
         async for event in streams.follow(db, waiter, token_streams, principal, result_id, 0):
@@ -86,6 +93,7 @@ async def chunks(
     for index in range(len(result_ids)):
         yield out.choice(index, "", None, first=True)
     finals: dict[int, dict[str, Any]] = {}
+    sent_text: set[int] = set()  # the choices some text of which was sent
     feeder = asyncio.ensure_future(run_all())
     try:
         while True:
@@ -98,6 +106,12 @@ async def chunks(
                 continue
             if isinstance(event, Piece):
                 yield out.choice(index, event.text, None)
+                sent_text.add(index)
+                continue
+            if isinstance(event, Restart):
+                if index in sent_text:
+                    yield _event(_error_body(RESTARTED))
+                    return
                 continue
             row = json.loads(event.result.model_dump_json())
             if row["status"] != "completed":

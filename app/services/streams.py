@@ -15,7 +15,7 @@ from app.models import ResultStatus
 from app.notify import PENDING, ResultWaiter
 from app.schemas import ResultOut
 from app.services import results
-from app.streams import Piece, TokenStreamReader
+from app.streams import Entries, Piece, Restart, TokenStreamReader
 
 # A quiet spell after which a follower reads the stream and the row itself (a message may be lost);
 # it is also how often a client waiting for text hears that the stream is alive.
@@ -44,6 +44,27 @@ async def _read(db: Database, principal: Principal, result_id: uuid.UUID) -> Res
     return await asyncio.shield(background.detached(results.read(db, principal, result_id)))
 
 
+class _Position:
+    """What the client holds: the last event id sent, and whether it holds text a restart voids."""
+
+    def __init__(self, after: int) -> None:
+        self.seq = after
+        self.holds_text = after > 0
+
+    def take(self, entries: Entries) -> list[Piece | Restart]:
+        """The items of `entries` the client lacks, in order; a restart only to one that holds text."""
+        items: list[Piece | Restart] = []
+        if entries.restart_seq is not None and entries.restart_seq > self.seq:
+            if self.holds_text:
+                items.append(Restart(entries.restart_seq))
+            self.seq, self.holds_text = entries.restart_seq, False
+        for piece in entries.pieces:
+            if piece.seq > self.seq:
+                items.append(piece)
+                self.seq, self.holds_text = piece.seq, True
+        return items
+
+
 async def follow(
     db: Database,
     waiter: ResultWaiter,
@@ -51,11 +72,12 @@ async def follow(
     principal: Principal,
     result_id: uuid.UUID,
     after: int,
-) -> AsyncGenerator[Piece | Quiet | Final]:
+) -> AsyncGenerator[Piece | Restart | Quiet | Final]:
     """The pieces after event `after`, live while the job runs, then its final row. A job that was
     not streamed (or whose stream expired) gives its whole text as one piece when it ends. `QUIET`
-    after each spell of `QUIET_S` without news."""
-    seq = after
+    after each spell of `QUIET_S` without news; `Restart` when the job runs again from the start
+    after the client got some of an earlier run's text (a client starting later never sees that text)."""
+    at = _Position(after)
     # Both watches before reading anything: no notice and no piece is missed.
     async with waiter.watch(result_id) as finished, streams.follow(result_id) as live:
         finished.add_done_callback(lambda _: live.wake())
@@ -68,10 +90,9 @@ async def follow(
         caught_up = False
         while pending and not finished.done() and done_seq is None:
             if not caught_up:  # what the stream holds already, or what a lost message carried
-                entries = await streams.read(result_id, seq, block_ms=None)
-                for piece in entries.pieces:
-                    yield piece
-                    seq = piece.seq
+                entries = await streams.read(result_id, at.seq, block_ms=None)
+                for item in at.take(entries):
+                    yield item
                 done_seq, caught_up = entries.done_seq, True
                 continue
             await live.wait(QUIET_S)
@@ -83,41 +104,39 @@ async def follow(
                     yield QUIET
                 continue
             for piece_seq, text in taken:
-                if piece_seq > seq + 1:  # a message was missed: the stream has what it carried
-                    entries = await streams.read(result_id, seq, block_ms=None)
-                    for piece in entries.pieces:
-                        yield piece
-                        seq = piece.seq
+                if piece_seq > at.seq + 1:  # a gap (a lost message, a restart): the stream has it
+                    entries = await streams.read(result_id, at.seq, block_ms=None)
+                    for item in at.take(entries):
+                        yield item
                     if entries.done_seq is not None:
                         done_seq = entries.done_seq
                         break
                 if text is None:
                     done_seq = piece_seq
                     break
-                if piece_seq <= seq:
+                if piece_seq <= at.seq:
                     continue  # sent already (read from the stream)
                 yield Piece(piece_seq, text)
-                seq = piece_seq
+                at.seq, at.holds_text = piece_seq, True
     streamed = False
     if done_seq is None:
         last = await streams.last(result_id)
-        if last is not None and last.done_seq is not None and last.done_seq <= seq:
+        if last is not None and last.done_seq is not None and last.done_seq <= at.seq:
             done_seq = last.done_seq  # a resume from the end marker or past it: nothing follows
         elif last is not None:
             # The job ended (possibly cancelled by someone else): its last pieces may be on their way.
-            read_to = min(seq, last.pieces[-1].seq if last.pieces else seq)  # a resume may be past them
+            # From the last piece, or from where the client is if that is before it (a resume past it).
+            read_from = min(at.seq, last.pieces[-1].seq) if last.pieces else at.seq
             give_up = time.monotonic() + _TAIL_WAIT_S
             while time.monotonic() < give_up and done_seq is None:
-                entries = await streams.read(result_id, read_to, block_ms=int(_TAIL_WAIT_S * 1000 / 4))
-                for piece in entries.pieces:
-                    read_to = piece.seq
-                    if piece.seq > seq:
-                        yield piece
-                        seq = piece.seq
+                entries = await streams.read(result_id, read_from, block_ms=int(_TAIL_WAIT_S * 1000 / 4))
+                for item in at.take(entries):
+                    yield item
+                read_from = max([read_from, entries.restart_seq or 0, *(p.seq for p in entries.pieces)])
                 done_seq = entries.done_seq
         streamed = last is not None
     final = await _read(db, principal, result_id)
     if done_seq is None and not streamed and after == 0 and final.output:
         yield Piece(1, final.output)  # never streamed (or its stream expired)
-        seq = 1
-    yield Final(done_seq if done_seq is not None else seq + 1, final)
+        at.seq = 1
+    yield Final(done_seq if done_seq is not None else at.seq + 1, final)

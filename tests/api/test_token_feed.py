@@ -100,7 +100,7 @@ async def test_pieces_come_from_the_channel_and_a_lost_message_is_read_from_the_
         await worker.aclose()
 
 
-async def test_a_retried_job_streams_on_after_what_its_first_attempt_published(
+async def test_a_job_run_again_restarts_its_stream_and_readers_drop_the_earlier_text(
     client: httpx.AsyncClient,
 ) -> None:
     from worker.token_streams import StreamWriter  # the worker's side, on this test's loop
@@ -108,28 +108,62 @@ async def test_a_retried_job_streams_on_after_what_its_first_attempt_published(
     settings = get_settings()
     result_id = uuid.UUID(await _streamed_job(client, "stream me twice"))
     writer = StreamWriter(settings)
-    try:
-        first = writer.first_sink(result_id)  # attempt 1 is cut after "Hello wor"
+    live: list[tuple[str, str, str]] = []
+
+    async def follow_live() -> None:  # connected before the first run's first piece
+        async with client.stream("GET", f"/results/{result_id}/stream", timeout=20) as response:
+            live.extend(_events((await response.aread()).decode()))
+
+    async def play() -> None:
+        await _Worker(str(result_id)).follower_ready()
+        first = writer.first_sink(result_id)  # run 1 is cut after "Hello wor"
         first("Hello")
         await asyncio.sleep(0.1)
         first(" wor")
-        await asyncio.sleep(0.1)
-        second = await writer.open(result_id, 2)  # attempt 2 generates the whole text again
-        for piece in ("Hello", " world", "!"):
+        await asyncio.sleep(0.2)
+        second = await writer.open(result_id)  # run 2 generates another text
+        for piece in ("Hi", " there", "!"):
             second(piece)
             await asyncio.sleep(0.05)
         second.finish("completed")
-        await asyncio.sleep(0.2)
-        events = _events((await client.get(f"/results/{result_id}/stream", timeout=20)).text)
+
+    try:
+        await asyncio.gather(follow_live(), play())
+        read = {
+            after: _events(
+                (
+                    await client.get(
+                        f"/results/{result_id}/stream",
+                        headers={"Last-Event-ID": str(after)} if after else {},
+                        timeout=20,
+                    )
+                ).text
+            )
+            for after in (0, 1, 3)
+        }
+        # A third run after more text: one more marker, found by a run that reads the stream.
+        third = await writer.open(result_id)
+        assert (third.next_seq, third.restart) == (8, True)
     finally:
         await writer.close()
         cleanup = aioredis.from_url(settings.REDIS_URL)
         await cleanup.delete(stream_key(settings.CELERY_QUEUE, result_id))
         await cleanup.aclose()
-    tokens = [(int(i), json.loads(d)["text"]) for e, i, d in events if e == "token"]
-    assert "".join(text for _, text in tokens) == "Hello world!"
-    assert [seq for seq, _ in tokens] == list(range(1, len(tokens) + 1))
-    assert events[-1][0] == "done" and int(events[-1][1]) == len(tokens) + 1
+    # Events 1-2: run 1's text; 3: the restart; 4-6: run 2's text; 7: the end marker.
+    assert [(e, i) for e, i, _ in live] == [
+        ("token", "1"), ("token", "2"), ("restart", "3"), ("token", "4"), ("token", "5"), ("token", "6"), ("done", "7"),
+    ]  # fmt: skip
+    assert "drop the text" in json.loads(live[2][2])["reason"]
+
+    def text(events: list[tuple[str, str, str]]) -> str:
+        return "".join(json.loads(d)["text"] for e, _, d in events if e == "token")
+
+    assert text(live[3:]) == "Hi there!"
+    # From the start: run 2's text only, no restart to act on; after event 1: the restart first;
+    # after the restart: the rest.
+    assert [i for _, i, _ in read[0]] == ["4", "5", "6", "7"] and text(read[0]) == "Hi there!"
+    assert [e for e, _, _ in read[1]] == ["restart", "token", "token", "token", "done"]
+    assert text(read[1]) == "Hi there!" and text(read[3]) == "Hi there!" and read[3][0][1] == "4"
 
 
 class _Worker:

@@ -311,3 +311,20 @@ def test_a_streamed_job_cancelled_before_its_first_token_ends_abort_at_once(
             ).all()
         )
     assert rows == {streamed: "abort", plain: "abort"}  # the plain one's from the cancel itself
+
+
+def test_a_claim_says_whether_the_job_ran_before_also_when_its_attempt_was_given_back(
+    engine: Engine, e2e_db_url: str
+) -> None:
+    # A run given back without spending its attempt (Triton unreachable) may have streamed text:
+    # the next run must know, though its attempt number is 1 again.
+    settings = Settings(DATABASE_URL=e2e_db_url)
+    store = JobStore(settings, SyncDatabase(settings))
+    outage, retried, fresh = _pending(engine, 3)
+    first = {rid: store.claim(rid) for rid in (outage, retried, fresh)}
+    assert all(job is not None and not job.ran_before for job in first.values())
+    store.release(outage, "waiting for Triton: unreachable", spend_attempt=False)
+    store.release(retried, "attempt 1 failed, retrying")
+    again_outage, again_retried = store.claim(outage), store.claim(retried)
+    assert again_outage is not None and (again_outage.attempts, again_outage.ran_before) == (1, True)
+    assert again_retried is not None and (again_retried.attempts, again_retried.ran_before) == (2, True)

@@ -4,6 +4,7 @@ through the platform's HTTP API, side by side, for a vLLM-like latency model and
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import platform as host_platform
@@ -88,11 +89,16 @@ class Profiler:
                 proc.kill()
 
 
+# After the load, how long the probes may take to end their jobs (one is ~1 s; a cancel's check 5 s).
+PROBES_GRACE_S = 30.0
+
+
 class Probing:
     """Streaming probes (bench.streaming) running beside one phase's load; none when k = 0."""
 
-    def __init__(self, k: int) -> None:
+    def __init__(self, k: int, grace_s: float = PROBES_GRACE_S) -> None:
         self.k = k
+        self.grace_s = grace_s
         self.stop = asyncio.Event()
         self._task: asyncio.Task[StreamProbes] | None = None
 
@@ -106,7 +112,17 @@ class Probing:
         if self._task is None:
             return
         self.stop.set()
-        probes = await self._task
+        await asyncio.wait({self._task}, timeout=self.grace_s)
+        if not self._task.done():  # a probe follows a job that never ends (Triton died, say)
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            run.stream_errors = [
+                f"the stream probes were still running {self.grace_s:g} s after the load: stopped"
+            ]
+            console.print(f"  [red]{run.mode} stream probes:[/] {run.stream_errors[0]}; no figures")
+            return
+        probes = self._task.result()
         run.stream_ttft_s, run.stream_gap_s, run.cancel_s = probes.ttft_s, probes.gaps_s, probes.cancel_s
         run.cancel_answer_s = probes.cancel_answer_s
         run.stream_pieces, run.stream_tokens, run.stream_errors = probes.pieces, probes.tokens, probes.errors
@@ -394,6 +410,11 @@ def main(
                     )
                 )
             )
+            gone = stack.exited() if stack is not None else []
+            if gone:  # what was measured after that is not the platform's
+                config["stack_failed"] = f"during scenario {name}: {'; '.join(gone)}"
+                console.print(f"[red]{config['stack_failed']}: figures of that scenario are not valid[/]")
+                break
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
     finally:
@@ -408,6 +429,8 @@ def main(
     console.print(f"JSON: {json_path}")
     if profile:
         console.print(f"profiles: {run_dir / 'profile'}")
+    if "stack_failed" in config:
+        raise typer.Exit(1)
 
 
 if __name__ == "__main__":

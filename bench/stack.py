@@ -148,6 +148,17 @@ class BenchStack:
             out["triton"] = [pid, *descendants(pid)]
         return out
 
+    def exited(self) -> list[str]:
+        """The processes of the stack that have ended (none should before `stop`), with their status."""
+        gone = [
+            f"{proc.name} ended (exit status {proc.popen.returncode})"
+            for proc in self.processes
+            if proc.popen is not None and proc.popen.poll() is not None
+        ]
+        if self.triton is not None and self.triton.exited():  # type: ignore[attr-defined]
+            gone.append(f"tritonserver ended (see {self.logs / 'triton.log'})")
+        return gone
+
     def stop(self) -> None:
         for proc in reversed(self.processes):
             try:

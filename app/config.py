@@ -135,6 +135,9 @@ class Settings(BaseSettings):
     OPENAI_IMAGE_HOSTS: str = ""
     # Export: rows read per page while streaming JSON lines.
     EXPORT_PAGE_SIZE: int = Field(default=500, ge=1, le=10_000)
+    # Bytes of text a listing page or an export page holds at most (one row always): rows can be
+    # hundreds of KB each, and a page is built in memory.
+    PAGE_MAX_BYTES: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
     # FastAPI's native OpenTelemetry (spans, metrics, logs through the providers configured in the
     # process, e.g. by `opentelemetry-instrument`). Off, FastAPI skips its per-request look for
     # providers (about 5 % of the API's CPU per request).

@@ -6,7 +6,7 @@ import uuid
 from datetime import datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from app.models import ResultStatus
 
@@ -112,6 +112,23 @@ class ResultOut(BaseModel):
     started_at: datetime | None
     finished_at: datetime | None
     updated_at: datetime
+    images: int = Field(0, description="Images the job carries (sent in its messages; not repeated here).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _images_counted(cls, row: Any) -> Any:
+        """A row's images (base64, up to MBs each) stay in the job; every poll would send them again."""
+        if isinstance(row, dict) and isinstance(row.get("params"), dict) and "image" in row["params"]:
+            params = dict(row["params"])
+            images = params.pop("image")
+            return {**row, "params": params, "images": len(images) if isinstance(images, list) else 1}
+        return row
+
+
+PAGE_LIMIT = (
+    "Most items in the page. A page also ends once it holds PAGE_MAX_BYTES of text (4 MiB by default; "
+    "one item at least): follow `next_cursor` until it is null."
+)
 
 
 class Page(BaseModel, Generic[T]):

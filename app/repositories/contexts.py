@@ -36,7 +36,10 @@ async def get(conn: AsyncConnection, context_id: uuid.UUID, tenant: str | None) 
 
 
 async def page(
-    conn: AsyncConnection, *, tenant: str | None, cursor: str | None, limit: int
+    conn: AsyncConnection, *, tenant: str | None, cursor: str | None, limit: int, max_bytes: int
 ) -> tuple[list[dict[str, Any]], str | None]:
     filters = {"tenant": tenant}
-    return await newest_first(conn, "context", sql.SQL(_COLUMNS), filters, cursor=cursor, limit=limit)
+    size = sql.SQL("octet_length(content)")
+    return await newest_first(
+        conn, "context", sql.SQL(_COLUMNS), size, filters, cursor=cursor, limit=limit, max_bytes=max_bytes
+    )

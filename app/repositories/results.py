@@ -155,27 +155,50 @@ async def get(conn: AsyncConnection, result_id: uuid.UUID, tenant: str | None) -
     return await (await cur.execute(_GET, {"id": result_id, "tenant": tenant})).fetchone()
 
 
+# What a result row weighs in a listing: its texts and its parameters (which may carry images).
+_SIZE = sql.SQL(
+    "COALESCE(octet_length(output), 0) + COALESCE(octet_length(prompt), 0)"
+    " + COALESCE(octet_length(error), 0) + pg_column_size(params)"
+)
+
+
 async def page(
-    conn: AsyncConnection, *, filters: dict[str, Any], cursor: str | None, limit: int
+    conn: AsyncConnection, *, filters: dict[str, Any], cursor: str | None, limit: int, max_bytes: int
 ) -> tuple[list[dict[str, Any]], str | None]:
-    return await newest_first(conn, "result", sql.SQL("*"), filters, cursor=cursor, limit=limit)
+    return await newest_first(
+        conn, "result", sql.SQL("result.*"), _SIZE, filters, cursor=cursor, limit=limit, max_bytes=max_bytes
+    )
 
 
 # Finished jobs with their prompt, oldest first from a keyset position (created_at, id): the export.
-# A NULL parameter is no filter.
+# A NULL parameter is no filter. The page's candidates are sized first (from lengths Postgres keeps),
+# and only those within the byte bound are read whole.
 _EXPORT_PAGE = """
+    WITH candidates AS (
+        SELECT r.id, r.created_at,
+               COALESCE(octet_length(r.output), 0) + COALESCE(octet_length(r.prompt), 0)
+               + COALESCE(octet_length(r.error), 0) + pg_column_size(r.params) + octet_length(c.content) AS bytes
+          FROM result AS r JOIN context AS c ON c.id = r.context_id
+         WHERE r.status = ANY(%(statuses)s::text[])
+           AND (%(tenant)s::text IS NULL OR r.tenant = %(tenant)s)
+           AND (%(model)s::text IS NULL OR r.model = %(model)s)
+           AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
+           AND (%(until)s::timestamptz IS NULL OR r.created_at < %(until)s)
+           AND (%(after_created)s::timestamptz IS NULL OR (r.created_at, r.id) > (%(after_created)s, %(after_id)s::uuid))
+         ORDER BY r.created_at, r.id
+         LIMIT %(limit)s
+    ), sized AS (
+        SELECT id, count(*) OVER () AS page_candidates,
+               COALESCE(sum(bytes) OVER (ORDER BY created_at, id
+                                         ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS bytes_before
+          FROM candidates
+    )
     SELECT r.id, r.tenant, r.context_id, r.model, r.params, r.prompt, r.status, r.output, r.error,
            r.finish_reason, r.prompt_tokens, r.completion_tokens, r.attempts,
-           r.created_at, r.started_at, r.finished_at, c.content
-      FROM result AS r JOIN context AS c ON c.id = r.context_id
-     WHERE r.status = ANY(%(statuses)s::text[])
-       AND (%(tenant)s::text IS NULL OR r.tenant = %(tenant)s)
-       AND (%(model)s::text IS NULL OR r.model = %(model)s)
-       AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
-       AND (%(until)s::timestamptz IS NULL OR r.created_at < %(until)s)
-       AND (%(after_created)s::timestamptz IS NULL OR (r.created_at, r.id) > (%(after_created)s, %(after_id)s::uuid))
+           r.created_at, r.started_at, r.finished_at, c.content, s.page_candidates
+      FROM sized AS s JOIN result AS r ON r.id = s.id JOIN context AS c ON c.id = r.context_id
+     WHERE s.bytes_before < %(max_bytes)s
      ORDER BY r.created_at, r.id
-     LIMIT %(limit)s
 """
 
 
@@ -189,8 +212,10 @@ async def export_page(
     until: datetime | None,
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
-) -> list[dict[str, Any]]:
-    """Up to `limit` finished jobs after `after`, oldest first, with their context's content."""
+    max_bytes: int,
+) -> tuple[list[dict[str, Any]], bool]:
+    """Up to `limit` finished jobs after `after`, oldest first, with their context's content, no
+    more once those before hold `max_bytes` (one at least); and whether more may follow."""
     params = {
         "statuses": statuses,
         "tenant": tenant,
@@ -200,9 +225,12 @@ async def export_page(
         "after_created": after[0] if after else None,
         "after_id": after[1] if after else None,
         "limit": limit,
+        "max_bytes": max_bytes,
     }
     cur = conn.cursor(row_factory=dict_row)
-    return await (await cur.execute(_EXPORT_PAGE, params)).fetchall()
+    rows = await (await cur.execute(_EXPORT_PAGE, params)).fetchall()
+    candidates = rows[0]["page_candidates"] if rows else 0
+    return rows, candidates == limit or len(rows) < candidates
 
 
 # ---------------------------------------------------------------- worker side

@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 
 from app.db import AsyncConnection
 from app.deps import Caller, caller
-from app.schemas import ContextCreate, ContextOut, ErrorBody, Page, TenantName
+from app.schemas import PAGE_LIMIT, ContextCreate, ContextOut, ErrorBody, Page, TenantName
 from app.services import contexts as service
 from app.services import idempotency
 
@@ -51,13 +51,20 @@ async def create_context(
 
 @router.get("/", response_model=Page[ContextOut])
 async def list_contexts(
-    limit: int = Query(50, ge=1, le=500, description="Page size."),
+    limit: int = Query(50, ge=1, le=500, description=PAGE_LIMIT),
     cursor: str | None = Query(None, max_length=512, description="`next_cursor` of the previous page."),
     tenant: TenantName | None = Query(None, description="Admin keys: only this tenant's contexts."),
     c: Caller = Depends(caller),
 ) -> Page[ContextOut]:
     """Your tenant's contexts (an admin key: every tenant's), newest first, one page at a time."""
-    return await service.list_contexts(c.rt.db, c.principal, tenant=tenant, limit=limit, cursor=cursor)
+    return await service.list_contexts(
+        c.rt.db,
+        c.principal,
+        tenant=tenant,
+        limit=limit,
+        cursor=cursor,
+        max_bytes=c.rt.settings.PAGE_MAX_BYTES,
+    )
 
 
 @router.get("/{context_id}", response_model=ContextOut, responses={404: {"model": ErrorBody}})

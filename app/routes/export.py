@@ -62,6 +62,7 @@ async def export(
         since=since,
         until=until,
         page_size=c.rt.settings.EXPORT_PAGE_SIZE,
+        max_bytes=c.rt.settings.PAGE_MAX_BYTES,
     )
     # The first page is read before answering: a database error is still a proper 503.
     first = await anext(body, b"")

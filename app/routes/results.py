@@ -13,7 +13,7 @@ from app import sse
 from app.deps import Caller, caller
 from app.errors import stream_error
 from app.models import ResultStatus
-from app.schemas import ErrorBody, Page, ResultOut, TenantName
+from app.schemas import PAGE_LIMIT, ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
 from app.services import streams
 from app.streams import Restart
@@ -29,7 +29,7 @@ router = APIRouter(prefix="/results", tags=["results"])
 
 @router.get("/", response_model=Page[ResultOut])
 async def list_results(
-    limit: int = Query(50, ge=1, le=500, description="Page size."),
+    limit: int = Query(50, ge=1, le=500, description=PAGE_LIMIT),
     cursor: str | None = Query(None, max_length=512, description="`next_cursor` of the previous page."),
     status: list[ResultStatus] | None = Query(
         None, max_length=4, description="Only results in this state (repeat it for several)."
@@ -50,6 +50,7 @@ async def list_results(
         tenant=tenant,
         limit=limit,
         cursor=cursor,
+        max_bytes=c.rt.settings.PAGE_MAX_BYTES,
         status=status,
         model=model,
         context_id=context_id,

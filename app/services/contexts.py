@@ -38,10 +38,16 @@ async def get_context(db: Database, principal: Principal, context_id: uuid.UUID)
 
 
 async def list_contexts(
-    db: Database, principal: Principal, *, tenant: str | None, limit: int, cursor: str | None
+    db: Database,
+    principal: Principal,
+    *,
+    tenant: str | None,
+    limit: int,
+    cursor: str | None,
+    max_bytes: int,
 ) -> Page[ContextOut]:
     async with db.connection() as conn:
         rows, next_cursor = await repo.page(
-            conn, tenant=principal.listing_tenant(tenant), cursor=cursor, limit=limit
+            conn, tenant=principal.listing_tenant(tenant), cursor=cursor, limit=limit, max_bytes=max_bytes
         )
     return Page[ContextOut](items=[ContextOut.model_validate(r) for r in rows], next_cursor=next_cursor)

@@ -57,13 +57,14 @@ async def lines(
     since: datetime | None,
     until: datetime | None,
     page_size: int,
+    max_bytes: int,
 ) -> AsyncIterator[bytes]:
     """JSON lines, oldest first; one connection per page (none held while the client reads)."""
     after = None
     chosen = statuses or sorted(s.value for s in TERMINAL_STATUSES)
     while True:
         async with db.connection() as conn:
-            rows = await repo.export_page(
+            rows, more = await repo.export_page(
                 conn,
                 statuses=chosen,
                 tenant=principal.listing_tenant(tenant),
@@ -72,9 +73,10 @@ async def lines(
                 until=until,
                 after=after,
                 limit=page_size,
+                max_bytes=max_bytes,
             )
         if rows:
             yield b"".join(_line(row) for row in rows)
-        if len(rows) < page_size:
+        if not more:
             return
         after = (rows[-1]["created_at"], rows[-1]["id"])

@@ -302,6 +302,7 @@ async def list_results(
     tenant: str | None,
     limit: int,
     cursor: str | None,
+    max_bytes: int,
     status: list[ResultStatus] | None = None,
     model: str | None = None,
     context_id: uuid.UUID | None = None,
@@ -313,5 +314,7 @@ async def list_results(
         "context_id": context_id,
     }
     async with db.connection() as conn:
-        rows, next_cursor = await repo.page(conn, filters=filters, cursor=cursor, limit=limit)
+        rows, next_cursor = await repo.page(
+            conn, filters=filters, cursor=cursor, limit=limit, max_bytes=max_bytes
+        )
     return Page[ResultOut](items=[ResultOut.model_validate(r) for r in rows], next_cursor=next_cursor)

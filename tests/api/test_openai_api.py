@@ -398,14 +398,18 @@ async def test_an_image_goes_with_the_job_of_a_vision_model(v1: V1, db: psycopg.
     assert response.status_code == 504, response.text
     rid = response.headers["x-result-id"]
     result = (await v1.user.get(f"/results/{rid}")).json()
-    assert result["params"]["image"] == [base64.b64encode(PNG).decode()] * 2
+    # The job keeps its images; a poll counts them instead of sending them again.
+    assert "image" not in result["params"] and result["images"] == 2
+    listed = (await v1.user.get("/results/")).json()["items"]
+    assert [(item["id"], item["images"], "image" in item["params"]) for item in listed] == [(rid, 2, False)]
     row = await (
         await db.execute(
-            "SELECT r.prompt, c.content FROM result r JOIN context c ON c.id = r.context_id WHERE r.id = %s",
+            "SELECT r.prompt, c.content, r.params FROM result r JOIN context c ON c.id = r.context_id WHERE r.id = %s",
             (rid,),
         )
     ).fetchone()
     assert row is not None
+    assert row[2]["image"] == [base64.b64encode(PNG).decode()] * 2
     assert row[0] == (
         "<|im_start|>user\nWhat is this?\n<image><|im_end|>\n<|im_start|>user\nAnd this?\n<image><|im_end|>\n"
         "<|im_start|>assistant\n"
@@ -610,8 +614,9 @@ async def test_a_remote_image_is_fetched_only_from_an_allowed_host(
             fetched = await call(f"{base}/cat.png")
             assert fetched.status_code == 504, fetched.text  # accepted: the job exists
             rid = fetched.headers["x-result-id"]
-            row = (await http.get(f"/results/{rid}", headers=bearer(ADMIN_KEY))).json()
-            assert row["params"]["image"] == [base64.b64encode(PNG).decode()]
+            assert (await http.get(f"/results/{rid}", headers=bearer(ADMIN_KEY))).json()["images"] == 1
+            stored = await (await db.execute("SELECT params FROM result WHERE id = %s", (rid,))).fetchone()
+            assert stored is not None and stored[0]["image"] == [base64.b64encode(PNG).decode()]
             redirected = await call(f"{base}/elsewhere")
             assert redirected.status_code == 400 and "HTTP 302" in _error(redirected)["message"]
             other_host = await call("http://localhost:1/cat.png")

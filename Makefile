@@ -37,18 +37,18 @@ test: $(STAMP) ## Run the test suite (unit + integration against real Postgres, 
 
 check: lint typecheck migrations-check ## Ruff, mypy (strict) and `alembic check`
 
-lint: $(STAMP)
+lint: $(STAMP) ## Ruff lint (everything) and format check (app, worker, migrations)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check app worker migrations
 
-typecheck: $(STAMP)
+typecheck: $(STAMP) ## mypy --strict (app, worker, nvidia_triton, bench)
 	$(BIN)/mypy
 
 migrations-check: $(STAMP) ## Fail when the models changed without a migration
 	$(BIN)/python -m devstack services
 	$(BIN)/alembic check
 
-format: $(STAMP)
+format: $(STAMP) ## Apply ruff's fixes and formatting (app, worker, migrations)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format app worker migrations
 

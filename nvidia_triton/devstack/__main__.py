@@ -128,7 +128,8 @@ def example(api_url: str, admin_key: str, model: str) -> str:
 
 def start_local_triton(settings: Settings, logs: Path, light: bool, stack: Stack) -> LocalTriton:
     """The real SmolLM2 model next to the simulated ones; the simulated ones alone when light, or
-    where the engine cannot be installed or started (said, not silent)."""
+    where the engine cannot be installed or started (said, not silent), and then the served
+    repository holds only them. Triton listens on 127.0.0.1 only (no authentication)."""
     from localtriton import engine_env
     from localtriton.launcher import (
         BUILTIN_REPOSITORY,
@@ -177,7 +178,9 @@ def start_local_triton(settings: Settings, logs: Path, light: bool, stack: Stack
             first_line = str(exc).splitlines()[0]
             console.print(f"[yellow]the real engine did not start ({first_line}); see {logs}/triton.log[/]")
     console.print("starting the local Triton (simulated vLLM models) …")
-    triton = LocalTriton(models=simulated, **ports)
+    # A repository of the simulated models alone: GET /models/ must not offer the real model that
+    # this server never loads.
+    triton = LocalTriton(models=simulated, only_listed_models=True, **ports)
     stack.triton = triton
     triton.start()
     return triton

@@ -11,6 +11,7 @@ import typer
 
 from localtriton.launcher import (
     BUILTIN_REPOSITORY,
+    DEFAULT_HOST,
     REAL_MODEL,
     LocalTriton,
     LocalTritonError,
@@ -26,6 +27,11 @@ def serve(
     http_port: int = typer.Option(8000, help="HTTP port (0 = any free port)"),
     grpc_port: int = typer.Option(8001, help="gRPC port (0 = any free port)"),
     metrics_port: int = typer.Option(8002, help="metrics port (0 = any free port)"),
+    host: str = typer.Option(
+        DEFAULT_HOST,
+        help="address HTTP, gRPC and metrics listen on; Triton has no authentication, so another than "
+        "loopback exposes model load/unload and generation to that network",
+    ),
     repository: Path | None = typer.Option(None, help="model repository (default: built-in sim models)"),
     model: list[str] | None = typer.Option(
         None, help="model to load (repeatable; default: the simulated models, plus the real one with --real)"
@@ -60,6 +66,7 @@ def serve(
         http_port=http_port,
         grpc_port=grpc_port,
         metrics_port=metrics_port,
+        host=host,
         prefill_ms=prefill_ms,
         decode_ms=decode_ms,
         log_file=log_file,

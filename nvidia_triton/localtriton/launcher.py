@@ -34,6 +34,10 @@ BACKEND_SOURCE = PACKAGE_DIR / "backend" / "vllm" / "model.py"  # + the modules 
 SHM_DIR = Path("/dev/shm")
 SHM_PREFIX_STEM = "localtriton"
 STUB_NAME = "triton_python_backend_stub"
+# Triton has no authentication and explicit model control: its endpoints stay on loopback unless
+# an address is asked for (`LocalTriton(host=...)`, `python -m localtriton serve --host`).
+DEFAULT_HOST = "127.0.0.1"
+WILDCARD_HOSTS = {"0.0.0.0", "::"}
 
 
 class LocalTritonError(RuntimeError):
@@ -220,10 +224,15 @@ class LocalTriton:
         log_file: Path | None = None,
         ready_timeout: float | None = None,
         exit_timeout: int = 5,
+        host: str = DEFAULT_HOST,
+        only_listed_models: bool = False,
     ) -> None:
         """``models`` None serves the repository's simulated models; name real ones to serve them.
 
         ``ready_timeout`` defaults to 60 s, or 300 s when a real model is served (engine start).
+        ``host`` is the address HTTP, gRPC and metrics bind to: loopback unless another is asked for.
+        ``only_listed_models`` serves a repository of ``models`` alone (links in the run dir), so
+        Triton's repository index does not list the others (e.g. a real model that is not loaded).
         """
         from localtriton import engine_env
 
@@ -241,6 +250,10 @@ class LocalTriton:
         # tritonserver 2.51 can keep a model referenced after many gRPC streams were cancelled by
         # their clients (e.g. breaking out of grpc.aio stream_infer): don't wait its default 30 s.
         self.exit_timeout = exit_timeout
+        self.host = host
+        self.only_listed_models = only_listed_models
+        # What tritonserver is given: a subset of model_repository in the run dir when only_listed_models.
+        self.served_repository = self.model_repository
         self.pid: int | None = None
         self.shm_prefix = f"{SHM_PREFIX_STEM}-{uuid.uuid4().hex[:12]}-"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -254,27 +267,35 @@ class LocalTriton:
         self.engine: dict[str, str] | None = None  # the engine venv's stamp when real models are served
 
     @property
+    def connect_host(self) -> str:
+        """Where clients reach the server: loopback when it listens on every interface."""
+        return DEFAULT_HOST if self.host in WILDCARD_HOSTS else self.host
+
+    @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+        return f"http://{self.connect_host}:{self.http_port}"
 
     @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
+        return f"{self.connect_host}:{self.grpc_port}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+        return f"http://{self.connect_host}:{self.metrics_port}/metrics"
 
     def command(self, backend_dir: Path) -> list[str]:
         server_dir, _ = pytriton_paths()
         cmd = [
             str(server_dir / "bin" / "tritonserver"),
-            f"--model-repository={self.model_repository}",
+            f"--model-repository={self.served_repository}",
             f"--backend-directory={backend_dir}",
             "--model-control-mode=explicit",
             *(f"--load-model={m}" for m in self.models),
+            f"--http-address={self.host}",
             f"--http-port={self.http_port}",
+            f"--grpc-address={self.host}",
             f"--grpc-port={self.grpc_port}",
+            f"--metrics-address={self.host}",
             f"--metrics-port={self.metrics_port}",
             "--allow-metrics=true",
             f"--exit-timeout-secs={self.exit_timeout}",
@@ -307,6 +328,8 @@ class LocalTriton:
         self._log_path = self.log_file or self._run_dir / "tritonserver.log"
         atexit.register(self.stop)
         try:
+            if self.only_listed_models:
+                self.served_repository = self._link_listed_models(self._run_dir / "models")
             backend_dir = build_backend_dir(
                 self._run_dir / "backends", self.engine["python_version"] if self.engine else None
             )
@@ -328,6 +351,15 @@ class LocalTriton:
             self.stop()  # no stray server, stubs or shm when the start fails
             raise
         return self
+
+    def _link_listed_models(self, dest: Path) -> Path:
+        dest.mkdir()
+        for name in self.models:
+            source = self.model_repository / name
+            if not source.is_dir():
+                raise LocalTritonError(f"no model {name!r} in {self.model_repository}")
+            (dest / name).symlink_to(source, target_is_directory=True)
+        return dest
 
     def _remember_engine_pids(self) -> None:
         for stub in self._stub_pids:
@@ -400,6 +432,7 @@ class LocalTriton:
         if self._run_dir is not None:
             shutil.rmtree(self._run_dir, ignore_errors=True)
             self._run_dir = None
+        self.served_repository = self.model_repository
         with contextlib.suppress(Exception):
             atexit.unregister(self.stop)
 

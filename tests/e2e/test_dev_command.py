@@ -11,10 +11,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import httpx
+from devstack.__main__ import Stack, start_local_triton
 from devstack.processes import free_port
+from localtriton.launcher import REAL_MODEL
 from sqlalchemy import create_engine, text
 
+from app.config import Settings
 from tests.conftest import PG_BASE
+from tests.localtriton.localtriton_helpers import listening_hosts
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV_DB = "llmq_devcmd"
@@ -149,3 +154,38 @@ def _running(pid: int) -> bool:
     except (OSError, IndexError):
         return False
     return state != "Z"
+
+
+def test_light_mode_serves_only_the_simulated_models_on_loopback(tmp_path: Path) -> None:
+    """LLMQ_LIGHT=1: GET /models/ (Triton's repository index) must not list the real model that this
+    server never loads, and Triton (no authentication) must not be reachable from the network."""
+    http_port, grpc_port, metrics_port = (free_port() for _ in range(3))
+    settings = Settings(
+        TRITON_URL=f"http://127.0.0.1:{http_port}",
+        TRITON_GRPC_URL=f"127.0.0.1:{grpc_port}",
+        TRITON_METRICS_URL=f"http://127.0.0.1:{metrics_port}/metrics",
+    )
+    stack = Stack()
+    try:
+        triton = start_local_triton(settings, tmp_path, light=True, stack=stack)
+        assert REAL_MODEL not in triton.models
+        index = httpx.post(f"{triton.http_url}/v2/repository/index", json={}, timeout=10).json()
+        assert sorted((m["name"], m.get("state")) for m in index) == [
+            ("sim-llm", "READY"),
+            ("sim-llm-slow", "READY"),
+        ]
+        ports = [http_port, grpc_port, metrics_port]
+        assert listening_hosts(ports) == {port: {"127.0.0.1"} for port in ports}
+    finally:
+        stack.stop()
+
+
+def test_make_help_describes_every_target() -> None:
+    makefile = (ROOT / "Makefile").read_text()
+    phony = re.search(r"^\.PHONY:(.*)$", makefile, re.M)
+    assert phony, "the Makefile's .PHONY line is missing"
+    helped = subprocess.run(["make", "-s", "help"], cwd=ROOT, capture_output=True, text=True, timeout=30)
+    assert helped.returncode == 0, helped.stderr
+    listed = set(re.findall(r"^\s+(?:\x1b\[[0-9;]*m)?([a-zA-Z_%-]+)", helped.stdout, re.M))
+    missing = [t for t in phony.group(1).split() if t not in listed]
+    assert missing == [], f"targets without a `## ` description in `make help`: {missing}"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import queue
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -101,3 +103,24 @@ def metric(text: str, name: str, model: str) -> float:
 
 def read_metric(server: LocalTriton, name: str, model: str) -> float:
     return metric(httpx.get(server.metrics_url, timeout=10).text, name, model)
+
+
+def listening_hosts(ports: list[int]) -> dict[int, set[str]]:
+    """{port: addresses a TCP socket listens on} from /proc/net/tcp and tcp6 ("::" = every interface)."""
+    found: dict[int, set[str]] = {port: set() for port in ports}
+    for table in ("tcp", "tcp6"):
+        path = Path("/proc/net") / table
+        if not path.is_file():
+            continue
+        for line in path.read_text().splitlines()[1:]:
+            fields = line.split()
+            address, port_hex = fields[1].split(":")
+            if fields[3] != "0A" or int(port_hex, 16) not in found:  # 0A: LISTEN
+                continue
+            # The kernel prints the address as 32-bit words in host (little-endian) order.
+            raw = b"".join(bytes.fromhex(address[i : i + 8])[::-1] for i in range(0, len(address), 8))
+            ip = ipaddress.ip_address(raw)
+            # gRPC listens on an IPv6 socket bound to ::ffff:127.0.0.1 for 127.0.0.1: the same address.
+            mapped = ip.ipv4_mapped if isinstance(ip, ipaddress.IPv6Address) else None
+            found[int(port_hex, 16)].add(str(mapped or ip))
+    return found

@@ -111,7 +111,8 @@ class Settings(BaseSettings):
     ADMIN_API_KEY: str | None = Field(default=None, min_length=32)  # empty: unset
     # How long an API process trusts what it read about a key (a revocation takes effect within it).
     KEY_CACHE_TTL_S: float = Field(default=5.0, ge=0, le=60)
-    # Per tenant: jobs pending at once; per key: submits per second. Overridable per tenant or key.
+    # Per tenant: jobs pending at once; per key: jobs (and, apart, contexts) submitted per second.
+    # Overridable per tenant or key.
     MAX_PENDING_PER_TENANT: int = Field(default=10_000, ge=1)
     SUBMIT_RATE_PER_KEY: int = Field(default=1_000, ge=1)
     # How often an API process re-reads a tenant's count of pending jobs (0: on every submit).

@@ -1,4 +1,5 @@
-"""Quotas: submits per second per key, and jobs pending at once per tenant.
+"""Quotas: jobs (and, counted apart, contexts) submitted per second per key, and jobs pending at
+once per tenant.
 
 Neither costs a round trip per request. The rate is counted in Redis (shared by every API process)
 in chunks: a process takes up to 1/8 of a key's per-second allowance at once and spends it locally.
@@ -43,18 +44,25 @@ class SubmitRate:
         self._allowance: dict[str, tuple[int, int]] = {}  # key -> (second, submits still allowed)
         self._locks: dict[str, asyncio.Lock] = {}
 
-    async def check(self, principal: Principal) -> None:
-        """Count this submit; refuse it (nothing created) past the key's rate. Redis down: allowed."""
-        key = principal.rate_key
-        if self._take(key, int(time.time())):
+    async def check(self, principal: Principal, units: int = 1, what: str = "jobs") -> None:
+        """Count `units` submits of `what` (jobs, or contexts: a count of their own); refuse the request
+        (nothing created) past the key's rate. Redis down: allowed."""
+        limit = principal.submit_rate_per_s
+        if units > limit:
+            raise InvalidInput(
+                f"this request submits {units} {what}, more than this API key may submit per second "
+                f"({limit}); send fewer at a time",
+                detail={"limit": "submit_rate_per_s", "value": limit},
+            )
+        key = principal.rate_key if what == "jobs" else f"{principal.rate_key}:{what}"
+        if self._take(key, int(time.time()), units):
             return
         # One chunk request per key at a time: the submits arriving meanwhile share its answer.
         async with self._locks.setdefault(key, asyncio.Lock()):
             second = int(time.time())
-            if self._take(key, second):
+            if self._take(key, second, units):
                 return
-            limit = principal.submit_rate_per_s
-            chunk = max(1, math.ceil(limit / 8))
+            chunk = max(units, math.ceil(limit / 8))
             counter = f"{self._namespace}:rate:{key}:{second}"
             try:
                 async with self._redis.pipeline(transaction=False) as pipe:
@@ -64,20 +72,22 @@ class SubmitRate:
             except (RedisError, OSError) as exc:
                 log.warning("submit rate not checked (Redis: %s)", exc)
                 return
-            granted = min(chunk, limit - (int(total) - chunk))
-            self._allowance[key] = (second, max(0, granted - 1))
-            if granted <= 0:
+            window, left = self._allowance.get(key, (second, 0))
+            left = (left if window == second else 0) + max(0, min(chunk, limit - (int(total) - chunk)))
+            if left < units:  # what was granted stays for smaller requests in this second
+                self._allowance[key] = (second, left)
                 raise OverQuota(
-                    f"submit rate limit reached: at most {limit} submits per second for this API key; "
+                    f"submit rate limit reached: at most {limit} {what} per second for this API key; "
                     "retry after the time in Retry-After",
                     retry_after_s=1,
                     detail={"limit": "submit_rate_per_s", "value": limit},
                 )
+            self._allowance[key] = (second, left - units)
 
-    def _take(self, key: str, second: int) -> bool:
+    def _take(self, key: str, second: int, units: int) -> bool:
         window, left = self._allowance.get(key, (second, 0))
-        if window == second and left > 0:
-            self._allowance[key] = (second, left - 1)
+        if window == second and left >= units:
+            self._allowance[key] = (second, left - units)
             return True
         return False
 
@@ -168,7 +178,8 @@ async def admit(
     jobs: int = 1,
     conn: AsyncConnection | None = None,
 ) -> None:
-    """The quotas of a request about to create `jobs` jobs: the key's submit rate, then the tenant's
-    pending jobs (counted on `conn`, the request's transaction, when it holds one)."""
-    await rate.check(principal)
+    """The quotas of a request about to create `jobs` jobs: the tenant's pending jobs (counted on
+    `conn`, the request's transaction, when it holds one), then the key's submit rate (a request
+    refused for the first spends none of the second)."""
     await pending.check(principal, jobs, conn)
+    await rate.check(principal, jobs)

@@ -24,19 +24,22 @@ IDEMPOTENCY_KEY_DOC = (
     "/",
     status_code=201,
     response_model=ContextOut,
-    responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}},
+    responses={413: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody}},
 )
 async def create_context(
     body: ContextCreate,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_KEY_DOC),
     c: Caller = Depends(caller),
 ) -> Any:
-    """Store a prompt. Its id is what `POST /models/send/{model}/{context_id}` takes."""
+    """Store a prompt. Its id is what `POST /models/send/{model}/{context_id}` takes. Counted against
+    the key's submit rate apart from its jobs (429 past it)."""
     service.check_size(body.content, c.rt.settings.MAX_CONTENT_BYTES)
     if idempotency_key is None:
+        await c.rt.submit_rate.check(c.principal, what="contexts")
         return await service.create_context(c.rt.db, c.principal, body.content)
 
     async def create(conn: AsyncConnection) -> tuple[int, ContextOut]:
+        await c.rt.submit_rate.check(c.principal, what="contexts")  # a replay creates nothing: not counted
         return 201, await service.insert(conn, c.principal, body.content)
 
     status, answer, _ = await idempotency.first_answer(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -238,9 +239,9 @@ async def test_duplicates_holding_every_pooled_connection_do_not_starve_the_firs
     rate = api_app.app.state.runtime.submit_rate
     real_check = rate.check
 
-    async def slow_check(principal: Any) -> None:
+    async def slow_check(principal: Any, units: int = 1, what: str = "jobs") -> None:
         await asyncio.sleep(0.3)
-        await real_check(principal)
+        await real_check(principal, units, what)
 
     rate.check = slow_check
     context_id = await _context(api_app.user)
@@ -331,7 +332,70 @@ async def test_the_submit_rate_per_key_is_429_with_retry_after(api_app: InProces
         while refused.status_code == 202:  # landed in a new second: use it up
             refused = await _send(limited, context_id)
         assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
-        assert "submit rate limit reached: at most 3 submits per second" in refused.json()["error"]
+        assert "submit rate limit reached: at most 3 jobs per second" in refused.json()["error"]
+
+
+async def _start_of_a_second() -> None:
+    """The rate's window is the wall-clock second: start a sequence at its beginning."""
+    await asyncio.sleep(1.02 - time.time() % 1)
+
+
+async def test_contexts_count_against_the_submit_rate_apart_from_jobs(
+    api_app: InProcessApi, db: psycopg.AsyncConnection[Any]
+) -> None:
+    limited = await api_app.client_of("context-rate", submit_rate_per_s=2)
+    async with limited:
+        await _start_of_a_second()
+        created = [await limited.post("/contexts/", json={"content": f"p{i}"}) for i in range(3)]
+        assert [r.status_code for r in created] == [201, 201, 429]
+        assert "at most 2 contexts per second" in created[2].json()["error"]
+        assert created[2].headers["retry-after"] == "1"
+        # Jobs have their own count: the same second's sends pass.
+        sent = [await _send(limited, created[0].json()["id"]) for _ in range(2)]
+        assert [r.status_code for r in sent] == [202, 202]
+    count = await (await db.execute("SELECT count(*) FROM context WHERE tenant = 'context-rate'")).fetchone()
+    assert count == (2,)
+
+
+async def test_a_submit_refused_for_pending_jobs_spends_none_of_the_rate(
+    api_app: InProcessApi, db: psycopg.AsyncConnection[Any]
+) -> None:
+    both = await api_app.client_of("refused-free", max_pending=1, submit_rate_per_s=3)
+    async with both:
+        context_id = await _context(both)
+        await _start_of_a_second()
+        first = await _send(both, context_id)
+        refused = [await _send(both, context_id) for _ in range(3)]
+        assert [r.json()["detail"]["limit"] for r in refused] == ["max_pending"] * 3
+        await db.execute("UPDATE result SET status = 'completed' WHERE id = %s", (first.json()["result_id"],))
+        # Two of the second's three submits are left: the refused ones spent none.
+        assert (await _send(both, context_id)).status_code == 202
+
+
+async def test_an_openai_call_counts_each_of_its_jobs_against_the_rate(
+    db: psycopg.AsyncConnection[Any], triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    # No worker here: an accepted call answers 504 once OPENAI_WAIT_S has passed, its jobs created.
+    app = make_api_app(triton.http_url, enqueued, OPENAI_WAIT_S=0.1)
+    async with serve_in_process(app) as http:
+        key = await make_key(http, "openai-rate", submit_rate_per_s=4)
+        limited = httpx.AsyncClient(
+            transport=http._transport, base_url="http://api.test", headers=bearer(key)
+        )
+        async with limited:
+            body = {"model": FAST_MODEL, "prompt": ["one", "two"], "n": 3, "max_tokens": 2}
+            too_many = await limited.post("/v1/completions", json=body)
+            assert too_many.status_code == 400
+            message = too_many.json()["error"]["message"]
+            assert "submits 6 jobs, more than this API key may submit per second (4)" in message
+            await _start_of_a_second()
+            calls = [
+                await limited.post("/v1/completions", json={**body, "prompt": "one", "n": 2})
+                for _ in range(3)
+            ]
+    assert [c.status_code for c in calls[:2]] == [504, 504]
+    assert calls[2].status_code == 429 and "at most 4 jobs per second" in calls[2].json()["error"]["message"]
+    assert len(enqueued.calls) == 4
 
 
 async def test_tenant_limits_apply_to_every_key_of_the_tenant(api_app: InProcessApi) -> None:
@@ -378,7 +442,7 @@ async def test_the_bootstrap_admin_key_counts_against_its_tenants_limits(api_app
         assert put.status_code == 200
         assert (await _send(api_app.admin, context_id)).status_code == 202
         refused = await _send(api_app.admin, context_id)
-        assert refused.status_code == 429 and "submits per second" in refused.json()["error"]
+        assert refused.status_code == 429 and "jobs per second" in refused.json()["error"]
     finally:
         await api_app.admin.put("/admin/tenants/default/limits", json={})
 

@@ -11,7 +11,7 @@ from fastapi import FastAPI, params
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 
-from app.auth import PUBLIC_PATHS, Authentication, KeyRing
+from app.auth import Authentication, KeyRing
 from app.bodylimit import BodyLimit
 from app.config import Settings, get_settings
 from app.db import Database
@@ -19,6 +19,7 @@ from app.deps import Runtime, caller
 from app.errors import install_error_handlers
 from app.fastpath import FastPath
 from app.notify import CancelNotices, ResultWaiter, done_channel
+from app.openapi import describe_errors
 from app.queue import Doorbell, JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
@@ -116,37 +117,21 @@ def create_app(
     )
     for router in (*routers, openai.router):
         app.include_router(router)
-    document_bearer_keys(app)
+    document_api(app)
     return app
 
 
-def document_bearer_keys(app: FastAPI) -> None:
-    """The API description names the key every operation but the public ones needs (the
-    Authentication middleware enforces it; a dependency per route would cost every request)."""
+def document_api(app: FastAPI) -> None:
+    """The API description as the app answers: FastAPI's, with the errors of app.errors' renderers
+    and the statuses met outside the routes (app.openapi)."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(
-                title=app.title, version=app.version, description=app.description, routes=app.routes
+            app.openapi_schema = describe_errors(
+                get_openapi(
+                    title=app.title, version=app.version, description=app.description, routes=app.routes
+                )
             )
-            schema.setdefault("components", {})["securitySchemes"] = {
-                "apiKey": {
-                    "type": "http",
-                    "scheme": "bearer",
-                    "description": "`Authorization: Bearer llmq_…`",
-                }
-            }
-            for path, item in schema["paths"].items():
-                for operation in item.values():
-                    if path not in PUBLIC_PATHS:
-                        operation["security"] = [{"apiKey": []}]
-                        operation.setdefault("responses", {})["401"] = {
-                            "description": "Missing, malformed, unknown or revoked API key",
-                            "content": {
-                                "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
-                            },
-                        }
-            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

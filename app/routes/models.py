@@ -12,12 +12,17 @@ from app.db import AsyncConnection
 from app.deps import Caller, caller
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
 from app.routes.contexts import IDEMPOTENCY_KEY_DOC
-from app.schemas import ErrorBody, ModelInfo, SendAccepted, SendOptions
+from app.schemas import ErrorBody, ModelInfo, ResultOut, SendAccepted, SendOptions
 from app.services import idempotency
 from app.services import results as service
 from app.triton.admin import ModelCatalog, ModelState, TritonUnavailable
 
 router = APIRouter(prefix="/models", tags=["models"])
+
+_LOCATION = {"Location": {"description": "The result: `/results/{result_id}`", "schema": {"type": "string"}}}
+_PREFERENCE_APPLIED = {
+    "Preference-Applied": {"description": "`wait=N`, the wait that was applied", "schema": {"type": "string"}}
+}
 
 
 def _names(models: dict[str, ModelState], *, ready_only: bool) -> str:
@@ -51,7 +56,11 @@ async def check_ready(catalog: ModelCatalog, model_name: str) -> None:
         )
 
 
-@router.get("/", response_model=list[ModelInfo], responses={503: {"model": ErrorBody}})
+@router.get(
+    "/",
+    response_model=list[ModelInfo],
+    responses={503: {"model": ErrorBody, "description": "Triton or the database unreachable"}},
+)
 async def list_models(c: Caller = Depends(caller)) -> list[ModelInfo]:
     """The models in Triton's repository, read live, with their state and readiness."""
     try:
@@ -69,11 +78,16 @@ async def list_models(c: Caller = Depends(caller)) -> list[ModelInfo]:
     status_code=202,
     response_model=SendAccepted,
     responses={
+        200: {
+            "model": ResultOut,
+            "description": "With `Prefer: wait=N`: the job ended within N seconds, its final result",
+            "headers": {**_LOCATION, **_PREFERENCE_APPLIED},
+        },
+        202: {"description": "Accepted: poll the result at `Location`", "headers": _LOCATION},
         404: {"model": ErrorBody, "description": "Unknown context or model"},
         409: {"model": ErrorBody, "description": "Model not ready"},
-        422: {"model": ErrorBody},
         429: {"model": ErrorBody, "description": "Over the tenant's pending jobs or the key's submit rate"},
-        503: {"model": ErrorBody, "description": "Triton unreachable"},
+        503: {"model": ErrorBody, "description": "Triton or the database unreachable"},
     },
 )
 async def send(

@@ -35,21 +35,23 @@ IDEMPOTENCY_DOC = (
     "Any string: the same key with the same request within 24 hours answers from the same jobs "
     "(created once)."
 )
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": OpenAIError, "description": description}
-    for code, description in (
-        (
-            400,
-            "Invalid or unsupported field (named in `param`), model without a chat template, job refused by the engine",
-        ),
-        (404, "Unknown model"),
-        (409, "Model not ready, or the job was cancelled"),
-        (429, "Over the tenant's pending jobs or the key's submit rate"),
-        (502, "Triton failed the job"),
-        (503, "Triton or the database unreachable"),
-        (504, "The jobs did not finish within OPENAI_WAIT_S (they go on)"),
-    )
+_ERROR_DOCS = {
+    400: "Invalid or unsupported field (named in `param`), model without a chat template, job refused by the engine",
+    404: "Unknown model",
+    409: "Model not ready, or the job was cancelled",
+    429: "Over the tenant's pending jobs or the key's submit rate",
+    502: "Triton failed the job",
+    503: "Triton or the database unreachable",
+    504: "The jobs did not finish within OPENAI_WAIT_S (they go on)",
 }
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The errors an operation answers itself (app.openapi adds the 401, and the shape)."""
+    return {code: {"model": OpenAIError, "description": _ERROR_DOCS[code]} for code in codes}
+
+
+_COMPLETION_ERRORS = _errors(400, 404, 409, 429, 502, 503, 504)
 
 
 async def _check_model(c: Caller, model: str) -> None:
@@ -92,7 +94,7 @@ def _answer(body: ChatCompletion | Completion) -> JSONResponse:
     return JSONResponse(body.model_dump(mode="json"), headers={"X-Result-Id": ids})
 
 
-@router.post("/chat/completions", response_model=ChatCompletion, responses=_ERRORS)
+@router.post("/chat/completions", response_model=ChatCompletion, responses=_COMPLETION_ERRORS)
 async def chat_completions(
     body: ChatCompletionRequest,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_DOC),
@@ -110,7 +112,7 @@ async def chat_completions(
     return _answer(service.chat_completion(call, rows))
 
 
-@router.post("/completions", response_model=Completion, responses=_ERRORS)
+@router.post("/completions", response_model=Completion, responses=_COMPLETION_ERRORS)
 async def completions(
     body: CompletionRequest,
     idempotency_key: str | None = Header(None, alias="Idempotency-Key", description=IDEMPOTENCY_DOC),
@@ -134,13 +136,13 @@ async def _models(c: Caller) -> list[ModelObject]:
     return [ModelObject(id=m.name, ready=m.ready) for m in models]
 
 
-@router.get("/models", response_model=ModelList, responses=_ERRORS)
+@router.get("/models", response_model=ModelList, responses=_errors(503))
 async def list_models(c: Caller = Depends(caller)) -> ModelList:
     """The models in Triton's repository, read live (`ready`: loaded and serving)."""
     return ModelList(data=await _models(c))
 
 
-@router.get("/models/{model_id}", response_model=ModelObject, responses=_ERRORS)
+@router.get("/models/{model_id}", response_model=ModelObject, responses=_errors(404, 503))
 async def get_model(model_id: str = Path(min_length=1), c: Caller = Depends(caller)) -> ModelObject:
     found = next((m for m in await _models(c) if m.id == model_id), None)
     if found is None:

@@ -214,9 +214,9 @@ def parse(data: Any, source: Path = DEFAULT_CONFIG) -> InstanceDefinition:
         )
     ports = inst_s.get(
         "ports",
-        lambda v: isinstance(v, list) and bool(v) and all(isinstance(p, int) and 0 < p < 65536 for p in v),
-        "a non-empty list of TCP ports (1-65535)",
-        [8000, 8001, 8002],
+        lambda v: isinstance(v, list) and all(isinstance(p, int) and 0 < p < 65536 for p in v),
+        "a list of TCP ports (1-65535)",
+        [],
     )
     instance = InstanceSpec(
         image=image,

@@ -86,6 +86,8 @@ def start_tritonserver_cmd(triton: TritonSpec, load_models: Sequence[str] = ()) 
     server = (
         f"tritonserver --model-repository={repo} --model-control-mode=explicit {loads}".rstrip()
         + " --http-port=8000 --grpc-port=8001 --metrics-port=8002"
+        # Triton has no authentication: only the ssh tunnel reaches it, never the host's network.
+        + " --http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1"
     )
     return (
         f"{_env_prelude()}; mkdir -p {repo} $(dirname {log}); "

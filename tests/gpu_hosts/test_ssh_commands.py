@@ -49,6 +49,7 @@ def test_run_tritonserver_remote_command(fake_vast: FakeVast, tool_env: dict[str
     assert (
         "nohup tritonserver --model-repository=/workspace/triton_models --model-control-mode=explicit "
         "--load-model=Qwen2.5-7B-Instruct-AWQ --http-port=8000 --grpc-port=8001 --metrics-port=8002 "
+        "--http-address=127.0.0.1 --grpc-address=127.0.0.1 --metrics-address=127.0.0.1 "
         "> /workspace/triton.log 2>&1 < /dev/null &"
     ) in remote
     assert "if pgrep -x tritonserver" in remote  # a second run does not start a second server
@@ -174,6 +175,9 @@ def test_remote_snippets_are_valid_shell() -> None:
     from gpuhost_testlib import NVIDIA_TRITON
 
     d = load(NVIDIA_TRITON / "vastai_instance_definition.yaml")
+    # No authentication in Triton: it listens on the instance's loopback, for the ssh tunnel.
+    for flag in ("--http-address=127.0.0.1", "--grpc-address=127.0.0.1", "--metrics-address=127.0.0.1"):
+        assert flag in start_tritonserver_cmd(d.triton, ["a"])
     for script in (
         start_tritonserver_cmd(d.triton, ["a", "b"]),
         d.instance.onstart,

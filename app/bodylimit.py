@@ -1,4 +1,4 @@
-"""Request bodies: bounded while they are read, and a refused body still gets its answer; the
+"""Request bodies: JSON, bounded while they are read, and a refused body still gets its answer; the
 helpers that read, discard and replay a body (authentication, the fast path) are here too.
 
 A client that is still sending when the server answers and closes sees a broken pipe or a reset
@@ -8,9 +8,14 @@ discarded before the answer is sent, and the connection is closed only after it.
 
 from __future__ import annotations
 
+import re
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import render_error
+
+# Every body the API takes is JSON.
+_JSON_TYPE = re.compile(rb"^\s*application/([\w.-]+\+)?json\s*(;|$)", re.IGNORECASE)
 
 
 class BodyLimit:
@@ -24,6 +29,22 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
+        content_type = _header(scope, b"content-type")
+        if content_type is None and _has_body(scope, declared):  # unlabelled: read as the JSON it must be
+            scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
+        elif content_type is not None and not _JSON_TYPE.match(content_type) and _has_body(scope, declared):
+            # Read as JSON, a form or a text body fails as "not an object": say what is wrong.
+            await self._drain(receive, 0)
+            shown = content_type[:100].decode("latin-1")
+            response = render_error(
+                scope["path"],
+                415,
+                f"the request body must be JSON, sent with Content-Type: application/json (not {shown!r})",
+                headers={"connection": "close"},
+                code="unsupported_media_type",
+            )
+            await response(scope, receive, send)
+            return
         if declared is not None and declared > self.max_bytes:
             await self._drain(receive, 0)
             await self._refuse(scope, receive, send, f"request body is {declared} bytes")
@@ -72,11 +93,20 @@ class BodyLimit:
         await response(scope, receive, send)
 
 
-def _content_length(scope: Scope) -> int | None:
+def _header(scope: Scope, wanted: bytes) -> bytes | None:
     for name, value in scope.get("headers", []):
-        if name == b"content-length":
-            return int(value) if value.isdigit() else None
+        if name == wanted:
+            return bytes(value)
     return None
+
+
+def _content_length(scope: Scope) -> int | None:
+    value = _header(scope, b"content-length")
+    return int(value) if value is not None and value.isdigit() else None
+
+
+def _has_body(scope: Scope, declared: int | None) -> bool:
+    return bool(declared) or b"chunked" in (_header(scope, b"transfer-encoding") or b"").lower()
 
 
 async def discard_body(receive: Receive, limit: float = float("inf")) -> None:

@@ -1,7 +1,7 @@
 """The API description's errors as the app answers them: each surface's error shape (app.errors
 renders `{"error", "detail"}`, and OpenAI's object under /v1), and the statuses an operation meets
-outside its route: the Authentication middleware's 401 and 503, the body limit's 413 and the tenant
-filter's 403."""
+outside its route: the Authentication middleware's 401 and 503, the body limit's 413 and 415 and
+the tenant filter's 403."""
 
 from __future__ import annotations
 
@@ -83,6 +83,7 @@ def _describe_operation(path: str, operation: dict[str, Any]) -> None:
         responses.setdefault("403", {"description": "The `tenant` filter needs an admin key"})
     if "requestBody" in operation:
         responses.setdefault("413", {"description": "The body is over the size limit"})
+        responses.setdefault("415", {"description": "The body is labelled as something else than JSON"})
     for status, response in responses.items():
         if not status.isdigit() or int(status) < 400 or not _is_error(response):
             continue

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 pytestmark = pytest.mark.anyio
@@ -60,6 +62,31 @@ async def test_not_json_is_422(client: httpx.AsyncClient) -> None:
     )
     assert response.status_code == 422
     assert "JSON" in response.json()["error"]
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "text/plain", "multipart/form-data; boundary=x"]
+)
+async def test_a_body_that_is_not_labelled_json_is_415_and_stores_nothing(
+    client: httpx.AsyncClient, db: psycopg.AsyncConnection[Any], content_type: str
+) -> None:
+    response = await client.post(
+        "/contexts/", content=b'{"content": "hi"}', headers={"content-type": content_type}
+    )
+    assert response.status_code == 415
+    assert f"sent with Content-Type: application/json (not '{content_type}')" in response.json()["error"]
+    assert await (await db.execute("SELECT count(*) FROM context")).fetchone() == (0,)
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/json; charset=utf-8", "APPLICATION/JSON", "application/vnd.llmq+json", None]
+)
+async def test_json_is_taken_under_any_json_label_or_none(
+    client: httpx.AsyncClient, content_type: str | None
+) -> None:
+    headers = {"content-type": content_type} if content_type else {}
+    response = await client.post("/contexts/", content=b'{"content": "hi"}', headers=headers)
+    assert response.status_code == 201, response.text
 
 
 async def test_oversized_content_is_413_and_stores_nothing(client: httpx.AsyncClient) -> None:

@@ -75,3 +75,16 @@ def test_a_request_the_parser_refuses_gets_its_400_while_the_client_still_sends(
     status_line, _, rest = answer.partition(b"\r\n")
     assert status_line == b"HTTP/1.1 400 Bad Request", answer[:300]
     assert rest.endswith(b"Invalid HTTP request received.")
+
+
+def test_a_form_body_is_a_415_saying_the_body_must_be_json(api_server: str) -> None:
+    # What `curl -d '{...}'` and `requests.post(data=...)` send: a valid JSON text labelled as a form.
+    request = urllib.request.Request(
+        f"{api_server}/contexts/", data=b'{"content": "hi"}', method="POST"
+    )  # urllib labels it application/x-www-form-urlencoded
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 415
+    message = json.loads(refused.value.read())["error"]
+    assert "must be JSON, sent with Content-Type: application/json" in message
+    assert "application/x-www-form-urlencoded" in message

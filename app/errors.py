@@ -169,11 +169,14 @@ _METHODS = ("DELETE", "GET", "HEAD", "OPTIONS", "PATCH", "POST", "PUT")
 
 def _allowed_methods(request: Request) -> list[str]:
     routes = request.app.router.routes
-    return [
+    allowed = {
         method
         for method in _METHODS
         if any(route.matches({**request.scope, "method": method})[0] == Match.FULL for route in routes)
-    ]
+    }
+    if "GET" in allowed:  # app.head answers HEAD as GET
+        allowed.add("HEAD")
+    return [method for method in _METHODS if method in allowed]
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -18,6 +18,7 @@ from app.db import Database
 from app.deps import Runtime, caller
 from app.errors import install_error_handlers
 from app.fastpath import FastPath
+from app.head import HeadAsGet
 from app.notify import CancelNotices, ResultWaiter, done_channel
 from app.openapi import describe_errors
 from app.queue import Doorbell, JobQueue, make_celery
@@ -92,7 +93,7 @@ def create_app(
         telemetry=None if settings.OPENTELEMETRY else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = rt
-    # Middleware added last runs first: the body limit, then authentication, then the calls every
+    # Middleware added last runs first: HEAD as GET, the body limit, then authentication, then the calls every
     # job makes from their routes' definitions (app.fastpath), then FastAPI for everything.
     if fast_path:
         per_job: list[Callable[..., Any]] = [
@@ -105,6 +106,7 @@ def create_app(
     app.add_middleware(Authentication, keyring=rt.keyring)
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
+    app.add_middleware(HeadAsGet)  # first of all: a HEAD goes through everything as its GET
     install_error_handlers(app)
     # export before results: `/results/{result_id}` would otherwise take `/results/export`.
     routers = (

@@ -179,6 +179,17 @@ def _allowed_methods(request: Request) -> list[str]:
     return [method for method in _METHODS if method in allowed]
 
 
+def _slash_twin(request: Request) -> str | None:
+    """The request's path with its trailing slash added or removed, if a route takes it with this method."""
+    path = request.scope["path"]
+    if path == "/":
+        return None
+    twin = path[:-1] if path.endswith("/") else path + "/"
+    routes = request.app.router.routes
+    twin_scope = {**request.scope, "path": twin}
+    return twin if any(route.matches(twin_scope)[0] == Match.FULL for route in routes) else None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(AppError)
     async def app_error(request: Request, exc: AppError) -> JSONResponse:
@@ -204,6 +215,19 @@ def install_error_handlers(app: FastAPI) -> None:
             )
             detail = [{"field": "body", "message": problem, "type": "json_invalid"}]
             return render_error(request.url.path, 422, f"invalid request: {problem}", detail)
+        if exc.status_code == 404 and (twin := _slash_twin(request)) is not None:
+            # The path with (or without) its trailing slash: the Location is relative, so a Host
+            # header sent by the client (or passed on by a proxy) never chooses where it points.
+            location = request.scope.get("root_path", "") + twin
+            if request.url.query:
+                location += "?" + request.url.query
+            return render_error(
+                request.url.path,
+                307,
+                f"this path is {twin}: follow the redirect (Location)",
+                {"location": location},
+                headers={"Location": location},
+            )
         headers = dict(exc.headers or {}) or None
         if exc.status_code == 405:  # Starlette's Allow names the first route of the path only
             headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}

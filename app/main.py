@@ -90,6 +90,7 @@ def create_app(
         "and poll the results.",
         lifespan=lifespan,
         dependencies=list(dependencies),
+        redirect_slashes=False,  # app.errors redirects, to a relative Location (not one built from Host)
         telemetry=None if settings.OPENTELEMETRY else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = rt

@@ -116,5 +116,27 @@ async def test_a_method_a_path_lacks_is_405_allowing_every_method_it_has(
             concrete = re.sub(r"\{[a-z_]+\}", str(uuid.uuid4()), path.replace("{model_name}", FAST_MODEL))
             response = await client.request("PATCH", concrete, headers=bearer(ADMIN_KEY))
             assert response.status_code == 405, (path, response.text)
-            allowed = sorted(method.upper() for method in item)
-            assert response.headers["allow"] == ", ".join(allowed), path
+            allowed = {method.upper() for method in item}
+            allowed |= {"HEAD"} if "GET" in allowed else set()  # app.head answers HEAD as GET
+            assert response.headers["allow"] == ", ".join(sorted(allowed)), path
+
+
+async def test_a_path_without_its_trailing_slash_is_a_relative_307_only_for_a_method_it_takes(
+    db: Any, triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    async with serve_in_process(make_api_app(triton.http_url, enqueued)) as client:
+        admin = bearer(ADMIN_KEY)
+        # A Host header (sent by a client, or passed on by a proxy) does not choose the Location.
+        moved = await client.get("/results?limit=2", headers={**admin, "host": "evil.example:443"})
+        assert moved.status_code == 307 and moved.headers["location"] == "/results/?limit=2"
+        assert moved.json() == {
+            "error": "this path is /results/: follow the redirect (Location)",
+            "detail": {"location": "/results/?limit=2"},
+        }
+        created = await client.post("/contexts", json={"content": "hi"}, headers=admin, follow_redirects=True)
+        assert created.status_code == 201 and created.url.path == "/contexts/"
+        assert (await client.get("/health/", headers=admin)).headers["location"] == "/health"
+        # No route takes DELETE there: no redirect to a 405.
+        assert (await client.delete("/contexts", headers=admin)).status_code == 404
+        v1 = await client.get("/v1/models/", headers=admin)
+        assert v1.status_code == 307 and v1.json()["error"]["message"].startswith("this path is /v1/models")

@@ -48,6 +48,11 @@ async def export(
             raise InvalidInput(
                 f"'{zone}' needs a time zone (e.g. 2026-11-28T00:00:00Z)", detail={"field": f"query.{zone}"}
             )
+    if since is not None and until is not None and since >= until:
+        raise InvalidInput(
+            f"'from' ({since.isoformat()}) must be before 'to' ({until.isoformat()})",
+            detail={"field": "query.from"},
+        )
     if status and ResultStatus.PENDING in status:
         raise InvalidInput(
             "the export holds finished jobs only: status may be completed, failed or cancelled",

@@ -64,6 +64,7 @@ async def get_result(
         0,
         ge=0,
         le=60,
+        allow_inf_nan=False,
         description="Long poll: seconds to wait for a pending job to finish before answering. "
         "0 (the default) answers at once.",
     ),

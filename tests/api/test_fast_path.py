@@ -94,6 +94,7 @@ CASES: list[tuple[str, str, dict[str, str], bytes | None]] = [
     ("GET", "/results/{rid}", {}, None),
     ("GET", "/results/{rid}?wait=0.1", {}, None),
     ("GET", "/results/{rid}?wait=61", {}, None),
+    ("GET", "/results/{rid}?wait=nan", {}, None),
     ("GET", "/results/{rid}?wait=abc", {}, None),
     ("GET", "/results/{missing}", {}, None),
     ("GET", "/results/not-a-uuid", {}, None),

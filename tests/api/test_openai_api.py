@@ -552,6 +552,9 @@ async def test_an_export_cut_by_the_database_ends_with_a_line_saying_why(
 
 
 async def test_export_refuses_bad_filters(v1: V1) -> None:
+    backwards = {"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}
+    answer = await v1.user.get("/results/export", params=backwards)
+    assert answer.status_code == 422 and "'from' (2026-02-01T00:00:00+00:00) must be before 'to'" in answer.text
     for params in ({"status": "pending"}, {"from": "2026-01-01T00:00:00"}, {"from": "yesterday"}):
         response = await v1.user.get("/results/export", params=params)
         assert response.status_code == 422, (params, response.text)

@@ -328,3 +328,10 @@ async def test_a_timeout_over_the_platforms_deadline_is_refused_with_the_value_s
     response = await client.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"timeout_s": over})
     assert response.status_code == 422
     assert response.json()["error"].endswith(f"got {over!r}")
+
+
+async def test_a_wait_that_is_not_a_finite_number_is_422_saying_so(client: httpx.AsyncClient) -> None:
+    for wait in ("nan", "inf", "-inf"):
+        response = await client.get(f"/results/{uuid.uuid4()}", params={"wait": wait})
+        assert response.status_code == 422
+        assert "finite number" in response.json()["error"], response.text

@@ -36,18 +36,14 @@ class BodyLimit:
             # Read as JSON, a form or a text body fails as "not an object": say what is wrong.
             await self._drain(receive, 0)
             shown = content_type[:100].decode("latin-1")
-            response = render_error(
-                scope["path"],
-                415,
-                f"the request body must be JSON, sent with Content-Type: application/json (not {shown!r})",
-                headers={"connection": "close"},
-                code="unsupported_media_type",
+            message = (
+                f"the request body must be JSON, sent with Content-Type: application/json (not {shown!r})"
             )
-            await response(scope, receive, send)
+            await _refuse(scope, receive, send, 415, message, "unsupported_media_type")
             return
         if declared is not None and declared > self.max_bytes:
             await self._drain(receive, 0)
-            await self._refuse(scope, receive, send, f"request body is {declared} bytes")
+            await self._too_large(scope, receive, send, f"request body is {declared} bytes")
             return
 
         received = 0
@@ -77,20 +73,20 @@ class BodyLimit:
 
         await self.app(scope, bounded_receive, guarded_send)
         if refused and not started:
-            await self._refuse(scope, receive, send, f"request body is over {self.max_bytes} bytes")
+            await self._too_large(scope, receive, send, f"request body is over {self.max_bytes} bytes")
 
     async def _drain(self, receive: Receive, seen: int) -> None:
         await discard_body(receive, self.drain_bytes - seen)
 
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
-        response = render_error(
-            scope["path"],
-            413,
-            f"{what}; the limit is {self.max_bytes} bytes",
-            headers={"connection": "close"},
-            code="request_too_large",
-        )
-        await response(scope, receive, send)
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send, what: str) -> None:
+        message = f"{what}; the limit is {self.max_bytes} bytes"
+        await _refuse(scope, receive, send, 413, message, "request_too_large")
+
+
+async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, message: str, code: str) -> None:
+    """A refused body's answer; the connection closes after it (the body may not have been read whole)."""
+    response = render_error(scope["path"], status, message, headers={"connection": "close"}, code=code)
+    await response(scope, receive, send)
 
 
 def _header(scope: Scope, wanted: bytes) -> bytes | None:

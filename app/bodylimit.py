@@ -28,11 +28,10 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = _content_length(scope)
-        content_type = _header(scope, b"content-type")
-        if content_type is None and _has_body(scope, declared):  # unlabelled: read as the JSON it must be
+        declared, content_type, has_body = _body_headers(scope)
+        if content_type is None and has_body:  # unlabelled: read as the JSON it must be
             scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
-        elif content_type is not None and not _JSON_TYPE.match(content_type) and _has_body(scope, declared):
+        elif content_type is not None and has_body and not _JSON_TYPE.match(content_type):
             # Read as JSON, a form or a text body fails as "not an object": say what is wrong.
             await self._drain(receive, 0)
             shown = content_type[:100].decode("latin-1")
@@ -89,20 +88,20 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, messa
     await response(scope, receive, send)
 
 
-def _header(scope: Scope, wanted: bytes) -> bytes | None:
+def _body_headers(scope: Scope) -> tuple[int | None, bytes | None, bool]:
+    """Content-Length (None: absent or not a number), Content-Type, and whether a body comes; one
+    pass over the headers, as every request makes it."""
+    declared: int | None = None
+    content_type: bytes | None = None
+    chunked = False
     for name, value in scope.get("headers", []):
-        if name == wanted:
-            return bytes(value)
-    return None
-
-
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
-    return int(value) if value is not None and value.isdigit() else None
-
-
-def _has_body(scope: Scope, declared: int | None) -> bool:
-    return bool(declared) or b"chunked" in (_header(scope, b"transfer-encoding") or b"").lower()
+        if name == b"content-length":
+            declared = int(value) if value.isdigit() else None
+        elif name == b"content-type":
+            content_type = bytes(value)
+        elif name == b"transfer-encoding":
+            chunked = b"chunked" in value.lower()
+    return declared, content_type, bool(declared) or chunked
 
 
 async def discard_body(receive: Receive, limit: float = float("inf")) -> None:

@@ -9,12 +9,12 @@ from typing import NoReturn, TypeVar
 
 import psycopg
 import typer
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from app.config import settings_or_exit
 from app.db import AsyncConnection, connection_kwargs, conninfo
 from app.errors import AppError
-from app.schemas import ApiKeyCreate
+from app.schemas import ApiKeyCreate, TenantLimitsIn, TenantLimitsOut, TenantName
 from app.services import keys as service
 
 T = TypeVar("T")
@@ -22,6 +22,8 @@ T = TypeVar("T")
 cli = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 keys = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), list, revoke.")
 cli.add_typer(keys, name="keys")
+tenants = typer.Typer(no_args_is_help=True, help="Tenants' quotas: show, set.")
+cli.add_typer(tenants, name="tenants")
 
 
 def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
@@ -93,8 +95,73 @@ def list_keys() -> None:
 @keys.command("revoke")
 def revoke(key_id: uuid.UUID) -> None:
     """Revoke a key (every API process refuses it within KEY_CACHE_TTL_S)."""
-    revoked = _run(lambda conn: service.revoke_key(conn, key_id))
-    typer.echo(f"revoked {revoked.id} ({revoked.tenant}, {revoked.name})")
+    revoked, before = _run(lambda conn: service.revoke_key(conn, key_id))
+    if before:
+        typer.echo(
+            f"{revoked.id} ({revoked.tenant}, {revoked.name}) was already revoked at {revoked.revoked_at:%Y-%m-%d %H:%M:%S %Z}"
+        )
+    else:
+        typer.echo(f"revoked {revoked.id} ({revoked.tenant}, {revoked.name})")
+
+
+def _echo_limits(limits: TenantLimitsOut) -> None:
+    def line(label: str, value: int | None, effective: int, setting: str) -> str:
+        source = f"set for {limits.tenant}" if value is not None else f"the {setting} setting"
+        return f"{label:<18} {effective}  ({source})"
+
+    typer.echo(f"tenant:            {limits.tenant}")
+    typer.echo(
+        line("max pending:", limits.max_pending, limits.effective_max_pending, "MAX_PENDING_PER_TENANT")
+    )
+    typer.echo(
+        line(
+            "submit rate (/s):",
+            limits.submit_rate_per_s,
+            limits.effective_submit_rate_per_s,
+            "SUBMIT_RATE_PER_KEY",
+        )
+    )
+    typer.echo("(a key's own limits, shown by `keys list`, win over these)")
+
+
+def _tenant(tenant: str) -> str:
+    try:
+        return TypeAdapter(TenantName).validate_python(tenant)
+    except ValidationError as exc:
+        _fail(f"tenant: {exc.errors()[0]['msg']}")
+
+
+@tenants.command("show")
+def show_limits(tenant: str) -> None:
+    """A tenant's quotas: what is set for it, and what its keys without their own get."""
+    settings = settings_or_exit()
+    name = _tenant(tenant)
+    _echo_limits(_run(lambda conn: service.tenant_limits(conn, name, settings)))
+
+
+@tenants.command("set")
+def set_limits(
+    tenant: str,
+    max_pending: int | None = typer.Option(
+        None, help="Jobs pending at once (omitted: the setting's default)."
+    ),
+    submit_rate_per_s: int | None = typer.Option(
+        None, help="Jobs submitted per second per key (omitted: the default)."
+    ),
+) -> None:
+    """Set both of a tenant's quotas at once, as PUT /admin/tenants/{tenant}/limits does."""
+    settings = settings_or_exit()
+    name = _tenant(tenant)
+    try:
+        limits = TenantLimitsIn.model_validate(
+            {"max_pending": max_pending, "submit_rate_per_s": submit_rate_per_s}
+        )
+    except ValidationError as exc:
+        _fail(
+            "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        )
+    _echo_limits(_run(lambda conn: service.set_tenant_limits(conn, name, limits, settings)))
+    typer.echo("API processes apply them within KEY_CACHE_TTL_S")
 
 
 if __name__ == "__main__":

@@ -219,7 +219,9 @@ class TenantLimitsIn(BaseModel):
 
 class TenantLimitsOut(TenantLimitsIn):
     tenant: str
-    updated_at: datetime
+    updated_at: datetime | None = Field(description="when the limits were last set; null: never")
+    effective_max_pending: int = Field(description="the cap a key of this tenant without its own gets")
+    effective_submit_rate_per_s: int = Field(description="the rate a key of this tenant without its own gets")
 
 
 class ErrorBody(BaseModel):

@@ -27,12 +27,14 @@ _BY_HASH = """
      WHERE k.hash = %(hash)s
 """
 _TENANT_LIMITS = """
-    SELECT t.max_pending, t.submit_rate_per_s
+    SELECT t.max_pending, t.submit_rate_per_s, t.updated_at
       FROM (SELECT 1) AS one LEFT JOIN tenant_limits AS t ON t.tenant = %(tenant)s
 """
 _LIST = f"SELECT {_PUBLIC} FROM api_key ORDER BY created_at DESC, id DESC"
+# `before`: revoked by an earlier statement (this one's revocation is stamped with its own now()).
 _REVOKE = f"""
-    UPDATE api_key SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %(id)s RETURNING {_PUBLIC}
+    UPDATE api_key SET revoked_at = COALESCE(revoked_at, now()) WHERE id = %(id)s
+    RETURNING {_PUBLIC}, revoked_at <> now() AS before
 """
 _TOUCH = "UPDATE api_key SET last_used_at = now() WHERE id = ANY(%(ids)s::uuid[])"
 _SET_TENANT_LIMITS = """
@@ -57,7 +59,7 @@ async def by_hash(conn: AsyncConnection, key_hash: bytes) -> dict[str, Any] | No
 
 
 async def tenant_limits(conn: AsyncConnection, tenant: str) -> dict[str, Any]:
-    """The tenant's quota overrides (each None when not set)."""
+    """The tenant's quota overrides and when they were set (each None when not set)."""
     cur = conn.cursor(row_factory=dict_row)
     row = await (await cur.execute(_TENANT_LIMITS, {"tenant": tenant})).fetchone()
     assert row is not None  # one row, whether the tenant has limits or not

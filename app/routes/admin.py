@@ -49,20 +49,28 @@ async def list_keys(rt: Runtime = Depends(admin_runtime)) -> list[ApiKeyOut]:
 async def revoke_key(key_id: uuid.UUID, rt: Runtime = Depends(admin_runtime)) -> ApiKeyOut:
     """Revoke a key: refused by this API process at once, by every other within KEY_CACHE_TTL_S."""
     async with rt.db.connection() as conn:
-        revoked = await service.revoke_key(conn, key_id)
+        revoked, _ = await service.revoke_key(conn, key_id)
     rt.keyring.forget(key_id)
     return revoked
 
 
+# Constrained here: the annotation's Field constraints are not applied to a path parameter.
+_TENANT = Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@router.get("/tenants/{tenant}/limits", response_model=TenantLimitsOut)
+async def get_tenant_limits(tenant: str = _TENANT, rt: Runtime = Depends(admin_runtime)) -> TenantLimitsOut:
+    """A tenant's quotas as set (null: the settings' defaults) and as applied to its keys without their own."""
+    async with rt.db.connection() as conn:
+        return await service.tenant_limits(conn, tenant, rt.settings)
+
+
 @router.put("/tenants/{tenant}/limits", response_model=TenantLimitsOut)
 async def set_tenant_limits(
-    limits: TenantLimitsIn,
-    # Constrained here: the annotation's Field constraints are not applied to a path parameter.
-    tenant: str = Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$"),
-    rt: Runtime = Depends(admin_runtime),
+    limits: TenantLimitsIn, tenant: str = _TENANT, rt: Runtime = Depends(admin_runtime)
 ) -> TenantLimitsOut:
-    """Set a tenant's quotas (null: the settings' defaults); keys may still override them."""
+    """Set a tenant's quotas, both at once (null: the settings' defaults); keys may still override them."""
     async with rt.db.connection() as conn:
-        updated = await service.set_tenant_limits(conn, tenant, limits)
+        updated = await service.set_tenant_limits(conn, tenant, limits, rt.settings)
     rt.keyring.forget_all()
     return updated

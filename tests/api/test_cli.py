@@ -17,10 +17,15 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.anyio
 
 
-def _cli(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "DATABASE_URL": database_url}
+def _cli(database_url: str, *args: str, group: str = "keys") -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": database_url,
+        "MAX_PENDING_PER_TENANT": "10000",
+        "SUBMIT_RATE_PER_KEY": "1000",
+    }
     return subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", *args],
+        [sys.executable, "-m", "app.cli", group, *args],
         cwd=ROOT,
         env=env,
         capture_output=True,
@@ -42,6 +47,30 @@ async def test_keys_are_created_listed_and_revoked(api_db_url: str, db: psycopg.
     assert listed.stdout.splitlines()[0].split() == ["id", "prefix", "tenant", "scope", "state", "name"]
     revoked = _cli(api_db_url, "revoke", key_id)
     assert revoked.returncode == 0 and f"revoked {key_id} (acme, ci)" in revoked.stdout
+    again = _cli(api_db_url, "revoke", key_id)
+    assert again.returncode == 0 and f"{key_id} (acme, ci) was already revoked at" in again.stdout
+
+
+async def test_tenant_limits_are_shown_and_set(api_db_url: str, db: psycopg.AsyncConnection[Any]) -> None:
+    tenant = f"cli-{uuid.uuid4().hex[:8]}"
+    shown = _cli(api_db_url, "show", tenant, group="tenants")
+    assert shown.returncode == 0, shown.stderr
+    assert "max pending:       10000  (the MAX_PENDING_PER_TENANT setting)" in shown.stdout
+    made = _cli(api_db_url, "set", tenant, "--max-pending", "7", group="tenants")
+    assert made.returncode == 0, made.stderr
+    shown = _cli(api_db_url, "show", tenant, group="tenants")
+    assert f"max pending:       7  (set for {tenant})" in shown.stdout
+    assert "submit rate (/s):  1000  (the SUBMIT_RATE_PER_KEY setting)" in shown.stdout
+    row = await (
+        await db.execute(
+            "SELECT max_pending, submit_rate_per_s FROM tenant_limits WHERE tenant = %s", (tenant,)
+        )
+    ).fetchone()
+    assert row == (7, None)
+    refused = _cli(api_db_url, "set", tenant, "--max-pending", "0", group="tenants")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: --max-pending:"), refused.stderr
+    refused = _cli(api_db_url, "show", "a b", group="tenants")
+    assert refused.returncode == 1 and refused.stderr.startswith("error: tenant:"), refused.stderr
 
 
 async def test_mistakes_are_one_line_errors_not_tracebacks(

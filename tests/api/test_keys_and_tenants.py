@@ -398,6 +398,28 @@ async def test_an_openai_call_counts_each_of_its_jobs_against_the_rate(
     assert len(enqueued.calls) == 4
 
 
+async def test_tenant_limits_are_read_as_set_and_as_applied(api_app: InProcessApi) -> None:
+    defaults = api_app.app.state.runtime.settings
+    fresh = await api_app.admin.get("/admin/tenants/reader/limits")
+    assert fresh.status_code == 200, fresh.text
+    assert fresh.json() == {
+        "tenant": "reader",
+        "max_pending": None,
+        "submit_rate_per_s": None,
+        "updated_at": None,
+        "effective_max_pending": defaults.MAX_PENDING_PER_TENANT,
+        "effective_submit_rate_per_s": defaults.SUBMIT_RATE_PER_KEY,
+    }
+    put = await api_app.admin.put("/admin/tenants/reader/limits", json={"max_pending": 3})
+    read = await api_app.admin.get("/admin/tenants/reader/limits")
+    assert read.json() == put.json()
+    assert read.json()["max_pending"] == 3 and read.json()["effective_max_pending"] == 3
+    assert read.json()["effective_submit_rate_per_s"] == defaults.SUBMIT_RATE_PER_KEY
+    assert read.json()["updated_at"] is not None
+    assert (await api_app.user.get("/admin/tenants/reader/limits")).status_code == 403
+    assert (await api_app.admin.get("/admin/tenants/-bad/limits")).status_code == 422
+
+
 async def test_tenant_limits_apply_to_every_key_of_the_tenant(api_app: InProcessApi) -> None:
     put = await api_app.admin.put("/admin/tenants/small/limits", json={"max_pending": 1})
     assert put.status_code == 200 and put.json()["max_pending"] == 1

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends
@@ -12,6 +13,24 @@ from app.schemas import ComponentHealth, Readiness
 from app.triton.admin import TritonAdmin, TritonUnavailable
 
 router = APIRouter(prefix="/health", tags=["health"])
+log = logging.getLogger(__name__)
+
+# Readiness is public: its answer names no address and no exception (they go to the log, once per change).
+_last_logged: dict[str, str | None] = {}
+
+
+def _report(component: str, public: str | None, internal: str | None = None) -> ComponentHealth:
+    """The public answer for a component, logging the internal cause when it differs from the last one."""
+    cause = None if public is None else internal or public
+    previous = _last_logged.get(component)
+    if previous != cause:
+        _last_logged[component] = cause
+        if cause is not None:
+            log.warning("readiness: %s: %s", component, cause)
+        else:
+            log.info("readiness: %s is back", component)
+    return ComponentHealth(ok=public is None, detail=public)
+
 
 # Each component answers within this, so that readiness is answered within a second, whatever is down.
 CHECK_TIMEOUT_S = 0.8
@@ -36,23 +55,24 @@ async def _check_postgres(db: Database) -> ComponentHealth:
     try:
         revision = await asyncio.wait_for(_schema_revision(db), CHECK_TIMEOUT_S)
     except Exception as exc:
-        return ComponentHealth(ok=False, detail=f"Postgres unreachable: {type(exc).__name__}: {exc}"[:300])
+        return _report(
+            "postgres", "Postgres unreachable (cause in the API's log)", f"{type(exc).__name__}: {exc}"
+        )
     if revision != SCHEMA_REVISION:
         found = "has no schema" if revision is None else f"is at migration {revision}"
-        return ComponentHealth(
-            ok=False,
-            detail=f"the database {found}, this code needs {SCHEMA_REVISION}: run alembic upgrade head",
+        return _report(
+            "postgres", f"the database {found}, this code needs {SCHEMA_REVISION}: run alembic upgrade head"
         )
-    return ComponentHealth(ok=True)
+    return _report("postgres", None)
 
 
 async def _check_redis(url: str) -> ComponentHealth:
     client = aioredis.from_url(url, socket_connect_timeout=CHECK_TIMEOUT_S, socket_timeout=CHECK_TIMEOUT_S)
     try:
         await asyncio.wait_for(client.ping(), CHECK_TIMEOUT_S)
-        return ComponentHealth(ok=True)
+        return _report("redis", None)
     except Exception as exc:
-        return ComponentHealth(ok=False, detail=f"Redis unreachable: {type(exc).__name__}: {exc}"[:300])
+        return _report("redis", "Redis unreachable (cause in the API's log)", f"{type(exc).__name__}: {exc}")
     finally:
         await client.aclose()
 
@@ -66,14 +86,15 @@ async def _check_triton(admin: TritonAdmin, ready_window_s: float) -> ComponentH
     )
     try:
         if await asyncio.wait_for(admin.server_ready(), CHECK_TIMEOUT_S):
-            return ComponentHealth(ok=True, detail=admin.base_url)
-        return ComponentHealth(ok=False, detail=f"Triton at {admin.base_url} is not ready{waiting}")
+            return _report("triton", None)
+        return _report("triton", f"Triton is not ready{waiting}", f"Triton at {admin.base_url} is not ready")
     except TritonUnavailable as exc:
-        return ComponentHealth(ok=False, detail=f"Triton is down: {exc}{waiting}")
+        return _report("triton", f"Triton is down: unreachable (cause in the API's log){waiting}", str(exc))
     except TimeoutError:
-        return ComponentHealth(
-            ok=False,
-            detail=f"Triton is down: no answer from {admin.base_url} within {CHECK_TIMEOUT_S:g}s{waiting}",
+        return _report(
+            "triton",
+            f"Triton is down: no answer within {CHECK_TIMEOUT_S:g}s{waiting}",
+            f"Triton at {admin.base_url}: no answer within {CHECK_TIMEOUT_S:g}s",
         )
 
 

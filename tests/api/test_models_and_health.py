@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -56,9 +57,13 @@ async def client_without_triton(db: object) -> AsyncIterator[httpx.AsyncClient]:
         yield client
 
 
-async def test_readiness_reports_triton_down(client_without_triton: httpx.AsyncClient) -> None:
+async def test_readiness_reports_triton_down(
+    client_without_triton: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
     client = client_without_triton
-    ready = await client.get("/health/ready")
+    with caplog.at_level(logging.WARNING, logger="app.routes.health"):
+        ready = await client.get("/health/ready")
+        await client.get("/health/ready")
     assert ready.status_code == 503
     body = ready.json()
     assert body["status"] == "unavailable"
@@ -66,6 +71,10 @@ async def test_readiness_reports_triton_down(client_without_triton: httpx.AsyncC
     assert body["components"]["redis"]["ok"] is True
     assert body["components"]["triton"]["ok"] is False
     assert "unreachable" in body["components"]["triton"]["detail"]
+    # Readiness is public: the address goes to the log (once for two probes), never to the answer.
+    assert "127.0.0.1" not in ready.text and "http" not in ready.text
+    causes = [r.getMessage() for r in caplog.records if "readiness: triton" in r.getMessage()]
+    assert len(causes) == 1 and "127.0.0.1" in causes[0], causes
 
 
 async def test_listing_models_with_triton_down_is_503(client_without_triton: httpx.AsyncClient) -> None:

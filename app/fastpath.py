@@ -34,6 +34,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from app.bodylimit import read_body, replay
+from app.query import accepted, is_strict, unknown_error
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ def incompatibility(route: Any, app: FastAPI, dependency: Callable[..., Any]) ->
 class _Served:
     route: Any  # the route as included in the app (prefix, dependencies): FastAPI's route context
     dependency_name: str
+    query_names: frozenset[str] | None  # the query parameters it takes, if it refuses others (app.query)
 
     def match(self, scope: Scope) -> dict[str, Any] | None:
         """The path parameters if this route takes the request (Starlette's matching, the route's regex)."""
@@ -116,7 +118,8 @@ class FastPath:
                     if reason is None:
                         name = route.dependant.dependencies[0].name
                         assert name is not None
-                        self._served.append(_Served(route, name))
+                        names = accepted(route.dependant) if is_strict(route) else None
+                        self._served.append(_Served(route, name, names))
                     else:
                         log.warning("%s %s is served by FastAPI only: %s", route.methods, route.path, reason)
         return [s.route.path for s in self._served]
@@ -147,6 +150,9 @@ class FastPath:
                 found, wrong = request_params_to_args(fields, received)
                 values.update(found)
                 errors += wrong
+        names, query = served.query_names, scope["query_string"]
+        if names is not None and query and unknown_error(names, QueryParams(query).multi_items()):
+            errors.append("unknown query parameter")
         if d.body_params:
             body = await read_body(receive)
             if body is None:

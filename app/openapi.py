@@ -73,6 +73,8 @@ def _describe_operation(path: str, operation: dict[str, Any]) -> None:
     openai = is_openai_path(path)
     if openai:
         responses.pop("422", None)  # render_error answers every invalid request 400 there
+    else:  # app.query: a query parameter the route does not take
+        responses.setdefault("422", {"description": "Validation Error"})
     if path not in PUBLIC_PATHS:  # the paths the Authentication middleware lets through
         operation["security"] = [{"apiKey": []}]
         responses["401"] = dict(UNAUTHENTICATED)

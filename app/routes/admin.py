@@ -8,6 +8,7 @@ from fastapi import APIRouter, Depends, Path
 
 from app.auth import check_admin
 from app.deps import Caller, Runtime, caller
+from app.query import StrictQueryRoute
 from app.schemas import (
     ApiKeyCreate,
     ApiKeyCreated,
@@ -25,6 +26,7 @@ async def admin_runtime(c: Caller = Depends(caller)) -> Runtime:
 
 
 router = APIRouter(
+    route_class=StrictQueryRoute,
     prefix="/admin",
     tags=["admin"],
     responses={403: {"model": ErrorBody, "description": "Not an admin key"}},

@@ -8,11 +8,12 @@ from fastapi.responses import JSONResponse
 
 from app.db import AsyncConnection
 from app.deps import Caller, caller
+from app.query import StrictQueryRoute
 from app.schemas import PAGE_LIMIT, ContextCreate, ContextOut, ErrorBody, Page, TenantName
 from app.services import contexts as service
 from app.services import idempotency
 
-router = APIRouter(prefix="/contexts", tags=["contexts"])
+router = APIRouter(prefix="/contexts", tags=["contexts"], route_class=StrictQueryRoute)
 
 IDEMPOTENCY_KEY_DOC = (
     "Send the same key again with the same request (within 24 hours) to get the first answer again: "

@@ -14,12 +14,13 @@ from fastapi.responses import StreamingResponse
 from app.deps import Caller, caller
 from app.errors import InvalidInput, stream_error
 from app.models import ResultStatus
+from app.query import StrictQueryRoute
 from app.schemas import ErrorBody, TenantName
 from app.services import export as service
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/results", tags=["results"])
+router = APIRouter(prefix="/results", tags=["results"], route_class=StrictQueryRoute)
 
 
 @router.get(

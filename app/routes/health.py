@@ -9,10 +9,11 @@ from fastapi.responses import JSONResponse
 
 from app.db import Database
 from app.deps import Runtime, runtime
+from app.query import StrictQueryRoute
 from app.schemas import ComponentHealth, Readiness
 from app.triton.admin import TritonAdmin, TritonUnavailable
 
-router = APIRouter(prefix="/health", tags=["health"])
+router = APIRouter(prefix="/health", tags=["health"], route_class=StrictQueryRoute)
 log = logging.getLogger(__name__)
 
 # Readiness is public: its answer names no address and no exception (they go to the log, once per change).

@@ -11,13 +11,14 @@ from app import quotas
 from app.db import AsyncConnection
 from app.deps import Caller, caller
 from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.query import StrictQueryRoute
 from app.routes.contexts import IDEMPOTENCY_KEY_DOC
 from app.schemas import ErrorBody, ModelInfo, ResultOut, SendAccepted, SendOptions
 from app.services import idempotency
 from app.services import results as service
 from app.triton.admin import ModelCatalog, ModelState, TritonUnavailable
 
-router = APIRouter(prefix="/models", tags=["models"])
+router = APIRouter(prefix="/models", tags=["models"], route_class=StrictQueryRoute)
 
 _LOCATION = {"Location": {"description": "The result: `/results/{result_id}`", "schema": {"type": "string"}}}
 _PREFERENCE_APPLIED = {

@@ -13,6 +13,7 @@ from app import sse
 from app.deps import Caller, caller
 from app.errors import stream_error
 from app.models import ResultStatus
+from app.query import StrictQueryRoute
 from app.schemas import PAGE_LIMIT, ErrorBody, Page, ResultOut, TenantName
 from app.services import results as service
 from app.services import streams
@@ -24,7 +25,7 @@ RESTART_DATA = json.dumps(
     {"reason": "the job runs again from the start (its earlier run stopped): drop the text received before"}
 )
 
-router = APIRouter(prefix="/results", tags=["results"])
+router = APIRouter(prefix="/results", tags=["results"], route_class=StrictQueryRoute)
 
 
 @router.get("/", response_model=Page[ResultOut])

@@ -140,3 +140,36 @@ async def test_a_path_without_its_trailing_slash_is_a_relative_307_only_for_a_me
         assert (await client.delete("/contexts", headers=admin)).status_code == 404
         v1 = await client.get("/v1/models/", headers=admin)
         assert v1.status_code == 307 and v1.json()["error"]["message"].startswith("this path is /v1/models")
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_a_query_parameter_a_route_does_not_take_is_a_422_naming_it(
+    db: Any, triton: Any, enqueued: EnqueueRecorder, fast_path: bool
+) -> None:
+    """A misspelt filter or wait is refused, not ignored (a listing of everything, a poll answered at
+    once); on both paths, and before any side effect. /v1 keeps OpenAI's leniency."""
+    app = make_api_app(triton.http_url, enqueued, fast_path=fast_path)
+    async with serve_in_process(app) as client:
+        client.headers.update(bearer(ADMIN_KEY))
+        context_id = (await client.post("/contexts/", json={"content": "hi"})).json()["id"]
+        send = f"/models/send/{FAST_MODEL}/{context_id}"
+        result_id = (await client.post(send)).json()["result_id"]
+        calls = len(enqueued.calls)
+        for method, url, takes in [
+            ("GET", f"/results/{result_id}?wiat=30", "wait"),
+            ("GET", "/results/?statsu=failed&limit=2", "context_id, cursor, limit, model, status, tenant"),
+            ("POST", f"{send}?priority=high", "none"),
+            ("GET", "/health?verbose", "none"),
+        ]:
+            response = await client.request(method, url)
+            assert response.status_code == 422, (url, response.text)
+            unknown = url.split("?")[1].split("&")[0].split("=")[0]
+            assert response.json()["error"] == (
+                f"invalid request: query.{unknown}: unknown query parameter (this path takes: {takes})"
+            )
+            assert response.json()["detail"][0]["type"] == "extra_forbidden"
+        assert len(enqueued.calls) == calls  # the refused submit created nothing
+        listed = await client.get("/results/?status=pending&limit=2")
+        assert listed.status_code == 200 and listed.json()["items"]
+        assert (await client.get(f"/results/{result_id}?wait=0")).status_code == 200
+        assert (await client.get("/v1/models?api-version=2024-10-21")).status_code == 200

@@ -226,4 +226,4 @@ class TenantLimitsOut(TenantLimitsIn):
 
 class ErrorBody(BaseModel):
     error: str
-    detail: Any = None
+    detail: Any = Field(description="More about the error (null when there is nothing more)")

@@ -246,10 +246,11 @@ class ModelList(BaseModel):
 
 
 class OpenAIErrorDetail(BaseModel):
+    # Every field is always sent (null when it does not apply), as OpenAI does.
     message: str
     type: str
-    param: str | None = None
-    code: str | None = None
+    param: str | None
+    code: str | None
 
 
 class OpenAIError(BaseModel):

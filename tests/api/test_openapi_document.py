@@ -186,3 +186,11 @@ async def test_every_operation_but_the_public_ones_documents_the_key_it_needs(ap
         assert "503" in op["responses"], (method, path)
         tenant_filter = any(p["in"] == "query" and p["name"] == "tenant" for p in op.get("parameters", []))
         assert ("403" in op["responses"]) is (tenant_filter or path.startswith("/admin/")), (method, path)
+
+
+async def test_the_error_shapes_require_every_field_the_app_always_sends(api_app: InProcessApi) -> None:
+    """A client generated from the document may rely on `detail`, `param` and `code` being there."""
+    shapes = (await _spec(api_app.http))["components"]["schemas"]
+    assert set(shapes["ErrorBody"]["required"]) == {"error", "detail"}
+    assert set(shapes["InvalidRequest"]["required"]) == {"error", "detail"}
+    assert set(shapes["OpenAIErrorDetail"]["required"]) == {"message", "type", "param", "code"}

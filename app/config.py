@@ -143,6 +143,25 @@ class Settings(BaseSettings):
     # process, e.g. by `opentelemetry-instrument`). Off, FastAPI skips its per-request look for
     # providers (about 5 % of the API's CPU per request).
     OPENTELEMETRY: bool = False
+    # Web origins whose pages may call the API from a browser (CORS; comma-separated, e.g.
+    # https://dashboard.example.com). Empty: no cross-origin answers.
+    CORS_ALLOW_ORIGINS: str = ""
+
+    @field_validator("CORS_ALLOW_ORIGINS")
+    @classmethod
+    def _origins(cls, value: str) -> str:
+        for origin in filter(None, (o.strip() for o in value.split(","))):
+            parts = urlsplit(origin)
+            if origin == "*" or parts.scheme not in ("http", "https") or not parts.hostname or parts.path:
+                raise ValueError(
+                    f"{origin!r} is not an origin like https://dashboard.example.com (no path, no '*': "
+                    "a key is a credential, not for every site)"
+                )
+        return value
+
+    @property
+    def cors_origins(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
 
     @field_validator("ADMIN_API_KEY", mode="before")
     @classmethod

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, params
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
+from starlette.middleware.cors import CORSMiddleware
 
 from app.auth import Authentication, KeyRing
 from app.bodylimit import BodyLimit
@@ -94,8 +95,9 @@ def create_app(
         telemetry=None if settings.OPENTELEMETRY else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = rt
-    # Middleware added last runs first: HEAD as GET, the body limit, then authentication, then the calls every
-    # job makes from their routes' definitions (app.fastpath), then FastAPI for everything.
+    # Middleware added last runs first: HEAD as GET, CORS (if configured), the body limit, then
+    # authentication, then the calls every job makes from their routes' definitions (app.fastpath),
+    # then FastAPI for everything.
     if fast_path:
         per_job: list[Callable[..., Any]] = [
             models.send,
@@ -107,6 +109,15 @@ def create_app(
     app.add_middleware(Authentication, keyring=rt.keyring)
     # JSON escaping can at most ~6x a string; anything beyond that cannot be a valid context.
     app.add_middleware(BodyLimit, max_bytes=settings.MAX_CONTENT_BYTES * 6 + 64 * 1024)
+    if settings.cors_origins:  # before the key check: a browser's preflight carries no key
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "Idempotency-Key", "Prefer", "Last-Event-ID"],
+            expose_headers=["Location", "Retry-After", "Preference-Applied", "WWW-Authenticate"],
+            max_age=600,
+        )
     app.add_middleware(HeadAsGet)  # first of all: a HEAD goes through everything as its GET
     install_error_handlers(app)
     # export before results: `/results/{result_id}` would otherwise take `/results/export`.

@@ -173,3 +173,54 @@ async def test_a_query_parameter_a_route_does_not_take_is_a_422_naming_it(
         assert listed.status_code == 200 and listed.json()["items"]
         assert (await client.get(f"/results/{result_id}?wait=0")).status_code == 200
         assert (await client.get("/v1/models?api-version=2024-10-21")).status_code == 200
+
+
+async def test_cors_answers_the_configured_origins_only(
+    db: Any, triton: Any, enqueued: EnqueueRecorder
+) -> None:
+    """A dashboard on another origin can call the API from a browser: its preflight (no key) is
+    answered, and every answer, a 401 included, lets the page read it; other origins get nothing."""
+    page = "https://dashboard.example.com"
+    app = make_api_app(triton.http_url, enqueued, CORS_ALLOW_ORIGINS=f"{page}, https://ops.example.com")
+    async with serve_in_process(app) as client:
+        preflight = await client.options(
+            "/results/",
+            headers={
+                "origin": page,
+                "access-control-request-method": "GET",
+                "access-control-request-headers": "authorization",
+            },
+        )
+        assert preflight.status_code == 200, preflight.text
+        assert preflight.headers["access-control-allow-origin"] == page
+        assert "authorization" in preflight.headers["access-control-allow-headers"].lower()
+        listed = await client.get("/results/", headers={"origin": page, **bearer(ADMIN_KEY)})
+        assert listed.status_code == 200 and listed.headers["access-control-allow-origin"] == page
+        refused = await client.get("/results/", headers={"origin": page})
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == page
+        context_id = (
+            await client.post("/contexts/", json={"content": "hi"}, headers=bearer(ADMIN_KEY))
+        ).json()["id"]
+        sent = await client.post(
+            f"/models/send/{FAST_MODEL}/{context_id}", headers={"origin": page, **bearer(ADMIN_KEY)}
+        )
+        assert sent.status_code == 202 and "location" in sent.headers["access-control-expose-headers"].lower()
+        other = await client.get("/results/", headers={"origin": "https://evil.example", **bearer(ADMIN_KEY)})
+        assert "access-control-allow-origin" not in other.headers
+        bad_preflight = await client.options(
+            "/results/", headers={"origin": "https://evil.example", "access-control-request-method": "GET"}
+        )
+        assert bad_preflight.status_code == 400
+    async with serve_in_process(make_api_app(triton.http_url, enqueued)) as client:  # not configured
+        answer = await client.get("/results/", headers={"origin": page, **bearer(ADMIN_KEY)})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+
+
+@pytest.mark.parametrize("origins", ["*", "https://dash.example.com/app", "dash.example.com"])
+def test_cors_origins_must_be_origins(origins: str) -> None:
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    with pytest.raises(ValidationError, match="is not an origin like"):
+        Settings(CORS_ALLOW_ORIGINS=origins)

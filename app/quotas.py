@@ -4,9 +4,10 @@ once per tenant.
 Neither costs a round trip per request. The rate is counted in Redis (shared by every API process)
 in chunks: a process takes up to 1/8 of a key's per-second allowance at once and spends it locally.
 The pending count is read from Postgres at most every QUOTA_PENDING_REFRESH_S per tenant and
-process, plus this process's submits since; a request that this count would refuse reads it again
-first when it counts submits of this process (whose jobs may have ended) or is older than
-REFUSE_ON_COUNT_S.
+process, plus this process's jobs committed since and those admitted but not yet committed (so that
+concurrent requests count each other: within a process the cap holds exactly); a request that this
+count would refuse reads it again first when it counts submits of this process (whose jobs may have
+ended) or is older than REFUSE_ON_COUNT_S.
 Across processes the cap may be passed by the submits of one refresh interval.
 """
 
@@ -16,7 +17,9 @@ import asyncio
 import logging
 import math
 import time
+from collections import deque
 from dataclasses import dataclass
+from types import TracebackType
 
 from redis.exceptions import RedisError
 
@@ -101,9 +104,9 @@ REFUSE_ON_COUNT_S = 0.25
 
 @dataclass
 class _Count:
-    read_at: float  # time.monotonic() of the read
+    read_at: float  # time.monotonic() when the read began
     pending: int  # the tenant's pending jobs then (counted up to the cap)
-    added: int = 0  # jobs this process has created since (some may have ended already)
+    added: int = 0  # jobs this process has committed since (some may have ended already)
 
 
 class PendingJobs:
@@ -113,6 +116,10 @@ class PendingJobs:
         self._known: dict[str, _Count] = {}
         self._reads: dict[str, asyncio.Task[_Count]] = {}
         self._background = background.Refreshes("pending-jobs count")
+        # Per tenant: jobs admitted and not yet committed (or given up), and recent commits (when,
+        # how many): a read that began before a commit may not have seen it.
+        self._in_flight: dict[str, int] = {}
+        self._commits: dict[str, deque[tuple[float, int]]] = {}
 
     async def check(self, principal: Principal, jobs: int = 1, conn: AsyncConnection | None = None) -> None:
         """Refuse a request that would create `jobs` jobs (429) while the tenant has `max_pending`
@@ -129,14 +136,15 @@ class PendingJobs:
         known = self._known.get(tenant)
         if known is None or self._refresh_s == 0:
             known = await self._read(tenant, cap, conn)
-        elif known.pending + known.added + jobs > cap:
+        elif self._count(tenant, known) + jobs > cap:
             if known.added or time.monotonic() - known.read_at >= min(self._refresh_s, REFUSE_ON_COUNT_S):
                 known = await self._read(tenant, cap, conn)
         elif time.monotonic() - known.read_at >= self._refresh_s:
             # This request passes on the old count while one task re-reads it.
             self._background.start(tenant, lambda: self._read(tenant, cap))
-        if known.pending + known.added + jobs > cap:
-            pending = known.pending + known.added
+        # From here to the reservation nothing awaits: concurrent requests see each other's.
+        pending = self._count(tenant, self._known.get(tenant, known))
+        if pending + jobs > cap:
             adds = f" and this request would add {jobs}" if jobs > 1 else ""
             raise OverQuota(
                 f"pending job limit reached: tenant '{tenant}' has {pending} jobs pending{adds} "
@@ -144,6 +152,30 @@ class PendingJobs:
                 retry_after_s=1,
                 detail={"limit": "max_pending", "value": cap},
             )
+        self._in_flight[tenant] = self._in_flight.get(tenant, 0) + jobs
+
+    def _count(self, tenant: str, known: _Count) -> int:
+        return known.pending + known.added + self._in_flight.get(tenant, 0)
+
+    def release(self, tenant: str, jobs: int) -> None:
+        """Jobs admitted by `check` that will not be created (the request failed or was refused)."""
+        left = self._in_flight.get(tenant, 0) - jobs
+        if left > 0:
+            self._in_flight[tenant] = left
+        else:
+            self._in_flight.pop(tenant, None)
+
+    def committed(self, tenant: str, jobs: int) -> None:
+        """Jobs admitted by `check` are in the database now."""
+        self.release(tenant, jobs)
+        now = time.monotonic()
+        commits = self._commits.setdefault(tenant, deque())
+        commits.append((now, jobs))
+        known = self._known.get(tenant)
+        if known is not None:
+            known.added += jobs
+            while commits and commits[0][0] < known.read_at:  # counted by that read
+                commits.popleft()
 
     async def _read(self, tenant: str, cap: int, conn: AsyncConnection | None = None) -> _Count:
         if conn is not None:  # in the caller's transaction: read there, waiting for nothing else
@@ -162,24 +194,46 @@ class PendingJobs:
             return self._store(tenant, read_at, await results_repo.count_pending(conn, tenant, cap))
 
     def _store(self, tenant: str, read_at: float, pending: int) -> _Count:
-        known = self._known[tenant] = _Count(read_at, pending)
+        known = self._known.get(tenant)
+        if known is not None and known.read_at > read_at:
+            return known  # a read that began later was stored meanwhile
+        # Commits since the read began may be missing from it: counted again (a refusal re-reads).
+        added = sum(jobs for at, jobs in self._commits.get(tenant, ()) if at >= read_at)
+        known = self._known[tenant] = _Count(read_at, pending, added)
         return known
 
-    def submitted(self, tenant: str, jobs: int = 1) -> None:
-        known = self._known.get(tenant)
-        if known is not None:
-            known.added += jobs
 
+class Admission:
+    """The quotas of one request, as an async context: `admit(jobs, conn)` before creating jobs,
+    `created(jobs)` once they are committed; jobs admitted and not created are given back when the
+    context ends (an error, a refusal by the rate, a replay)."""
 
-async def admit(
-    rate: SubmitRate,
-    pending: PendingJobs,
-    principal: Principal,
-    jobs: int = 1,
-    conn: AsyncConnection | None = None,
-) -> None:
-    """The quotas of a request about to create `jobs` jobs: the tenant's pending jobs (counted on
-    `conn`, the request's transaction, when it holds one), then the key's submit rate (a request
-    refused for the first spends none of the second)."""
-    await pending.check(principal, jobs, conn)
-    await rate.check(principal, jobs)
+    def __init__(self, rate: SubmitRate, pending: PendingJobs, principal: Principal) -> None:
+        self._rate, self._pending, self._principal = rate, pending, principal
+        self._admitted = 0
+
+    async def admit(self, jobs: int = 1, conn: AsyncConnection | None = None) -> None:
+        """The tenant's pending jobs (counted on `conn`, the request's transaction, when it holds
+        one), then the key's submit rate (a request refused for the first spends none of the second)."""
+        await self._pending.check(self._principal, jobs, conn)
+        try:
+            await self._rate.check(self._principal, jobs)
+        except BaseException:
+            self._pending.release(self._principal.tenant, jobs)
+            raise
+        self._admitted += jobs
+
+    def created(self, jobs: int = 1) -> None:
+        jobs = min(jobs, self._admitted)
+        self._admitted -= jobs
+        self._pending.committed(self._principal.tenant, jobs)
+
+    async def __aenter__(self) -> Admission:
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._admitted:
+            self._pending.release(self._principal.tenant, self._admitted)
+            self._admitted = 0

@@ -113,20 +113,22 @@ async def send(
     await check_ready(c.rt.model_catalog, model_name)
     params = params or SendOptions()
     service.check_params(params, c.rt.settings.MAX_TOKENS_LIMIT, c.rt.settings.JOB_DEADLINE_S)
+    admission = quotas.Admission(c.rt.submit_rate, c.rt.pending, c.principal)
     if idempotency_key is None:
-        await quotas.admit(c.rt.submit_rate, c.rt.pending, c.principal)
-        accepted = await service.submit(
-            c.rt.db,
-            c.rt.inserts,
-            c.rt.enqueue,
-            c.principal,
-            model=model_name,
-            context_id=context_id,
-            params=params,
-            templates=c.rt.templates,
-            waiter=c.rt.waiter,
-        )
-        c.rt.pending.submitted(c.principal.tenant)
+        async with admission:
+            await admission.admit()
+            accepted = await service.submit(
+                c.rt.db,
+                c.rt.inserts,
+                c.rt.enqueue,
+                c.principal,
+                model=model_name,
+                context_id=context_id,
+                params=params,
+                templates=c.rt.templates,
+                waiter=c.rt.waiter,
+            )
+            admission.created()
         result_id, url = accepted.result_id, accepted.url
         answer: Response = Response(
             accepted.model_dump_json(), status_code=202, media_type="application/json"
@@ -135,7 +137,7 @@ async def send(
 
         async def create(conn: AsyncConnection) -> tuple[int, SendAccepted]:
             # A replay creates nothing: only a first request counts against the quotas.
-            await quotas.admit(c.rt.submit_rate, c.rt.pending, c.principal, conn=conn)
+            await admission.admit(conn=conn)
             job = await service.insert_job(
                 conn,
                 c.principal,
@@ -146,18 +148,22 @@ async def send(
             )
             return 202, job
 
-        status, first, created = await idempotency.first_answer(
-            c.rt.db,
-            c.principal,
-            idempotency.check_key(idempotency_key),
-            idempotency.fingerprint(f"POST /models/send/{model_name}/{context_id}", params.model_dump_json()),
-            create,
-        )
+        async with admission:
+            status, first, created = await idempotency.first_answer(
+                c.rt.db,
+                c.principal,
+                idempotency.check_key(idempotency_key),
+                idempotency.fingerprint(
+                    f"POST /models/send/{model_name}/{context_id}", params.model_dump_json()
+                ),
+                create,
+            )
+            if created:  # committed by now
+                admission.created()
         result_id, url = uuid.UUID(first["result_id"]), first["url"]
-        if created:  # committed by now
+        if created:
             c.rt.waiter.created(result_id, c.principal.tenant)
             c.rt.enqueue(result_id)
-            c.rt.pending.submitted(c.principal.tenant)
         answer = JSONResponse(first, status_code=status)
     answer.headers["Location"] = url
     if wait_s:

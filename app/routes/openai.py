@@ -5,7 +5,6 @@ stop its jobs. Errors are in OpenAI's shape (app/errors.py)."""
 
 from __future__ import annotations
 
-import functools
 import uuid
 from typing import Any
 
@@ -65,12 +64,12 @@ async def _create(c: Caller, call: service.Call, idempotency_key: str | None) ->
     """Create the call's jobs, quotas first (the pending-jobs cap counts each of its jobs); a
     repeated Idempotency-Key is answered from the first call's jobs whatever the quotas."""
 
-    admit = functools.partial(quotas.admit, c.rt.submit_rate, c.rt.pending, c.principal)
-    result_ids, created = await service.create_jobs(
-        c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter, admit
-    )
-    if created:
-        c.rt.pending.submitted(c.principal.tenant, len(result_ids))
+    async with quotas.Admission(c.rt.submit_rate, c.rt.pending, c.principal) as admission:
+        result_ids, created = await service.create_jobs(
+            c.rt.db, c.rt.enqueue, c.principal, call, idempotency_key, c.rt.waiter, admission.admit
+        )
+        if created:
+            admission.created(len(result_ids))
     return result_ids
 
 

@@ -280,6 +280,30 @@ async def test_pending_jobs_over_the_cap_are_429_and_create_nothing(
         assert (await _send(capped, context_id)).status_code == 202
 
 
+@pytest.mark.parametrize("refresh_s", [0, 1])
+@pytest.mark.parametrize("idempotent", [False, True])
+async def test_concurrent_submits_to_one_process_never_pass_the_pending_cap(
+    db: psycopg.AsyncConnection[Any], triton: Any, enqueued: EnqueueRecorder, refresh_s: float, idempotent: bool
+) -> None:
+    """Requests admitted and not yet committed count against the cap: 30 at once, 5 let in."""
+    app = make_api_app(triton.http_url, enqueued, QUOTA_PENDING_REFRESH_S=refresh_s)
+    tenant = f"burst-{uuid.uuid4().hex[:8]}"
+    async with serve_in_process(app) as http:
+        key = await make_key(http, tenant, max_pending=5)
+        client = httpx.AsyncClient(transport=http._transport, base_url="http://api.test", headers=bearer(key))
+        async with client:
+            context_id = await _context(client)
+            assert (await _send(client, context_id)).status_code == 202  # the count is known (warm)
+            for burst in range(2):
+                headers = [{"Idempotency-Key": f"k{burst}-{i}"} if idempotent else {} for i in range(30)]
+                answers = await asyncio.gather(*(_send(client, context_id, **h) for h in headers))
+                statuses = sorted(a.status_code for a in answers)
+                # The first burst fills the 4 places left; the second finds none.
+                assert statuses == ([202] * 4 if burst == 0 else []) + [429] * (30 if burst else 26), statuses
+    row = await (await db.execute("SELECT count(*) FROM result WHERE tenant = %s", (tenant,))).fetchone()
+    assert row == (5,)
+
+
 async def test_a_repeated_idempotency_key_is_answered_whatever_the_quotas(
     api_app: InProcessApi, enqueued: EnqueueRecorder
 ) -> None:

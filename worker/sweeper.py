@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 
 # The advisory lock's key: "llmq" in ASCII; one sweeper per database.
 LOCK_KEY = 0x6C6C6D71
+# How often a worker that does not sweep asks for the lead (the longest a lead stays free).
+LEAD_POLL_S = 1.0
 SWEEP_LIMIT = 1000
 
 
@@ -104,7 +106,7 @@ class Sweeper:
         self._stop.set()
         conn = self._conn
         if conn is not None:
-            conn.cancel_safe()  # ends a wait for the lock
+            conn.cancel_safe()  # ends a sweep in progress
         self._thread.join(timeout=5)
 
     def _run(self) -> None:
@@ -131,8 +133,12 @@ class Sweeper:
         with psycopg.connect(conninfo(self.settings), **kwargs) as conn:
             self._conn = conn
             try:
-                # A session lock, waited for: held until this connection ends (or the process dies).
-                conn.execute("SELECT pg_advisory_lock(%s)", (LOCK_KEY,))
+                # A session lock, held until this connection ends (or the process dies). Asked for
+                # again and again rather than waited for: a backend waiting for a lock does not see
+                # its client die, so a killed worker's wait would hold a connection until it got it.
+                while not conn.execute("SELECT pg_try_advisory_lock(%s)", (LOCK_KEY,)).fetchone()[0]:  # type: ignore[index]
+                    if self._stop.wait(LEAD_POLL_S):
+                        return
                 if self._stop.is_set():
                     return
                 self.leading = True

@@ -60,8 +60,8 @@ def _rows(url: str, ids: list[str]) -> dict[str, dict[str, Any]]:
         return {row[0]: dict(zip(names, row, strict=True)) for row in cur.fetchall()}
 
 
-def _sweeper_locks(url: str) -> tuple[list[int], int]:
-    """(pids of the backends holding the sweeper's lock, number of backends waiting for it)."""
+def _sweeper_locks(url: str) -> tuple[list[int], set[int]]:
+    """(worker pids whose session holds the sweeper's lock, worker pids with a sweeper session)."""
     with _conn(url) as conn:
         rows = conn.execute(
             "SELECT l.granted, a.application_name FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
@@ -69,8 +69,13 @@ def _sweeper_locks(url: str) -> tuple[list[int], int]:
             "(SELECT oid FROM pg_database WHERE datname = current_database())",
             (LOCK_KEY,),
         ).fetchall()
+        sessions = conn.execute(
+            "SELECT application_name FROM pg_stat_activity "
+            "WHERE datname = current_database() AND application_name LIKE 'llmq-sweeper-%%'"
+        ).fetchall()
     holders = [int(name.rsplit("-", 1)[1]) for granted, name in rows if granted]
-    return holders, sum(1 for granted, _ in rows if not granted)
+    assert all(granted for granted, _ in rows), rows  # the others ask again later, never wait in Postgres
+    return holders, {int(name.rsplit("-", 1)[1]) for (name,) in sessions}
 
 
 def _wait(predicate: Any, timeout_s: float, what: str) -> None:
@@ -107,8 +112,8 @@ def test_a_killed_workers_jobs_run_again_on_another_within_20_s_and_one_sweeper_
     assert (settings.LEASE_S, settings.SWEEP_INTERVAL_S, settings.TRITON_REQUEST_TIMEOUT_S) == (10, 5, 600)
     pids = {w.popen.pid: w for w in workers if w.popen is not None}
     _wait(lambda: len(_sweeper_locks(lease_db)[0]) == 1, 20, "no sweeper")
-    (leader_pid,), waiting = _sweeper_locks(lease_db)
-    assert leader_pid in pids and waiting == 2  # exactly one sweeps; the other two wait for the lock
+    (leader_pid,), sessions = _sweeper_locks(lease_db)
+    assert leader_pid in pids and sessions == set(pids)  # exactly one sweeps; the other two ask for the lead
 
     ids = _insert(lease_db, 12)
     for rid in ids:  # a message each (rung together they would share one, and one worker would take it)
@@ -130,8 +135,8 @@ def test_a_killed_workers_jobs_run_again_on_another_within_20_s_and_one_sweeper_
 
     # Another worker sweeps at once (Postgres freed the dead session's lock).
     _wait(lambda: len(_sweeper_locks(lease_db)[0]) == 1, 5, "no sweeper took over")
-    (new_leader,), waiting = _sweeper_locks(lease_db)
-    assert new_leader != leader_pid and new_leader in pids and waiting == 1
+    (new_leader,), sessions = _sweeper_locks(lease_db)
+    assert new_leader != leader_pid and new_leader in pids and sessions == set(pids) - {leader_pid}
 
     done_at: dict[str, float] = {}
 
@@ -151,6 +156,16 @@ def test_a_killed_workers_jobs_run_again_on_another_within_20_s_and_one_sweeper_
     assert max(recovery.values()) <= 20 + RUN_S + 2, recovery  # 20 s plus the job's own run time
     for rid in held:
         assert rows[rid]["attempts"] == 2 and prefix not in rows[rid]["lease_owner"], rows[rid]
+
+    # A killed worker that did not sweep leaves no session behind either (a backend waiting for the
+    # lock would not have seen its client die, and held a connection until it got the lock).
+    (follower_pid,) = set(pids) - {leader_pid, new_leader}
+    os.kill(follower_pid, signal.SIGKILL)
+    _wait(
+        lambda: _sweeper_locks(lease_db) == ([new_leader], {new_leader}),
+        5,
+        "the killed worker's session stays",
+    )
 
 
 def test_a_live_lease_is_never_taken_over_a_lapsed_one_is_and_the_heartbeat_renews_in_one_statement(

@@ -15,4 +15,4 @@ ENV CHAT_TEMPLATES_DIRS=/srv/triton_models
 RUN useradd --system --uid 10001 llmq
 USER llmq
 EXPOSE 8887
-CMD ["uvicorn", "app.asgi:app", "--host", "0.0.0.0", "--port", "8887"]
+CMD ["uvicorn", "app.asgi:app", "--host", "0.0.0.0", "--port", "8887", "--timeout-graceful-shutdown", "8"]

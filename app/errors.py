@@ -59,6 +59,7 @@ class ServiceUnavailable(AppError):
 
 DATABASE_DOWN = "the database is unavailable; nothing was changed, try again"
 REDIS_DOWN = "Redis is unavailable; try again"
+STOPPING = "this API process is stopping; connect again (another process answers)"
 
 
 def stream_error(exc: Exception) -> AppError | None:

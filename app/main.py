@@ -27,6 +27,7 @@ from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, export, health, models, openai, results
 from app.services.results import Enqueue, ResultInserts
+from app.stopping import on_stop_signal
 from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
@@ -68,12 +69,14 @@ def create_app(
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         await db.open()  # connects in the background: Postgres may be down
         await rt.waiter.listening()  # at most a second: without Redis, polls read Postgres
+        undo_signals = on_stop_signal(rt.waiter.stop)
         # What exists now lives as long as the process: out of the collector's generations, a full
         # collection no longer walks it (a walk stalls the event loop and every request on it).
         gc.freeze()
         try:
             yield
         finally:  # also when the server (or a test) leaves with an error: the pool's tasks must end
+            undo_signals()
             await rt.waiter.close()
             await rt.submit_rate.close()
             await rt.cancel_notices.close()

@@ -146,6 +146,7 @@ class ResultWaiter:
         self.redis_url = redis_url
         self.channel = channel
         self._waiters: dict[str, set[asyncio.Future[bytes | None]]] = {}
+        self.stopping = False
         self._task: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
         self._recent: dict[str, bytes] = {}  # id -> final row (ResultOut JSON), oldest first
@@ -198,6 +199,15 @@ class ResultWaiter:
         self._remember(key, row_json)
         self._wake(key, row_json)
 
+    def stop(self) -> None:
+        """The process is stopping: every wait ends now (a long poll answers the row as it is) and
+        `stopping` says why to those that must say it (a stream, a call waiting for its jobs)."""
+        if not self.stopping:
+            log.info("stopping: answering %d waiting requests now", sum(map(len, self._waiters.values())))
+        self.stopping = True
+        for key in list(self._waiters):
+            self._wake(key)
+
     def _lost(self) -> None:
         self._created.clear()
         # Notices may have been missed meanwhile: let every waiter re-read the database.
@@ -226,6 +236,9 @@ class ResultWaiter:
 
     def _expect(self, result_id: uuid.UUID) -> asyncio.Future[bytes | None]:
         future: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+        if self.stopping:  # nothing to wait for: the process stops
+            future.set_result(None)
+            return future
         self._waiters.setdefault(str(result_id), set()).add(future)
         return future
 

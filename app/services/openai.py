@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from app.auth import Principal
 from app.config import Settings
 from app.db import AsyncConnection, Database
-from app.errors import AppError, InvalidInput
+from app.errors import STOPPING, AppError, InvalidInput, ServiceUnavailable
 from app.images import image_base64
 from app.notify import ResultWaiter
 from app.repositories import results as results_repo
@@ -384,6 +384,12 @@ async def wait_final(
     bodies = await asyncio.gather(
         *(results_service.final_within(db, waiter, principal, rid, wait_s) for rid in result_ids)
     )
+    if any(body is None for body in bodies) and waiter.stopping:
+        raise ServiceUnavailable(
+            f"{STOPPING}; the job(s) go on: poll GET /results/{{id}} for {', '.join(map(str, result_ids))}, "
+            "or send the request again with the same Idempotency-Key",
+            headers=_headers(result_ids),
+        )
     if any(body is None for body in bodies):
         raise AppError(
             f"the job(s) did not finish within {wait_s:g} s; they go on: poll GET /results/{{id}} "

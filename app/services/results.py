@@ -191,7 +191,7 @@ async def poll(
     while True:
         body = await _wait_once(db, waiter, principal, result_id, wait_s)
         wait_s = deadline - loop.time()
-        if not _pending(body) or wait_s <= 0.05:
+        if not _pending(body) or wait_s <= 0.05 or waiter.stopping:
             return body
         # Woken without its end while time is left: the subscription was lost (Redis down). Waiting
         # on, reading the row each second, keeps the wait the client asked for.

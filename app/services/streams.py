@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from app import background
 from app.auth import Principal
 from app.db import Database
+from app.errors import STOPPING, ServiceUnavailable
 from app.models import ResultStatus
 from app.notify import PENDING, ResultWaiter
 from app.schemas import ResultOut
@@ -118,6 +119,8 @@ async def follow(
                     continue  # sent already (read from the stream)
                 yield Piece(piece_seq, text)
                 at.seq, at.holds_text = piece_seq, True
+    if waiter.stopping and done_seq is None and pending:
+        raise ServiceUnavailable(f"{STOPPING}; Last-Event-ID resumes where this stream ends")
     streamed = False
     if done_seq is None:
         last = await streams.last(result_id)

@@ -457,6 +457,16 @@ def record_stopped(
     return _write_stopped(conn, _RECORD_STOPPED, result_id, None, output, prompt_tokens, completion_tokens)
 
 
+async def record_streamed_text(
+    conn: AsyncConnection, result_id: uuid.UUID, output: str
+) -> dict[str, Any] | None:
+    """What a cancelled streamed job's stream had delivered, when its worker could not say what it
+    had produced (gone, or too slow): token counts unknown. Once, as `record_stopped`."""
+    values = {"id": result_id, "output": storable(output), "prompt_tokens": None, "completion_tokens": None}
+    cur = conn.cursor(row_factory=dict_row)
+    return await (await cur.execute(_RECORD_STOPPED, values)).fetchone()
+
+
 def end_past_deadline(
     conn: Connection,
     result_id: uuid.UUID,

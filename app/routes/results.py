@@ -89,7 +89,9 @@ async def cancel_result(result_id: uuid.UUID, c: Caller = Depends(caller)) -> Re
     generation in the engine, and a job sent with `"stream": true` keeps the text it had produced
     (`finish_reason` `abort`). A finished job is a 409 naming its status; a cancelled one answers again."""
     wait_s = c.rt.settings.CANCEL_PARTIAL_WAIT_S
-    body = await service.cancel(c.rt.db, c.rt.cancel_notices, c.principal, result_id, wait_s)
+    body = await service.cancel(
+        c.rt.db, c.rt.cancel_notices, c.principal, result_id, wait_s, c.rt.token_streams
+    )
     return Response(body, media_type="application/json")
 
 

@@ -20,6 +20,7 @@ from app.notify import PENDING, CancelNotices, ResultWaiter
 from app.repositories import contexts as contexts_repo
 from app.repositories import results as repo
 from app.schemas import Page, ResultOut, SamplingParams, SendAccepted, SendOptions
+from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 
 log = logging.getLogger(__name__)
@@ -241,6 +242,19 @@ async def final_within(
     )
 
 
+async def _with_streamed_text(
+    db: Database, token_streams: TokenStreamReader, principal: Principal, result_id: uuid.UUID
+) -> bytes | None:
+    """A cancelled streamed job's row with the text its stream holds (that of its last run)."""
+    entries = await token_streams.read(result_id, 0, block_ms=None)
+    text = "".join(piece.text for piece in entries.pieces)
+    async with db.connection() as conn:
+        row = await repo.record_streamed_text(conn, result_id, text)
+        if row is None:  # its worker said first
+            row = await repo.get(conn, result_id, principal.tenant_filter)
+    return None if row is None else ResultOut.model_validate(row).model_dump_json().encode()
+
+
 def _pending(body: bytes) -> bool:
     return b'"status":"pending"' in body
 
@@ -265,6 +279,7 @@ async def cancel(
     principal: Principal,
     result_id: uuid.UUID,
     partial_wait_s: float = 0.0,
+    token_streams: TokenStreamReader | None = None,
 ) -> bytes:
     """Cancel a pending job: queued, it never runs; running, its worker aborts the generation.
     Cancelling a cancelled job answers the same row; a finished one is a conflict."""
@@ -285,7 +300,12 @@ async def cancel(
         # row; waiters hear of the end from there, or from here once the wait is over.
         await notices.cancelled(result_id, None)
         try:
-            body = await _with_partial_output(db, principal, result_id, partial_wait_s) or body
+            # A lapsed lease: its worker is gone, nobody will say what it had produced.
+            lapsed = row["lease_until"] is not None and row["lease_until"] < row["finished_at"]
+            partial = await _with_partial_output(db, principal, result_id, 0 if lapsed else partial_wait_s)
+            if partial is None and token_streams is not None:  # what its stream delivered, then
+                partial = await _with_streamed_text(db, token_streams, principal, result_id)
+            body = partial or body
         finally:
             await notices.ended(result_id, body)
         return body

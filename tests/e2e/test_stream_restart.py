@@ -44,8 +44,8 @@ class Stack:
         proc.wait_for_log("ready.", timeout_s=60)
         self.workers.append(proc)
 
-    def kill_the_worker_running(self, result_id: str) -> None:
-        """SIGKILL of the worker holding the job's lease; another is started in its place."""
+    def kill_the_worker_running(self, result_id: str, replace: bool = True) -> None:
+        """SIGKILL of the worker holding the job's lease; another is started in its place (or later)."""
         with psycopg.connect(self.db_url.replace("postgresql+psycopg://", "postgresql://")) as conn:
             row = conn.execute("SELECT lease_owner FROM result WHERE id = %s", (result_id,)).fetchone()
         assert row is not None and row[0], "nobody runs the job"
@@ -54,7 +54,8 @@ class Stack:
         os.killpg(holder.popen.pid, signal.SIGKILL)
         holder.popen.wait(timeout=10)
         self.workers.remove(holder)
-        self.add_worker()
+        if replace:
+            self.add_worker()
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +125,9 @@ def test_a_stream_cut_by_a_worker_kill_restarts_and_every_reader_ends_with_the_o
     assert [e.id for e in events] == list(range(1, len(events) + 1))
     cut = events.index(restart)
     assert cut >= 5 and text_of(events[cut:]) == output
-    assert not output.startswith(text_of(events[:cut]))  # the runs differ: one text after the other would be wrong
+    assert not output.startswith(
+        text_of(events[:cut])
+    )  # the runs differ: one text after the other would be wrong
     assert events[-1].event == "done" and events[-1].data["output"] == output
     assert "drop the text" in restart.data["reason"]
     # Later readers: from the start, no restart to act on; after event 2, the restart first.
@@ -179,3 +182,31 @@ def test_an_openai_stream_cut_by_a_worker_kill_ends_with_an_error_not_two_texts(
     assert raised.value.code == "generation_restarted"
     assert 0 < len("".join(texts)) < len(final["output"])  # the stream stopped at the restart
     assert final["status"] == "completed" and final["completion_tokens"] == 100
+
+
+def test_a_streamed_job_cancelled_after_its_worker_died_keeps_the_text_its_stream_delivered(
+    stack: Stack, user_key: str
+) -> None:
+    """Its worker cannot say what it had produced: the row takes its stream's text, so that the row
+    and the stream agree (before: an empty output under a stream of hundreds of characters)."""
+    with httpx.Client(base_url=stack.url, timeout=60, headers=bearer(user_key)) as api:
+        result_id = send(api, SLOW_MODEL, create_context(api, "cancel me when alone"), STREAMED)
+        seen: list[Event] = []
+        with ThreadPoolExecutor(1) as pool:
+            live = pool.submit(read_events, api, result_id, on_event=seen.append, timeout_s=60)
+            _when(lambda: len(seen) >= 5, 30, "no text streamed")
+            stack.kill_the_worker_running(result_id, replace=False)
+            try:
+                cancelled = api.post(f"/results/{result_id}/cancel")  # before the lease lapses (3 s)
+            finally:
+                stack.add_worker()
+            events = live.result(timeout=60)
+        again = api.get(f"/results/{result_id}").json()
+        from_start = read_events(api, result_id)
+    assert cancelled.status_code == 200, cancelled.text
+    row = cancelled.json()
+    assert row["status"] == "cancelled" and row["finish_reason"] == "abort"
+    assert len(row["output"]) >= len(text_of(seen[:5])) > 0
+    assert row["output"] == text_of(events) == text_of(from_start) == again["output"]
+    assert events[-1].event == "done" and events[-1].data["output"] == row["output"]
+    assert row["completion_tokens"] is None  # its worker never said

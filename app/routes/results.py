@@ -90,7 +90,7 @@ async def cancel_result(result_id: uuid.UUID, c: Caller = Depends(caller)) -> Re
     (`finish_reason` `abort`). A finished job is a 409 naming its status; a cancelled one answers again."""
     wait_s = c.rt.settings.CANCEL_PARTIAL_WAIT_S
     body = await service.cancel(
-        c.rt.db, c.rt.cancel_notices, c.principal, result_id, wait_s, c.rt.token_streams
+        c.rt.db, c.rt.cancel_notices, c.principal, result_id, wait_s, c.rt.token_streams, c.rt.waiter
     )
     return Response(body, media_type="application/json")
 

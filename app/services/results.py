@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import datetime
 
 import psycopg
+from redis.exceptions import RedisError
 
 from app.auth import Principal
 from app.batching import Batcher
@@ -260,16 +261,18 @@ def _pending(body: bytes) -> bool:
 
 
 async def _with_partial_output(
-    db: Database, principal: Principal, result_id: uuid.UUID, wait_s: float
+    db: Database, waiter: ResultWaiter, principal: Principal, result_id: uuid.UUID, wait_s: float
 ) -> bytes | None:
     """A streamed job's row once its worker has recorded what the job had produced (its finish
-    reason then says `abort`); None if that takes longer than `wait_s`."""
-    give_up = asyncio.get_running_loop().time() + wait_s
-    while asyncio.get_running_loop().time() < give_up:
-        await asyncio.sleep(0.02)
-        result = await read(db, principal, result_id)
-        if result.finish_reason is not None:
-            return result.model_dump_json().encode()
+    reason then says `abort`; the worker announces that row); None if that takes longer than `wait_s`."""
+    async with waiter.watch(result_id) as recorded:
+        for attempt in range(2):  # before the wait (recorded already), after it
+            result = await read(db, principal, result_id)
+            if result.finish_reason is not None:
+                return result.model_dump_json().encode()
+            if attempt == 0 and wait_s > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(recorded), wait_s)
     return None
 
 
@@ -280,6 +283,7 @@ async def cancel(
     result_id: uuid.UUID,
     partial_wait_s: float = 0.0,
     token_streams: TokenStreamReader | None = None,
+    waiter: ResultWaiter | None = None,
 ) -> bytes:
     """Cancel a pending job: queued, it never runs; running, its worker aborts the generation.
     Cancelling a cancelled job answers the same row; a finished one is a conflict."""
@@ -302,9 +306,13 @@ async def cancel(
         try:
             # A lapsed lease: its worker is gone, nobody will say what it had produced.
             lapsed = row["lease_until"] is not None and row["lease_until"] < row["finished_at"]
-            partial = await _with_partial_output(db, principal, result_id, 0 if lapsed else partial_wait_s)
+            partial = None
+            if waiter is not None:
+                wait_s = 0 if lapsed else partial_wait_s
+                partial = await _with_partial_output(db, waiter, principal, result_id, wait_s)
             if partial is None and token_streams is not None:  # what its stream delivered, then
-                partial = await _with_streamed_text(db, token_streams, principal, result_id)
+                with contextlib.suppress(RedisError, OSError):  # Redis down: the row as it is
+                    partial = await _with_streamed_text(db, token_streams, principal, result_id)
             body = partial or body
         finally:
             await notices.ended(result_id, body)

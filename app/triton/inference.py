@@ -20,13 +20,13 @@ import grpc
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-# gRPC codes worth retrying: the server is down, overloaded, or a model is (re)loading.
+# gRPC codes worth retrying: the server is down, overloaded, or a model is (re)loading. Not
+# DEADLINE_EXCEEDED: the whole request outlived TRITON_REQUEST_TIMEOUT_S, and would again.
 _TRANSIENT_CODES = frozenset(
     {
         grpc.StatusCode.UNAVAILABLE,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         grpc.StatusCode.ABORTED,
-        grpc.StatusCode.DEADLINE_EXCEEDED,
         grpc.StatusCode.CANCELLED,
     }
 )
@@ -74,6 +74,13 @@ def classify_rpc_error(exc: grpc.RpcError) -> GenerationError:
     details = exc.details() if hasattr(exc, "details") else str(exc)
     transient = code in _TRANSIENT_CODES
     name = code.name if code is not None else "UNKNOWN"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return GenerationError(
+            f"the generation did not end within TRITON_REQUEST_TIMEOUT_S (Triton gRPC error {name}: "
+            f"{details}); not tried again, it would take as long: a longer job needs a larger "
+            "TRITON_REQUEST_TIMEOUT_S or a smaller max_tokens",
+            transient=False,
+        )
     return GenerationError(f"Triton gRPC error {name}: {details}", transient=transient)
 
 

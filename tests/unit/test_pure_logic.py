@@ -68,7 +68,6 @@ class _RpcError(grpc.RpcError):
     ("code", "transient"),
     [
         (grpc.StatusCode.UNAVAILABLE, True),
-        (grpc.StatusCode.DEADLINE_EXCEEDED, True),
         (grpc.StatusCode.RESOURCE_EXHAUSTED, True),
         (grpc.StatusCode.INVALID_ARGUMENT, False),
         (grpc.StatusCode.NOT_FOUND, False),
@@ -79,6 +78,13 @@ def test_rpc_errors_are_classified(code: grpc.StatusCode, transient: bool) -> No
     error = classify_rpc_error(_RpcError(code, "boom"))
     assert error.transient is transient
     assert error.message == f"Triton gRPC error {code.name}: boom"
+
+
+def test_a_request_past_its_grpc_deadline_is_not_tried_again_and_says_which_setting() -> None:
+    """It outlived TRITON_REQUEST_TIMEOUT_S: another attempt would take as long (5 runs of one job)."""
+    error = classify_rpc_error(_RpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"))
+    assert error.transient is False
+    assert error.message.startswith("the generation did not end within TRITON_REQUEST_TIMEOUT_S")
 
 
 def test_server_messages_are_classified() -> None:

@@ -127,8 +127,9 @@ class Settings(BaseSettings):
 
     # OpenAI-compatible /v1: how long a call waits for its jobs (they go on after it), the most
     # choices per call, the largest image (decoded bytes) and the hosts remote image URLs may name
-    # (comma-separated; empty: remote URLs refused, nothing is fetched).
-    OPENAI_WAIT_S: float = Field(default=600.0, gt=0, le=3600)
+    # (comma-separated; empty: remote URLs refused, nothing is fetched). The wait ends before the
+    # OpenAI SDKs' default timeout (600 s): else the SDK gives up first and retries, creating the jobs anew.
+    OPENAI_WAIT_S: float = Field(default=570.0, gt=0, le=3600)
     # max_tokens of a chat call that sets none (vLLM's own default, 16, is too short for chat).
     OPENAI_DEFAULT_MAX_TOKENS: int = Field(default=256, ge=1)
     OPENAI_MAX_N: int = Field(default=16, ge=1, le=128)

@@ -22,8 +22,14 @@ MEDIA_TYPE = "text/event-stream"
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+# Legal raw in a JSON string and in an event, but clients that split lines as str.splitlines() does
+# (httpx's iter_lines, httpx-sse) would cut the event there. Other line breaks are escaped by JSON.
+_LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
 def event(data: str, *, name: str | None = None, event_id: int | None = None) -> bytes:
-    """One event; `data` is already serialized (JSON)."""
+    """One event; `data` is already serialized (JSON), so line separators can only be in its strings."""
+    data = data.translate(_LINE_SEPARATORS)
     return format_sse_event(data_str=data, event=name, id=None if event_id is None else str(event_id))
 
 

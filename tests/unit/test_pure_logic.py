@@ -114,3 +114,19 @@ def test_generated_text_is_decoded_as_postgres_can_store_it() -> None:
     responses = _Responses(streamed.append)
     responses.add(response)
     assert responses.pieces == streamed == ["a\ufffdé\ufffd"]
+
+
+def test_an_event_holds_no_line_separator_a_line_splitting_client_would_cut_it_at() -> None:
+    """U+2028, U+2029 and NEL are legal raw in JSON and in SSE, but str.splitlines() (httpx's
+    iter_lines, httpx-sse) splits there: escaped, the data is still the same JSON."""
+    import json
+
+    from app import sse
+
+    payload = {"text": "a\u2028b\u2029c\x85d é 🌟"}
+    raw = sse.event(json.dumps(payload, ensure_ascii=False), name="token", event_id=3).decode()
+    lines = [line for line in raw.splitlines() if line]
+    assert sorted(line.split(":")[0] for line in lines) == ["data", "event", "id"]
+    (data,) = (line for line in lines if line.startswith("data: "))
+    assert json.loads(data.removeprefix("data: ")) == payload
+    assert "é 🌟" in raw  # only the separators are escaped

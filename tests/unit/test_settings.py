@@ -94,3 +94,13 @@ def test_production_takes_no_development_values_and_no_password_is_fine() -> Non
         Settings(**production, ADMIN_API_KEY=DEV_ADMIN_API_KEY)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="development password"):
         Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://postgres:postgres@db/llmq")
+
+
+def test_a_v1_call_waits_less_than_the_openai_sdk_waits_for_it() -> None:
+    """Else the SDK times out first and retries, and every retry creates the call's jobs again."""
+    import openai
+
+    from app.config import Settings
+
+    assert openai.DEFAULT_TIMEOUT.read is not None
+    assert Settings.model_fields["OPENAI_WAIT_S"].default <= openai.DEFAULT_TIMEOUT.read - 15

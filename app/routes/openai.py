@@ -84,7 +84,7 @@ async def _run(c: Caller, call: service.Call, idempotency_key: str | None) -> li
 async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) -> StreamingResponse:
     """Create the call's jobs, then answer with their chunks as they are generated."""
     result_ids = await _create(c, call, idempotency_key)
-    body = openai_stream.chunks(c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, call, result_ids)
+    body = await openai_stream.chunks(c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, call, result_ids)
     return sse.response(body, headers={"X-Result-Id": ",".join(map(str, result_ids))})
 
 

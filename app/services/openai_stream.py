@@ -66,6 +66,14 @@ class _Chunks:
         return _event({**self.base, "choices": [], "usage": counts.model_dump()})
 
 
+# How long the answer's status waits for the jobs' first piece of text or end: a job the engine
+# refuses at once (a prompt over the model's context) is then the call's error status, as OpenAI
+# answers it, not an error event after a 200. Past it the answer begins, the jobs still queued.
+HOLD_S = 10.0
+
+_Item = tuple[int, Piece | Restart | streams.Quiet | streams.Final] | None
+
+
 async def chunks(
     db: Database,
     waiter: ResultWaiter,
@@ -73,12 +81,13 @@ async def chunks(
     principal: Principal,
     call: Call,
     result_ids: list[uuid.UUID],
+    hold_s: float = HOLD_S,
 ) -> AsyncIterator[bytes]:
     """The SSE body: every choice's pieces as they come (choices interleaved), each choice's end
-    with its finish reason, the usage when asked, then `[DONE]`. A job that fails or is cancelled
-    ends the answer with an `error` event saying why (the SDK raises it)."""
-    out = _Chunks(call, result_ids)
-    queue: asyncio.Queue[tuple[int, Piece | Restart | streams.Quiet | streams.Final] | None] = asyncio.Queue()
+    with its finish reason, the usage when asked, then `[DONE]`. Raises the error of a job that
+    ends without text before its first piece (within `hold_s`); later, a job that fails or is
+    cancelled ends the answer with an `error` event saying why (the SDK raises it)."""
+    queue: asyncio.Queue[_Item] = asyncio.Queue()
 
     async def follow(index: int, result_id: uuid.UUID) -> None:
         async for event in streams.follow(db, waiter, token_streams, principal, result_id, 0):
@@ -90,14 +99,48 @@ async def chunks(
         finally:
             await queue.put(None)
 
+    feeder = asyncio.ensure_future(run_all())
+    held: list[_Item] = []
+    try:
+        give_up = asyncio.get_running_loop().time() + hold_s
+        while not held or isinstance(held[-1][1], streams.Quiet):  # type: ignore[index]
+            try:
+                held.append(await asyncio.wait_for(queue.get(), give_up - asyncio.get_running_loop().time()))
+            except TimeoutError:
+                break
+            if held[-1] is None:
+                feeder.result()  # a failure while following (e.g. the database) is the answer's status
+                break
+        first = held[-1] if held else None
+        if (
+            first is not None
+            and isinstance(first[1], streams.Final)
+            and first[1].result.status != "completed"
+        ):
+            raise job_error(json.loads(first[1].result.model_dump_json()), result_ids)
+    except BaseException:
+        feeder.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await feeder
+        raise
+    return _body(call, result_ids, queue, feeder, held)
+
+
+async def _body(
+    call: Call,
+    result_ids: list[uuid.UUID],
+    queue: asyncio.Queue[_Item],
+    feeder: asyncio.Future[None],
+    held: list[_Item],
+) -> AsyncIterator[bytes]:
+    out = _Chunks(call, result_ids)
     for index in range(len(result_ids)):
         yield out.choice(index, "", None, first=True)
     finals: dict[int, dict[str, Any]] = {}
     sent_text: set[int] = set()  # the choices some text of which was sent
-    feeder = asyncio.ensure_future(run_all())
     try:
         while True:
-            item = await queue.get()
+            item = held.pop(0) if held else await queue.get()
             if item is None:
                 break
             index, event = item

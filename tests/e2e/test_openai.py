@@ -260,6 +260,15 @@ def test_each_error_class(sdk: openai.OpenAI, api_server: str) -> None:
         sdk.completions.create(model=FAST_MODEL, prompt="word " * 600, max_tokens=4)
     assert refused.value.code == "generation_refused"
     assert "maximum" in refused.value.message and "512" in refused.value.message
+    # Streamed too: the refusal is the call's status (as OpenAI answers), not an error after a 200.
+    with pytest.raises(openai.BadRequestError) as refused_stream:
+        sdk.chat.completions.create(
+            model=FAST_MODEL,
+            messages=[{"role": "user", "content": "word " * 600}],
+            max_tokens=4,
+            stream=True,
+        )
+    assert refused_stream.value.code == "generation_refused" and refused_stream.value.status_code == 400
 
 
 def test_a_client_that_leaves_does_not_stop_its_job_and_the_pending_cap_is_429(api_server: str) -> None:
@@ -368,10 +377,11 @@ def test_streamed_choices_and_a_streamed_completion(sdk: openai.OpenAI, api: htt
 
 
 def test_a_streamed_call_whose_job_fails_raises_the_reason(sdk: openai.OpenAI) -> None:
-    # Longer than the simulated model's context: the engine refuses it.
-    stream = sdk.completions.create(model=FAST_MODEL, prompt="word " * 600, max_tokens=8, stream=True)
-    with pytest.raises(openai.APIError, match="failed"):
-        list(stream)
+    # Longer than the simulated model's context: the engine refuses it before any text, so the call
+    # itself is the error (a failure after some text ends the stream with an error event instead:
+    # tests/unit/test_openai_stream.py, tests/e2e/test_stream_restart.py).
+    with pytest.raises(openai.BadRequestError, match="failed"):
+        sdk.completions.create(model=FAST_MODEL, prompt="word " * 600, max_tokens=8, stream=True)
 
 
 def test_a_body_over_the_limit_is_a_413_in_openais_shape(sdk: openai.OpenAI) -> None:

@@ -40,7 +40,47 @@ async def test_an_outage_mid_stream_ends_the_answer_with_an_error_event(
     monkeypatch.setattr(streams, "follow", follow)
     request = CompletionRequest(model="sim-llm", prompt="Say hello", stream=True)
     call = Call(endpoint="completions", model="sim-llm", prompts=[], n=1, params={}, request=request)
-    body = [chunk async for chunk in openai_stream.chunks(None, None, None, None, call, [uuid.uuid4()])]  # type: ignore[arg-type]
+    answer = await openai_stream.chunks(None, None, None, None, call, [uuid.uuid4()])  # type: ignore[arg-type]
+    body = [chunk async for chunk in answer]
     events = [json.loads(chunk.removeprefix(b"data: ")) for chunk in body]
     assert [e["choices"][0]["text"] for e in events[:2]] == ["", "Hello"]
     assert events[-1] == {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+
+
+async def test_a_job_that_ends_in_error_before_any_text_is_the_answers_status(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Refused by the engine (a prompt over the context): a 400 before the answer begins, as OpenAI
+    answers, not an error event after a 200."""
+    from app.errors import AppError
+    from app.schemas import ResultOut
+
+    row = {
+        "id": str(uuid.uuid4()),
+        "tenant": "t",
+        "context_id": str(uuid.uuid4()),
+        "model": "sim-llm",
+        "params": {},
+        "status": "failed",
+        "output": None,
+        "error": "the engine refused the request: prompt too long",
+        "finish_reason": None,
+        "prompt_tokens": None,
+        "completion_tokens": None,
+        "attempts": 1,
+        "created_at": "2026-01-01T00:00:00Z",
+        "started_at": None,
+        "finished_at": "2026-01-01T00:00:01Z",
+        "updated_at": "2026-01-01T00:00:01Z",
+        "images": 0,
+    }
+
+    async def follow(*args: Any) -> AsyncIterator[Any]:
+        yield streams.Final(1, ResultOut.model_validate(row))
+
+    monkeypatch.setattr(streams, "follow", follow)
+    request = CompletionRequest(model="sim-llm", prompt="Say hello", stream=True)
+    call = Call(endpoint="completions", model="sim-llm", prompts=[], n=1, params={}, request=request)
+    with pytest.raises(AppError) as raised:
+        await openai_stream.chunks(None, None, None, None, call, [uuid.UUID(row["id"])])  # type: ignore[arg-type]
+    assert raised.value.status_code in (400, 502)

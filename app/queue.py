@@ -53,6 +53,10 @@ def celery_config(settings: Settings) -> dict[str, object]:
         "broker_transport_options": {"ack_emulation": False, "socket_connect_timeout": 2},
         "broker_connection_retry_on_startup": True,
         "task_default_queue": settings.CELERY_QUEUE,
+        # The workers' broadcasts (mingle at start, gossip, remote control) and events stay within
+        # the stack: with Celery's defaults every stack sharing the Redis hears every other's.
+        "control_exchange": settings.CELERY_QUEUE,
+        "event_exchange": f"{settings.CELERY_QUEUE}.ev",
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "task_ignore_result": True,  # Postgres holds results

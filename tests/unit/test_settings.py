@@ -104,3 +104,31 @@ def test_a_v1_call_waits_less_than_the_openai_sdk_waits_for_it() -> None:
 
     assert openai.DEFAULT_TIMEOUT.read is not None
     assert Settings.model_fields["OPENAI_WAIT_S"].default <= openai.DEFAULT_TIMEOUT.read - 15
+
+
+def test_stacks_sharing_a_redis_do_not_hear_each_others_workers() -> None:
+    """Celery's default broadcast and event exchanges are shared by every app on the Redis: mingle
+    synced with other stacks' workers and gossip logged their heartbeats."""
+    from app.config import Settings
+    from app.queue import make_celery
+
+    one, other = (make_celery(Settings(CELERY_QUEUE=name)) for name in ("one", "other"))
+    assert one.conf.control_exchange != other.conf.control_exchange
+    assert one.conf.event_exchange != other.conf.event_exchange
+    assert one.control.mailbox.namespace != other.control.mailbox.namespace  # the pidbox the broadcasts use
+
+
+def test_httpx_request_lines_stay_out_of_the_log() -> None:
+    import logging
+
+    from app.logging_setup import configure_logging
+
+    root, httpx_logger = logging.getLogger(), logging.getLogger("httpx")
+    levels = root.level, httpx_logger.level
+    root.setLevel(logging.INFO)  # LOG_LEVEL's default
+    try:
+        configure_logging()
+        assert root.isEnabledFor(logging.INFO) and not httpx_logger.isEnabledFor(logging.INFO)
+    finally:
+        root.setLevel(levels[0])
+        httpx_logger.setLevel(levels[1])

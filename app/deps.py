@@ -9,6 +9,7 @@ from fastapi import Request
 from app.auth import KeyRing, Principal, Unauthenticated
 from app.config import Settings
 from app.db import Database
+from app.metrics import ApiMetrics
 from app.notify import CancelNotices, ResultWaiter
 from app.queue import JobQueue
 from app.quotas import PendingJobs, SubmitRate
@@ -34,6 +35,7 @@ class Runtime:
     templates: ChatTemplates
     cancel_notices: CancelNotices
     token_streams: TokenStreamReader
+    metrics: ApiMetrics
 
 
 async def runtime(request: Request) -> Runtime:

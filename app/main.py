@@ -20,12 +20,14 @@ from app.deps import Runtime, caller
 from app.errors import install_error_handlers
 from app.fastpath import FastPath
 from app.head import HeadAsGet
+from app.metrics import ApiMetrics, RequestMetrics
 from app.notify import CancelNotices, ResultWaiter, done_channel
 from app.openapi import describe_errors
 from app.queue import Doorbell, JobQueue, make_celery
 from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, export, health, models, openai, results
+from app.routes import metrics as metrics_routes
 from app.services.results import Enqueue, ResultInserts
 from app.stopping import on_stop_signal
 from app.streams import TokenStreamReader
@@ -63,6 +65,7 @@ def create_app(
         templates=ChatTemplates(settings.CHAT_TEMPLATES_DIRS.split(",")),
         cancel_notices=CancelNotices(settings),
         token_streams=TokenStreamReader(settings),
+        metrics=ApiMetrics(),
     )
 
     @asynccontextmanager
@@ -98,7 +101,7 @@ def create_app(
         telemetry=None if settings.OPENTELEMETRY else {"tracing": False, "metrics": False, "logs": False},
     )
     app.state.runtime = rt
-    # Middleware added last runs first: HEAD as GET, CORS (if configured), the body limit, then
+    # Middleware added last runs first: HEAD as GET, the answers' metrics, CORS (if configured), the body limit, then
     # authentication, then the calls every job makes from their routes' definitions (app.fastpath),
     # then FastAPI for everything.
     if fast_path:
@@ -121,6 +124,7 @@ def create_app(
             expose_headers=["Location", "Retry-After", "Preference-Applied", "WWW-Authenticate"],
             max_age=600,
         )
+    app.add_middleware(RequestMetrics, metrics=rt.metrics)  # every answer, whoever gives it
     app.add_middleware(HeadAsGet)  # first of all: a HEAD goes through everything as its GET
     install_error_handlers(app)
     # export before results: `/results/{result_id}` would otherwise take `/results/export`.
@@ -131,6 +135,7 @@ def create_app(
         results.router,
         admin_routes.router,
         health.router,
+        metrics_routes.router,
     )
     for router in (*routers, openai.router):
         app.include_router(router)

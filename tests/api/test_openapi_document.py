@@ -185,7 +185,8 @@ async def test_every_operation_but_the_public_ones_documents_the_key_it_needs(ap
         assert set(op["responses"]["401"]["headers"]) == {"WWW-Authenticate"}, (method, path)
         assert "503" in op["responses"], (method, path)
         tenant_filter = any(p["in"] == "query" and p["name"] == "tenant" for p in op.get("parameters", []))
-        assert ("403" in op["responses"]) is (tenant_filter or path.startswith("/admin/")), (method, path)
+        admin_only = path.startswith("/admin/") or path == "/metrics"
+        assert ("403" in op["responses"]) is (tenant_filter or admin_only), (method, path)
 
 
 async def test_the_error_shapes_require_every_field_the_app_always_sends(api_app: InProcessApi) -> None:

@@ -1,0 +1,101 @@
+"""Prometheus metrics of an API process: its answers (by method, path group and status, with the time
+to the answer's head) and the queue's state read from Postgres at each scrape (jobs waiting for a
+worker, jobs running, the oldest waiting job's age), at `GET /metrics` (an admin key).
+
+Labels are bounded: a path group is the path's first segment among the API's own, never an id.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.db import AsyncConnection
+
+_GROUPS = frozenset({"contexts", "models", "results", "admin", "health", "v1", "metrics"})
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# The pending jobs by model: waiting for a worker (no start yet) or running, and the oldest waiting.
+_QUEUE_STATE = """
+    SELECT model,
+           count(*) FILTER (WHERE started_at IS NULL) AS queued,
+           count(*) FILTER (WHERE started_at IS NOT NULL) AS running,
+           extract(epoch FROM now() - min(created_at) FILTER (WHERE started_at IS NULL)) AS oldest_s
+      FROM result WHERE status = 'pending' GROUP BY model
+"""
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "llmq_http_requests_total",
+            "Requests answered, by method, path group and status",
+            ["method", "group", "status"],
+            registry=self.registry,
+        )
+        self.head_seconds = Histogram(
+            "llmq_http_response_head_seconds",
+            "Time from a request's arrival to its answer's status line (a long poll's includes its wait)",
+            ["method", "group"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=self.registry,
+        )
+        self.jobs = Gauge(
+            "llmq_jobs_pending",
+            "Pending jobs by model: queued (no worker has started it) or running",
+            ["model", "state"],
+            registry=self.registry,
+        )
+        self.oldest = Gauge(
+            "llmq_oldest_queued_job_age_seconds",
+            "Age of the oldest job no worker has started, by model (0: none waits)",
+            ["model"],
+            registry=self.registry,
+        )
+
+    async def exposition(self, conn: AsyncConnection) -> bytes:
+        """The metrics text, with the queue's state read now."""
+        rows = await (await conn.execute(_QUEUE_STATE)).fetchall()
+        self.jobs.clear()
+        self.oldest.clear()
+        for model, queued, running, oldest_s in rows:
+            self.jobs.labels(model, "queued").set(queued)
+            self.jobs.labels(model, "running").set(running)
+            self.oldest.labels(model).set(float(oldest_s or 0))
+        return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """Counts every answer, whoever gives it (the key check, the fast path, FastAPI, the body limit)."""
+
+    def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        first = scope["path"].split("/", 2)[1] if scope["path"].count("/") else ""
+        group = first if first in _GROUPS else "other"
+        method = scope["method"] if scope["method"] in _METHODS else "other"
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.requests.labels(method, group, str(message["status"])).inc()
+                self.metrics.head_seconds.labels(method, group).observe(time.perf_counter() - started)
+            await send(message)
+
+        await self.app(scope, receive, counted)

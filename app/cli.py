@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import NoReturn, TypeVar
 
 import psycopg
@@ -16,6 +17,7 @@ from app.db import AsyncConnection, connection_kwargs, conninfo
 from app.errors import AppError
 from app.schemas import ApiKeyCreate, TenantLimitsIn, TenantLimitsOut, TenantName
 from app.services import keys as service
+from app.services import retention
 
 T = TypeVar("T")
 
@@ -24,6 +26,8 @@ keys = typer.Typer(no_args_is_help=True, help="API keys: create (shown once), li
 cli.add_typer(keys, name="keys")
 tenants = typer.Typer(no_args_is_help=True, help="Tenants' quotas: show, set.")
 cli.add_typer(tenants, name="tenants")
+results = typer.Typer(no_args_is_help=True, help="Results: purge the old ones (retention).")
+cli.add_typer(results, name="results")
 
 
 def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
@@ -162,6 +166,29 @@ def set_limits(
         )
     _echo_limits(_run(lambda conn: service.set_tenant_limits(conn, name, limits, settings)))
     typer.echo("API processes apply them within KEY_CACHE_TTL_S")
+
+
+@results.command("purge")
+def purge_results(
+    before: datetime = typer.Option(
+        ...,
+        formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z"],
+        help="A time with its zone, e.g. 2026-11-01T00:00:00+00:00",
+    ),
+    tenant: str | None = typer.Option(None, help="One tenant's only (default: every tenant's)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted, delete nothing."),
+) -> None:
+    """Delete the ended results created before --before, then the contexts created before it that no
+    result refers to (a context stored and never sent included). Pending jobs and theirs stay."""
+    if before.tzinfo is None:
+        _fail("--before: give the time zone, e.g. 2026-11-01T00:00:00+00:00")
+    name = None if tenant is None else _tenant(tenant)
+    done = _run(lambda conn: retention.purge(conn, before, name, dry_run=dry_run))
+    scope = f"tenant {name}'s" if name else "every tenant's"
+    verb = "would delete" if dry_run else "deleted"
+    typer.echo(
+        f"{verb} {done.results} results and {done.contexts} contexts ({scope}, created before {before.isoformat()})"
+    )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import datetime
 from typing import Any
 
 from psycopg import sql
@@ -43,3 +44,29 @@ async def page(
     return await newest_first(
         conn, "context", sql.SQL(_COLUMNS), size, filters, cursor=cursor, limit=limit, max_bytes=max_bytes
     )
+
+
+# Contexts no result refers to (any more), created before the cut: the purge's second step.
+_UNUSED = """
+    SELECT c.id FROM context AS c
+     WHERE c.created_at < %(before)s AND (%(tenant)s::text IS NULL OR c.tenant = %(tenant)s)
+       AND NOT EXISTS (SELECT 1 FROM result AS r WHERE r.context_id = c.id)
+"""
+
+
+async def purge_unused(conn: AsyncConnection, before: datetime, tenant: str | None, batch: int) -> int:
+    """Delete up to `batch` contexts created before `before` that no result refers to."""
+    cur = await conn.execute(
+        f"DELETE FROM context WHERE id IN ({_UNUSED} LIMIT %(batch)s)",
+        {"before": before, "tenant": tenant, "batch": batch},
+    )
+    return cur.rowcount
+
+
+async def count_unused(conn: AsyncConnection, before: datetime, tenant: str | None) -> int:
+    row = await (
+        await conn.execute(
+            f"SELECT count(*) FROM ({_UNUSED}) AS unused", {"before": before, "tenant": tenant}
+        )
+    ).fetchone()
+    return int(row[0]) if row else 0

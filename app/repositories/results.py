@@ -503,3 +503,31 @@ def _write_stopped(
 def cancel_past_deadline(conn: Connection) -> list[uuid.UUID]:
     """Pending jobs past their own deadline (queued, or on a worker that did not end them) end `cancelled`."""
     return [row[0] for row in conn.execute(_CANCEL_PAST_DEADLINE).fetchall()]
+
+
+# ---------------------------------------------------------------- retention (the operator's purge)
+
+# A batch at a time, each its own transaction: rows are locked briefly, never a table's worth.
+_PURGE = """
+    DELETE FROM result WHERE id IN (
+        SELECT id FROM result
+         WHERE status IN ('completed', 'failed', 'cancelled') AND created_at < %(before)s
+           AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
+         LIMIT %(batch)s)
+"""
+_COUNT_PURGEABLE = """
+    SELECT count(*) FROM result
+     WHERE status IN ('completed', 'failed', 'cancelled') AND created_at < %(before)s
+       AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
+"""
+
+
+async def purge_finished(conn: AsyncConnection, before: datetime, tenant: str | None, batch: int) -> int:
+    """Delete up to `batch` ended results created before `before`; how many were deleted."""
+    cur = await conn.execute(_PURGE, {"before": before, "tenant": tenant, "batch": batch})
+    return cur.rowcount
+
+
+async def count_purgeable(conn: AsyncConnection, before: datetime, tenant: str | None) -> int:
+    row = await (await conn.execute(_COUNT_PURGEABLE, {"before": before, "tenant": tenant})).fetchone()
+    return int(row[0]) if row else 0

@@ -98,3 +98,63 @@ async def test_mistakes_are_one_line_errors_not_tracebacks(
         assert done.stderr.startswith("error: ") and message in done.stderr, (args, done.stderr)
         assert "Traceback" not in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
         assert "s3cret-pw" not in done.stderr
+
+
+async def test_old_results_and_unused_contexts_are_purged_in_batches_pending_jobs_stay(
+    api_db_url: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    tenant, other = f"old-{uuid.uuid4().hex[:8]}", f"kept-{uuid.uuid4().hex[:8]}"
+
+    async def context(owner: str, created: str) -> uuid.UUID:
+        row = await (
+            await db.execute(
+                "INSERT INTO context (id, tenant, content, created_at) VALUES (gen_random_uuid(), %s, 'c', %s) RETURNING id",
+                (owner, created),
+            )
+        ).fetchone()
+        assert row is not None
+        return uuid.UUID(str(row[0]))
+
+    async def result(owner: str, context_id: uuid.UUID, status: str, created: str) -> uuid.UUID:
+        row = await (
+            await db.execute(
+                "INSERT INTO result (id, tenant, context_id, model, params, status, created_at) "
+                "VALUES (gen_random_uuid(), %s, %s, 'm', '{}'::jsonb, %s, %s) RETURNING id",
+                (owner, context_id, status, created),
+            )
+        ).fetchone()
+        assert row is not None
+        return uuid.UUID(str(row[0]))
+
+    old, recent = "2020-03-01T00:00:00+00:00", "2020-09-01T00:00:00+00:00"
+    ended_context = await context(tenant, old)
+    ended = [await result(tenant, ended_context, s, old) for s in ("completed", "failed", "cancelled")]
+    pending_context = await context(tenant, old)
+    pending = await result(tenant, pending_context, "pending", old)
+    await result(tenant, pending_context, "completed", old)  # its context stays: a pending job uses it
+    never_sent = await context(tenant, old)
+    late = await result(tenant, await context(tenant, recent), "completed", recent)
+    theirs = await result(other, await context(other, old), "completed", old)
+
+    cut = "2020-06-01T00:00:00+00:00"
+    counted = _cli(api_db_url, "purge", "--before", cut, "--tenant", tenant, "--dry-run", group="results")
+    assert counted.returncode == 0, counted.stderr
+    assert f"would delete 4 results and 1 contexts (tenant {tenant}'s" in counted.stdout
+    done = _cli(api_db_url, "purge", "--before", cut, "--tenant", tenant, group="results")
+    assert done.returncode == 0, done.stderr
+    assert (
+        f"deleted 4 results and 2 contexts (tenant {tenant}'s" in done.stdout
+    )  # its ended results freed one more
+
+    async def exists(table: str, row_id: uuid.UUID) -> bool:
+        return (
+            await (await db.execute(f"SELECT 1 FROM {table} WHERE id = %s", (row_id,))).fetchone()
+        ) is not None
+
+    assert not any([await exists("result", r) for r in ended])
+    assert not await exists("context", ended_context) and not await exists("context", never_sent)
+    assert await exists("result", pending) and await exists("context", pending_context)
+    assert await exists("result", late) and await exists("result", theirs)
+
+    naive = _cli(api_db_url, "purge", "--before", "2020-06-01", group="results")
+    assert naive.returncode != 0 and "Traceback" not in naive.stderr

@@ -224,3 +224,19 @@ def test_cancellation_checks_fill_the_step_instead_of_lengthening_it(monkeypatch
     # often as the others, however many asks a step's idle time held on this machine.
     counts = [len(sink.asked) for _, sink in seqs]
     assert min(counts) >= 2 and max(counts) - min(counts) <= 2, counts
+
+
+def test_the_real_engine_runs_float32_on_a_cpu_without_bf16_instructions(tmp_path: Path) -> None:
+    """bfloat16 without the CPU's bf16 instructions is several times slower than float32."""
+    from localtriton.cpu import cpu_flags, engine_dtype
+
+    avx2 = frozenset({"sse4_2", "avx", "avx2", "fma"})
+    assert engine_dtype("bfloat16", avx2) == "float32"
+    assert engine_dtype("auto", avx2) == engine_dtype(None, avx2) == "float32"
+    assert engine_dtype("bfloat16", avx2 | {"avx512f", "avx512_bf16"}) == "bfloat16"
+    assert engine_dtype("bfloat16", avx2 | {"amx_bf16"}) == "bfloat16"
+    assert engine_dtype("float16", avx2) == "float16"  # asked for: as asked
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512_bf16\n\nprocessor\t: 1\n")
+    assert cpu_flags(cpuinfo) == {"fpu", "sse", "avx2", "avx512_bf16"}
+    assert cpu_flags(tmp_path / "missing") == frozenset()

@@ -39,6 +39,7 @@ from localtriton.backend_io import (  # on sys.path: model.py, which loads this 
     output_response,
     read_request,
 )
+from localtriton.cpu import cpu_flags, engine_dtype
 
 CANCEL_POLL_S = 0.1  # how often in-flight requests are asked is_cancelled() (an IPC round trip each)
 # Engine environment defaults (config.pbtxt parameters of the same name win, then the environment).
@@ -212,6 +213,13 @@ class RealVllmModel:
         self.metrics = _Metrics(model_name, model_version, report and log_stats)
         self.args = {**engine_args, "model": weights}
         self.args.setdefault("served_model_name", model_name)
+        dtype = engine_dtype(self.args.get("dtype"), cpu_flags())
+        if dtype != self.args.get("dtype"):
+            pb_utils.Logger.log_info(
+                f"[real-vllm] {model_name}: dtype {dtype} instead of {self.args.get('dtype')}: this CPU has "
+                "no bf16 instructions, and float32 is several times faster without them"
+            )
+            self.args["dtype"] = dtype
         self.in_flight: dict[str, _Request] = {}
         self.received = 0
         self.aborted = 0

@@ -8,6 +8,7 @@ Labels are bounded: a path group is the path's first segment among the API's own
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -82,6 +83,21 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: ApiMetrics) -> None:
         self.app = app
         self.metrics = metrics
+        # The label children, found once: labels() takes a lock and builds its key at every call.
+        self._counts: dict[tuple[str, str, int], Any] = {}
+        self._heads: dict[tuple[str, str], Any] = {}
+
+    def _count(self, method: str, group: str, status: int, seconds: float) -> None:
+        count = self._counts.get((method, group, status))
+        if count is None:
+            count = self._counts[(method, group, status)] = self.metrics.requests.labels(
+                method, group, str(status)
+            )
+        head = self._heads.get((method, group))
+        if head is None:
+            head = self._heads[(method, group)] = self.metrics.head_seconds.labels(method, group)
+        count.inc()
+        head.observe(seconds)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -94,8 +110,7 @@ class RequestMetrics:
 
         async def counted(message: Message) -> None:
             if message["type"] == "http.response.start":
-                self.metrics.requests.labels(method, group, str(message["status"])).inc()
-                self.metrics.head_seconds.labels(method, group).observe(time.perf_counter() - started)
+                self._count(method, group, message["status"], time.perf_counter() - started)
             await send(message)
 
         await self.app(scope, receive, counted)

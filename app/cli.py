@@ -180,8 +180,6 @@ def purge_results(
 ) -> None:
     """Delete the ended results created before --before, then the contexts created before it that no
     result refers to (a context stored and never sent included). Pending jobs and theirs stay."""
-    if before.tzinfo is None:
-        _fail("--before: give the time zone, e.g. 2026-11-01T00:00:00+00:00")
     name = None if tenant is None else _tenant(tenant)
     done = _run(lambda conn: retention.purge(conn, before, name, dry_run=dry_run))
     scope = f"tenant {name}'s" if name else "every tenant's"

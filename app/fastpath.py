@@ -141,17 +141,17 @@ class FastPath:
         body: bytes | None = None
         values: dict[str, Any] = {}
         errors: list[Any] = []
+        query = QueryParams(scope["query_string"])
         for fields, received in (
             (d.path_params, scope["path_params"]),
-            (d.query_params, QueryParams(scope["query_string"])),
+            (d.query_params, query),
             (d.header_params, Headers(scope=scope)),
         ):
             if fields:
                 found, wrong = request_params_to_args(fields, received)
                 values.update(found)
                 errors += wrong
-        names, query = served.query_names, scope["query_string"]
-        if names is not None and query and unknown_error(names, QueryParams(query).multi_items()):
+        if served.query_names is not None and unknown_error(served.query_names, query.multi_items()):
             errors.append("unknown query parameter")
         if d.body_params:
             body = await read_body(receive)

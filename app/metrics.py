@@ -104,8 +104,8 @@ class RequestMetrics:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        first = scope["path"].split("/", 2)[1] if scope["path"].count("/") else ""
-        group = first if first in _GROUPS else "other"
+        parts = scope["path"].split("/", 2)
+        group = parts[1] if len(parts) > 1 and parts[1] in _GROUPS else "other"
         method = scope["method"] if scope["method"] in _METHODS else "other"
 
         async def counted(message: Message) -> None:

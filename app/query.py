@@ -32,18 +32,17 @@ def unknown_error(
     names: frozenset[str], received: Iterable[tuple[str, str]]
 ) -> RequestValidationError | None:
     """The error for the received parameters a route does not take (None: it takes them all)."""
+    unknown = [(name, value) for name, value in received if name not in names]
+    if not unknown:
+        return None
     takes = ", ".join(sorted(names)) or "none"
-    errors = [
-        {
-            "type": "extra_forbidden",
-            "loc": ("query", name),
-            "msg": f"unknown query parameter (this path takes: {takes})",
-            "input": value,
-        }
-        for name, value in received
-        if name not in names
-    ]
-    return RequestValidationError(errors) if errors else None
+    message = f"unknown query parameter (this path takes: {takes})"
+    return RequestValidationError(
+        [
+            {"type": "extra_forbidden", "loc": ("query", name), "msg": message, "input": value}
+            for name, value in unknown
+        ]
+    )
 
 
 class StrictQueryRoute(APIRoute):
@@ -54,10 +53,9 @@ class StrictQueryRoute(APIRoute):
         names = accepted(self.dependant)
 
         async def strict(request: Request) -> Response:
-            if request.scope["query_string"]:
-                error = unknown_error(names, request.query_params.multi_items())
-                if error is not None:
-                    raise error
+            error = unknown_error(names, request.query_params.multi_items())
+            if error is not None:
+                raise error
             return await handler(request)
 
         return strict

@@ -266,14 +266,12 @@ async def _with_partial_output(
     """A streamed job's row once its worker has recorded what the job had produced (its finish
     reason then says `abort`; the worker announces that row); None if that takes longer than `wait_s`."""
     async with waiter.watch(result_id) as recorded:
-        for attempt in range(2):  # before the wait (recorded already), after it
+        result = await read(db, principal, result_id)  # recorded already?
+        if result.finish_reason is None and wait_s > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(recorded), wait_s)
             result = await read(db, principal, result_id)
-            if result.finish_reason is not None:
-                return result.model_dump_json().encode()
-            if attempt == 0 and wait_s > 0:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(recorded), wait_s)
-    return None
+    return result.model_dump_json().encode() if result.finish_reason is not None else None
 
 
 async def cancel(

@@ -126,7 +126,7 @@ def test_model_stats_show_counts_latency_and_tokens(deployed: Deployed) -> None:
     assert row[1:4] == ["1", "3", "0"]
     assert float(row[5]) > 0  # mean ms per request
     assert int(row[6]) > 0 and int(row[7]) == 15  # vLLM prompt / generation token totals
-    idle = next(line.split() for line in lines if line.startswith("Qwen2.5-14B-Instruct "))
+    idle = next(line.split() for line in lines if line.startswith("Qwen2.5-14B-Instruct-AWQ "))
     assert idle[2] == "0" and idle[4] == "-"
     assert_no_secrets(proc.stdout, proc.stderr)
 

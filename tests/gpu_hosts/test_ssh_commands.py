@@ -103,7 +103,7 @@ def test_deploy_warns_when_models_overcommit_one_gpu(fake_vast: FakeVast, tool_e
             **tool_env,
             "DRY_RUN": "1",
             "SKIP_COPY": "1",
-            "MODELS": "DeepSeek-R1-Distill-Qwen-1.5B Qwen2.5-14B-Instruct",
+            "MODELS": "DeepSeek-R1-Distill-Qwen-1.5B Qwen2.5-14B-Instruct-AWQ",
         },
         "deploy-models-tritonserver",
     )

@@ -129,7 +129,7 @@ def test_ssh_failure_is_reported(sshd: Sshd, tmp_path: Path) -> None:
     # Port 9 (discard): nothing listens there.
     bad_url = sshd.url.rsplit(":", 1)[0] + ":9"
     proc = run_tool(
-        {**env, "SSH_URL": bad_url, "MODELS": "Qwen2.5-14B-Instruct"}, "deploy-models-tritonserver"
+        {**env, "SSH_URL": bad_url, "MODELS": "Qwen2.5-14B-Instruct-AWQ"}, "deploy-models-tritonserver"
     )
     assert proc.returncode == 1
     assert "error: ssh failed (exit 255)" in proc.stderr

@@ -18,7 +18,7 @@ EXPECTED = {
     "DeepSeek-R1-Distill-Qwen-1.5B",
     "Qwen2.5-1.5B-Instruct-AWQ",
     "Qwen2.5-7B-Instruct-AWQ",
-    "Qwen2.5-14B-Instruct",
+    "Qwen2.5-14B-Instruct-AWQ",
 }
 QUANTIZATIONS = {"awq", "awq_marlin", "gptq", "gptq_marlin", "bitsandbytes", "fp8", "squeezellm", "marlin"}
 KV_CACHE_DTYPES = {"auto", "fp8", "fp8_e4m3", "fp8_e5m2"}
@@ -114,6 +114,12 @@ def test_issue_values() -> None:
     # Throughput: far more sequences per step than the latency-tuned model, chunked prefill.
     assert seven["max_num_seqs"] >= 128 and seven["enable_chunked_prefill"] is True
 
-    fourteen = engine_args(TRITON_MODELS / "Qwen2.5-14B-Instruct")
+    fourteen = engine_args(TRITON_MODELS / "Qwen2.5-14B-Instruct-AWQ")
     assert fourteen["quantization"] in ("awq", "bitsandbytes")
-    assert fourteen["model"].startswith("Qwen/Qwen2.5-14B-Instruct")
+    assert fourteen["model"].startswith("Qwen/Qwen2.5-14B-Instruct-AWQ")
+
+
+@pytest.mark.parametrize("folder", folders(), ids=lambda p: p.name)
+def test_a_folder_is_named_after_the_checkpoint_it_serves(folder: Path) -> None:
+    # The folder is the model's name in the API: a quantized checkpoint says so in both.
+    assert engine_args(folder)["model"].rsplit("/", 1)[-1] == folder.name

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = ChatTemplates(
     [str(ROOT / "triton_models"), str(ROOT / "nvidia_triton" / "localtriton" / "models")]
 )
-QWEN_MODELS = ["Qwen2.5-1.5B-Instruct-AWQ", "Qwen2.5-7B-Instruct-AWQ", "Qwen2.5-14B-Instruct"]
+QWEN_MODELS = ["Qwen2.5-1.5B-Instruct-AWQ", "Qwen2.5-7B-Instruct-AWQ", "Qwen2.5-14B-Instruct-AWQ"]
 DEEPSEEK = "DeepSeek-R1-Distill-Qwen-1.5B"
 
 CONVERSATION = [

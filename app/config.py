@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     STREAM_TTL_S: int = Field(default=3600, ge=10)
     # A cancel of a running job waits up to this long for the worker to record what it had produced.
     CANCEL_PARTIAL_WAIT_S: float = Field(default=1.0, ge=0, le=10)
+    # A warm shutdown (SIGTERM) lets running jobs end for this long, then hands the others back to the
+    # queue (generation aborted, attempt not spent) for another worker to start at once.
+    WORKER_SHUTDOWN_GRACE_S: float = Field(default=8.0, ge=0, le=86400)
+    # Where a worker process serves its Prometheus metrics (worker/metrics.py); unset or empty: none.
+    # One port per process: several workers on one host each need their own.
+    WORKER_METRICS_PORT: int | None = Field(default=None, ge=1, le=65535)
+    WORKER_METRICS_HOST: str = "127.0.0.1"
 
     # Keys and quotas. ADMIN_API_KEY is the first admin key (tenant "default"); more keys are made
     # with POST /admin/keys or `python -m app.cli keys create`.
@@ -164,7 +171,7 @@ class Settings(BaseSettings):
     def cors_origins(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.CORS_ALLOW_ORIGINS.split(",") if o.strip()]
 
-    @field_validator("ADMIN_API_KEY", mode="before")
+    @field_validator("ADMIN_API_KEY", "WORKER_METRICS_PORT", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: object) -> object:
         return None if value == "" else value

@@ -14,10 +14,11 @@ from app.config import settings_or_exit
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
 from app.queue import JobQueue, celery_config, check_publishable
+from worker import metrics
 from worker.job_store import reset_store
 from worker.outage import get_gate, triton_ready
 from worker.pool import JobPool
-from worker.runtime import reset_runtime
+from worker.runtime import get_runtime, reset_runtime
 from worker.sweeper import Sweeper
 
 settings = settings_or_exit()
@@ -64,12 +65,16 @@ _sweeper: list[Any] = []
 def _show_the_pool_its_consumer(sender: Any = None, **_: Any) -> None:
     if isinstance(getattr(sender, "pool", None), JobPool):
         sender.pool.consumer = sender  # its prefetch count bounds jobs, not messages (worker/pool.py)
+        sender.pool.shutdown_grace_s = settings.WORKER_SHUTDOWN_GRACE_S
+        sender.pool.hand_back = lambda: get_runtime(settings).hand_back()
 
 
 @worker_ready.connect
-def _start_sweeper_and_gate(sender: Any = None, **_: Any) -> None:
+def _start_sweeper_gate_and_metrics(sender: Any = None, **_: Any) -> None:
     gate = get_gate(settings)
     gate.attach(sender)  # the consumer: stopped and started again around Triton outages
+    metrics.worker_metrics().watch_triton(lambda: gate.down)
+    metrics.serve(settings)
     if settings.WORKER_SWEEPER:
 
         def triton_down() -> str | None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 import uuid
 from collections.abc import Callable
 
@@ -18,6 +19,7 @@ from app.notify import publish_done
 from app.repositories import results as repo
 from app.triton.inference import Generation, GenerationError
 from worker.job_store import ClaimedJob, Outcome, final_notice, get_database, get_store
+from worker.metrics import worker_metrics
 from worker.outage import get_gate
 from worker.runtime import InferenceRuntime, Stopped
 
@@ -59,20 +61,34 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
         return
     store = get_store(settings)
     job = await store.aclaim(rid)
+    metrics = worker_metrics()
     if job is None:
         log.info("result %s is finished or held by another worker; skipping", rid)
+        metrics.skipped.inc()
         return
+    metrics.running.inc()
+    try:
+        outcome = await _run_claimed(settings, runtime, job, ring)
+    finally:
+        metrics.running.dec()
+    metrics.job_ended(job.model, outcome)
+
+
+async def _run_claimed(settings: Settings, runtime: InferenceRuntime, job: ClaimedJob, ring: Ring) -> str:
+    """Run a claimed job to its end; how it ended (worker/metrics.py's OUTCOMES)."""
+    rid, store = job.result_id, get_store(settings)
     if runtime.was_cancelled(str(rid)):
         log.info("result %s was cancelled before it started", rid)
         await asyncio.to_thread(
             record_stop, settings, job, Stopped("cancelled", Generation("", None, None, None))
         )
-        return
+        return "cancelled"
     if job.seconds_left is not None and job.seconds_left <= 0:
         stop = Stopped("deadline", Generation("", None, None, None))
         await asyncio.to_thread(record_stop, settings, job, stop)
-        return
+        return "deadline"
     sink = await runtime.open_stream(rid, job.ran_before) if job.params.get("stream") else None
+    started = time.monotonic()
     try:
         generation = await runtime.generate(
             job.model,
@@ -84,22 +100,29 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
             timeout_s=job.seconds_left,
         )
     except Stopped as stop:
+        if stop.reason == "shutdown":  # its stream goes on with the next run (a restart marker)
+            await asyncio.to_thread(_hand_back, settings, job, ring)
+            return "requeued"
         await asyncio.to_thread(record_stop, settings, job, stop)
         if sink is not None:
             sink.finish("cancelled")
-        return
+        return stop.reason
     except GenerationError as exc:
-        if await _failed(settings, job, exc, ring) and sink is not None:
+        ended = await _failed(settings, job, exc, ring)
+        if ended == "failed" and sink is not None:
             sink.finish("failed")  # (a job to be run again goes on with its stream then)
-        return
+        return ended
     except Exception as exc:
         # A bug on our side must still end the job with a reason rather than leave it pending.
         log.exception("result %s: unexpected error", rid)
         await store.afail(rid, f"internal worker error: {type(exc).__name__}: {exc}")
         if sink is not None:
             sink.finish("failed")
-        return
+        return "failed"
 
+    worker_metrics().generated(
+        job.model, time.monotonic() - started, generation.prompt_tokens, generation.completion_tokens
+    )
     outcome = Outcome(
         output=generation.text,
         finish_reason=generation.finish_reason,
@@ -109,22 +132,24 @@ async def run_job(settings: Settings, runtime: InferenceRuntime, rid: uuid.UUID,
     if await store.acomplete(rid, outcome):
         if sink is not None:
             sink.finish("completed")
-        return
+        return "completed"
     if sink is not None:
         # Cancelled as it ended: the row keeps the text its stream showed, as a cancel mid-way does.
         await asyncio.to_thread(record_stop, settings, job, Stopped("cancelled", generation))
         sink.finish("cancelled")
-        return
+        return "cancelled"
     log.info("result %s was already finished; the duplicate outcome was dropped", rid)
+    return "dropped"
 
 
-async def _failed(settings: Settings, job: ClaimedJob, exc: GenerationError, ring: Ring) -> bool:
-    """A generation that failed: wait for Triton (an outage), try again later, or fail the job (True)."""
+async def _failed(settings: Settings, job: ClaimedJob, exc: GenerationError, ring: Ring) -> str:
+    """A generation that failed: wait for Triton (an outage: "requeued"), try again later ("retried"),
+    or fail the job ("failed")."""
     rid, store = job.result_id, get_store(settings)
     if await asyncio.to_thread(get_gate(settings).waits_for_triton, exc):  # an outage: no attempt spent
         await asyncio.to_thread(store.release, rid, f"waiting for Triton: {exc.message}", spend_attempt=False)
         await asyncio.to_thread(ring, [rid])
-        return False
+        return "requeued"
     if exc.transient and job.attempts < settings.JOB_MAX_ATTEMPTS:
         delay = backoff_s(job.attempts, settings.RETRY_BACKOFF_BASE_S, settings.RETRY_BACKOFF_MAX_S)
         note = f"attempt {job.attempts} failed, retrying in {delay:.1f}s: {exc.message}"
@@ -132,11 +157,24 @@ async def _failed(settings: Settings, job: ClaimedJob, exc: GenerationError, rin
         await asyncio.to_thread(store.release, rid, note)
         # The message goes back after the delay; if this process dies meanwhile, the sweeper sends it.
         asyncio.get_running_loop().call_later(delay, _send_again, ring, rid)
-        return False
+        return "retried"
     reason = exc.message if not exc.transient else f"gave up after {job.attempts} attempts: {exc.message}"
     await store.afail(rid, reason)
     log.info("result %s failed: %s", rid, reason)
-    return True
+    return "failed"
+
+
+def _hand_back(settings: Settings, job: ClaimedJob, ring: Ring) -> None:
+    """This worker stops before the job's end: back to the queue, its attempt not spent, for another
+    worker to run from the start. What fails here is left to the sweeper (a lapsed lease, a lost message)."""
+    rid = job.result_id
+    try:
+        get_store(settings).release(rid, "its worker stopped; sent to another worker", spend_attempt=False)
+        ring([rid])
+    except Exception as exc:
+        log.warning("result %s: could not hand it back (%s); the sweeper will send it again", rid, exc)
+        return
+    log.info("result %s: handed back to the queue (this worker is stopping)", rid)
 
 
 def _send_again(ring: Ring, rid: uuid.UUID) -> None:

@@ -88,6 +88,10 @@ class JobPool(BasePool):
         self._backlog: deque[tuple[Callable[[], None], Callable[[], None]]] = deque()
         self._idle = threading.Condition()
         self.consumer: Any = None  # Celery's consumer, once it consumes (worker/celery_app.py)
+        # A warm stop waits this long for the jobs in flight, then `hand_back()` (worker/celery_app.py)
+        # asks them to go back to the queue; None: wait for their end.
+        self.shutdown_grace_s: float | None = None
+        self.hand_back: Callable[[], None] | None = None
         self._qos_lock = threading.Lock()
         # As the solo pool does: this process is the pool's one process (the worker passes (app,
         # hostname) as initargs to every pool).
@@ -190,8 +194,11 @@ class JobPool(BasePool):
                 log.exception("a job not started could not be given back")
         with self._idle:
             if self._jobs:
-                log.info("waiting for %d jobs in flight to end", self._jobs)
-            self._idle.wait_for(lambda: not self._jobs)
+                log.info("waiting up to %ss for %d jobs in flight to end", self.shutdown_grace_s, self._jobs)
+            if not self._idle.wait_for(lambda: not self._jobs, self.shutdown_grace_s) and self.hand_back:
+                log.info("handing %d jobs still running back to the queue", self._jobs)
+                self.hand_back()
+                self._idle.wait_for(lambda: not self._jobs)  # a release and a message each
         super().on_stop()
 
     def _get_info(self) -> dict[str, Any]:

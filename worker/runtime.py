@@ -37,8 +37,9 @@ _SUBSCRIBE_WAIT_S = 2.0
 
 
 class Stopped(Exception):
-    """A generation stopped before its end: `reason` is "cancelled" or "deadline"; `partial` is what
-    it had produced (streamed jobs only: a non-streamed request has nothing to show until its end)."""
+    """A generation stopped before its end: `reason` is "cancelled", "deadline" or "shutdown" (this
+    worker is stopping: the job goes to another); `partial` is what it had produced (streamed jobs
+    only: a non-streamed request has nothing to show until its end)."""
 
     def __init__(self, reason: str, partial: Generation) -> None:
         super().__init__(reason)
@@ -52,6 +53,7 @@ class InferenceRuntime:
         self._jobs: set[asyncio.Task[None]] = set()  # the jobs running (the loop keeps weak references)
         self._cancels: OrderedDict[str, float] = OrderedDict()
         self._cancels_lock = threading.Lock()
+        self._stopping = False  # set on the loop: no generation starts, the running ones are aborted
         self._loop = uvloop.new_event_loop()  # the jobs, gRPC and Redis I/O: libuv costs less per callback
         self._thread = threading.Thread(target=self._loop.run_forever, name="triton-io", daemon=True)
         self._thread.start()
@@ -140,6 +142,8 @@ class InferenceRuntime:
     ) -> Generation:
         if self.was_cancelled(job_key):  # its cancel came while the job was being claimed
             raise Stopped("cancelled", Generation("", None, None, None))
+        if self._stopping:
+            raise Stopped("shutdown", Generation("", None, None, None))
         task = asyncio.current_task()
         assert task is not None
         self._tasks[job_key] = task
@@ -147,13 +151,28 @@ class InferenceRuntime:
             async with asyncio.timeout(timeout_s):
                 return await self._inference.generate(model, prompt, params, request_id, on_text=stream)
         except Aborted as exc:
-            raise Stopped("cancelled" if self.was_cancelled(job_key) else "deadline", exc.partial) from None
+            raise Stopped(self._why_stopped(job_key, "deadline"), exc.partial) from None
         except TimeoutError:  # the deadline passed before the request was sent (waiting for Triton)
             raise Stopped("deadline", Generation("", None, None, None)) from None
         except asyncio.CancelledError:  # cancelled before the request was sent
-            raise Stopped("cancelled", Generation("", None, None, None)) from None
+            raise Stopped(self._why_stopped(job_key, "cancelled"), Generation("", None, None, None)) from None
         finally:
             self._tasks.pop(job_key, None)
+
+    def _why_stopped(self, job_key: str, otherwise: str) -> str:
+        if self.was_cancelled(job_key):  # a client's cancel wins over the worker's own stop
+            return "cancelled"
+        return "shutdown" if self._stopping else otherwise
+
+    def hand_back(self) -> None:
+        """This worker is stopping (from any thread): abort every generation and start none, so that
+        each job goes back to the queue for another worker (worker/jobs.py)."""
+        self._loop.call_soon_threadsafe(self._abort_all)
+
+    def _abort_all(self) -> None:
+        self._stopping = True
+        for task in self._tasks.values():
+            task.cancel()
 
     def _on_cancel_notice(self, data: bytes) -> None:
         """On the loop: abort the job's generation if it runs here (its gRPC call is cancelled, which

@@ -23,6 +23,7 @@ from app.notify import publish_cancels, publish_done
 from app.repositories import idempotency
 from app.repositories import results as repo
 from app.services.idempotency import RETENTION_S
+from worker.metrics import worker_metrics
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,7 @@ class Sweeper:
                 delay = min(delay * 2, 5.0)
             finally:
                 self.leading = False
+                worker_metrics().sweeper_leading.set(0)
         log.info("sweeper stopped")
 
     def _lead(self) -> None:
@@ -142,6 +144,7 @@ class Sweeper:
                 if self._stop.is_set():
                     return
                 self.leading = True
+                worker_metrics().sweeper_leading.set(1)
                 led_since = time.monotonic()
                 log.info("sweeper: this worker sweeps (every %gs)", self.settings.SWEEP_INTERVAL_S)
                 while not self._stop.is_set():
@@ -161,6 +164,7 @@ class Sweeper:
                         waiting=self.waiting,
                         broker_reset_s=reset_s,
                     )
+                    worker_metrics().swept(swept)
                     if swept["requeued"] < SWEEP_LIMIT:  # all re-sent (a backlog takes several sweeps)
                         self._reset_at = None
                     self._stop.wait(self.settings.SWEEP_INTERVAL_S)

@@ -17,6 +17,7 @@ from sqlalchemy import Engine, create_engine, text
 from tests.conftest import PG_BASE, SLOW_MODEL
 from tests.db_utils import recreate_database
 from tests.e2e.helpers import queued_jobs, ring
+from tests.localtriton.localtriton_helpers import read_metric
 
 
 def _pending_jobs(engine: Engine, n: int) -> list[str]:
@@ -164,3 +165,70 @@ def test_under_the_threads_pool_each_task_waits_for_its_job(
         worker.stop()
         engine.dispose()
     assert "concurrency: 3 (thread)" in worker.log_path.read_text()
+
+
+def test_a_stop_past_its_grace_hands_running_jobs_to_another_worker(
+    e2e_env: dict[str, str], logs_dir: Path, triton: object
+) -> None:
+    """WORKER_SHUTDOWN_GRACE_S: jobs still running then are aborted in the engine and sent back to
+    the queue, their attempt not spent, and the next worker runs them at once (no lease to lapse)."""
+    database_url = recreate_database(PG_BASE, "llmq_handback")
+    engine = create_engine(database_url)
+    queue = e2e_env["CELERY_QUEUE"] + "-handback"
+    with engine.begin() as conn:  # 400 tokens: ~6 s each on the slow model
+        ids = [
+            str(rid)
+            for rid in conn.execute(
+                text(
+                    "WITH c AS (INSERT INTO context (id, tenant, content) VALUES (gen_random_uuid(), 'default', 'long') RETURNING id) "
+                    "INSERT INTO result (id, tenant, context_id, model, params) SELECT gen_random_uuid(), 'default', c.id, :m, "
+                    '\'{"max_tokens": 400, "ignore_eos": true}\' FROM c, generate_series(1, 3) RETURNING id'
+                ),
+                {"m": SLOW_MODEL},
+            ).scalars()
+        ]
+    for rid in ids:
+        ring(queue, rid)
+    env = {**e2e_env, "DATABASE_URL": database_url, "CELERY_QUEUE": queue, "WORKER_IN_FLIGHT": "2"}
+    rows_query = text(
+        "SELECT id, status, started_at, attempts, error FROM result WHERE id = ANY(:ids) ORDER BY id"
+    )
+    running = lambda: read_metric(triton, "sim_engine_running_requests", SLOW_MODEL)  # type: ignore[arg-type]  # noqa: E731
+    first = worker_process(
+        {**env, "WORKER_SHUTDOWN_GRACE_S": "0.5"}, logs_dir / "handback-1.log", sweeper=False
+    )
+    try:
+        first.start().wait_for_log("ready.", timeout_s=60)
+        deadline = time.monotonic() + 20
+        while running() < 2:
+            assert time.monotonic() < deadline, first.log_tail()
+            time.sleep(0.05)
+        assert first.popen is not None
+        stopped_at = time.monotonic()
+        os.kill(first.popen.pid, signal.SIGTERM)
+        first.popen.wait(timeout=20)
+        stop_s = time.monotonic() - stopped_at
+    finally:
+        first.stop()
+    with engine.connect() as conn:
+        rows = conn.execute(rows_query, {"ids": ids}).all()
+    assert all(r.status == "pending" and r.started_at is None and r.attempts == 0 for r in rows), rows
+    handed = [r for r in rows if r.error is not None]
+    assert len(handed) == 2 and all(
+        "its worker stopped; sent to another worker" in r.error for r in handed
+    ), rows
+    assert running() == 0  # the engine stopped generating them
+    queued = sorted(rid for message in queued_jobs(e2e_env["REDIS_URL"], queue) for rid in message)
+    assert queued == sorted(ids)  # the two handed back and the one never started
+    assert "handing 2 jobs still running back to the queue" in first.log_path.read_text()
+    print(f"stopped in {stop_s:.2f} s with 2 jobs of ~6 s running")
+
+    second = worker_process(env, logs_dir / "handback-2.log", sweeper=False)
+    try:
+        _most_running_until_all_done(engine, ids, second.start(), bound=2)
+    finally:
+        second.stop()
+    with engine.connect() as conn:
+        rows = conn.execute(rows_query, {"ids": ids}).all()
+    engine.dispose()
+    assert [(r.status, r.attempts) for r in rows] == [("completed", 1)] * 3, rows

@@ -250,3 +250,11 @@ def test_image_ships_the_chat_templates_the_api_reads(compose: dict[str, Any]) -
         relative = path.relative_to(ROOT).as_posix()
         if path.is_file() and relative not in read_by_the_api:
             assert not _in_build_context(relative), relative
+
+
+def test_workers_serve_metrics_and_keep_the_shared_environment(compose: dict[str, Any]) -> None:
+    s = compose["services"]
+    worker_env, api_env = s["worker"]["environment"], s["api"]["environment"]
+    assert {k: worker_env[k] for k in api_env} == api_env  # the merge kept DATABASE_URL and the rest
+    assert worker_env["WORKER_METRICS_PORT"] == "9108" and worker_env["WORKER_METRICS_HOST"] == "0.0.0.0"
+    assert "WORKER_METRICS_PORT" not in api_env

@@ -101,6 +101,9 @@ class Result(Base):
         # Per tenant: listings, and the count of pending jobs the quota checks.
         Index("ix_result_tenant_created_at_id", "tenant", "created_at", "id"),
         Index("ix_result_tenant_status_created_at_id", "tenant", "status", "created_at", "id"),
+        # Exports by the time jobs ended (`GET /results/export?by=finished_at`), all tenants or one.
+        Index("ix_result_finished_at_id", "finished_at", "id"),
+        Index("ix_result_tenant_finished_at_id", "tenant", "finished_at", "id"),
     )
 
 

@@ -173,23 +173,24 @@ async def page(
 # Finished jobs with their prompt, oldest first from a keyset position (created_at, id): the export.
 # A NULL parameter is no filter. The page's candidates are sized first (from lengths Postgres keeps),
 # and only those within the byte bound are read whole.
+# `{at}`: the time the window and the order apply to, created_at or finished_at (EXPORT_TIMES).
 _EXPORT_PAGE = """
     WITH candidates AS (
-        SELECT r.id, r.created_at,
+        SELECT r.id, r.{at} AS at,
                COALESCE(octet_length(r.output), 0) + COALESCE(octet_length(r.prompt), 0)
                + COALESCE(octet_length(r.error), 0) + pg_column_size(r.params) + octet_length(c.content) AS bytes
           FROM result AS r JOIN context AS c ON c.id = r.context_id
          WHERE r.status = ANY(%(statuses)s::text[])
            AND (%(tenant)s::text IS NULL OR r.tenant = %(tenant)s)
            AND (%(model)s::text IS NULL OR r.model = %(model)s)
-           AND (%(since)s::timestamptz IS NULL OR r.created_at >= %(since)s)
-           AND (%(until)s::timestamptz IS NULL OR r.created_at < %(until)s)
-           AND (%(after_created)s::timestamptz IS NULL OR (r.created_at, r.id) > (%(after_created)s, %(after_id)s::uuid))
-         ORDER BY r.created_at, r.id
+           AND (%(since)s::timestamptz IS NULL OR r.{at} >= %(since)s)
+           AND (%(until)s::timestamptz IS NULL OR r.{at} < %(until)s)
+           AND (%(after_at)s::timestamptz IS NULL OR (r.{at}, r.id) > (%(after_at)s, %(after_id)s::uuid))
+         ORDER BY r.{at}, r.id
          LIMIT %(limit)s
     ), sized AS (
-        SELECT id, count(*) OVER () AS page_candidates,
-               COALESCE(sum(bytes) OVER (ORDER BY created_at, id
+        SELECT id, at, count(*) OVER () AS page_candidates,
+               COALESCE(sum(bytes) OVER (ORDER BY at, id
                                          ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS bytes_before
           FROM candidates
     )
@@ -198,8 +199,10 @@ _EXPORT_PAGE = """
            r.created_at, r.started_at, r.finished_at, c.content, s.page_candidates
       FROM sized AS s JOIN result AS r ON r.id = s.id JOIN context AS c ON c.id = r.context_id
      WHERE s.bytes_before < %(max_bytes)s
-     ORDER BY r.created_at, r.id
+     ORDER BY s.at, r.id
 """
+EXPORT_TIMES = ("created_at", "finished_at")
+_EXPORT_PAGES = {at: _EXPORT_PAGE.format(at=at) for at in EXPORT_TIMES}
 
 
 async def export_page(
@@ -213,22 +216,24 @@ async def export_page(
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
     max_bytes: int,
+    by: str = "created_at",
 ) -> tuple[list[dict[str, Any]], bool]:
-    """Up to `limit` finished jobs after `after`, oldest first, with their context's content, no
-    more once those before hold `max_bytes` (one at least); and whether more may follow."""
+    """Up to `limit` finished jobs after `after`, oldest first by `by` (EXPORT_TIMES: the window
+    applies to it too), with their context's content, no more once those before hold `max_bytes`
+    (one at least); and whether more may follow."""
     params = {
         "statuses": statuses,
         "tenant": tenant,
         "model": model,
         "since": since,
         "until": until,
-        "after_created": after[0] if after else None,
+        "after_at": after[0] if after else None,
         "after_id": after[1] if after else None,
         "limit": limit,
         "max_bytes": max_bytes,
     }
     cur = conn.cursor(row_factory=dict_row)
-    rows = await (await cur.execute(_EXPORT_PAGE, params)).fetchall()
+    rows = await (await cur.execute(_EXPORT_PAGES[by], params)).fetchall()
     candidates = rows[0]["page_candidates"] if rows else 0
     return rows, candidates == limit or len(rows) < candidates
 

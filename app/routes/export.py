@@ -7,6 +7,7 @@ import json
 import logging
 from collections.abc import AsyncIterator
 from datetime import datetime
+from typing import Literal
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import StreamingResponse
@@ -32,8 +33,17 @@ router = APIRouter(prefix="/results", tags=["results"], route_class=StrictQueryR
     },
 )
 async def export(
-    since: datetime | None = Query(None, alias="from", description="Jobs created at or after (ISO 8601)."),
-    until: datetime | None = Query(None, alias="to", description="Jobs created before (ISO 8601)."),
+    since: datetime | None = Query(
+        None, alias="from", description="Jobs created (or ended) at or after (ISO 8601)."
+    ),
+    until: datetime | None = Query(
+        None, alias="to", description="Jobs created (or ended) before (ISO 8601)."
+    ),
+    by: Literal["created_at", "finished_at"] = Query(
+        "created_at",
+        description="The time `from`, `to` and the order apply to: the job's creation, or its end "
+        "(`finished_at`: windows exported one after another hold each job once, as soon as it ended).",
+    ),
     model: str | None = Query(None, max_length=255, pattern=r"^[^\x00]*$", description="Only this model's."),
     status: list[ResultStatus] | None = Query(
         None, description="Only these final states (repeatable); default: completed, failed, cancelled."
@@ -43,7 +53,8 @@ async def export(
 ) -> StreamingResponse:
     """Your tenant's finished jobs (an admin key: every tenant's), oldest first, as JSON lines: id,
     timestamp, model, status, prompt (or messages), response, parameters, tokens. If the database
-    fails after the first page, the last line is `{"error": ..., "detail": {"status": 503}}`."""
+    fails after the first page, the last line is `{"error": ..., "detail": {"status": 503}}`.
+    `by=finished_at` orders and windows them by their end instead of their creation."""
     for zone, value in (("from", since), ("to", until)):
         if value is not None and value.tzinfo is None:
             raise InvalidInput(
@@ -69,6 +80,7 @@ async def export(
         until=until,
         page_size=c.rt.settings.EXPORT_PAGE_SIZE,
         max_bytes=c.rt.settings.PAGE_MAX_BYTES,
+        by=by,
     )
     # The first page is read before answering: a database error is still a proper 503.
     first = await anext(body, b"")

@@ -58,8 +58,10 @@ async def lines(
     until: datetime | None,
     page_size: int,
     max_bytes: int,
+    by: str = "created_at",
 ) -> AsyncIterator[bytes]:
-    """JSON lines, oldest first; one connection per page (none held while the client reads)."""
+    """JSON lines, oldest first by `by` (created_at or finished_at); one connection per page (none
+    held while the client reads)."""
     after = None
     chosen = statuses or sorted(s.value for s in TERMINAL_STATUSES)
     while True:
@@ -74,9 +76,10 @@ async def lines(
                 after=after,
                 limit=page_size,
                 max_bytes=max_bytes,
+                by=by,
             )
         if rows:
             yield b"".join(_line(row) for row in rows)
         if not more:
             return
-        after = (rows[-1]["created_at"], rows[-1]["id"])
+        after = (rows[-1][by], rows[-1]["id"])

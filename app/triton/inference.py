@@ -84,7 +84,13 @@ def classify_rpc_error(exc: grpc.RpcError) -> GenerationError:
     return GenerationError(f"Triton gRPC error {name}: {details}", transient=transient)
 
 
+# Triton's vLLM backend puts this before every error it sends, streamed request or not: it says
+# nothing to the job's owner.
+_BACKEND_PREFIX = "Error generating stream: "
+
+
 def classify_server_message(message: str) -> GenerationError:
+    message = message.removeprefix(_BACKEND_PREFIX)
     lowered = message.lower()
     return GenerationError(message, transient=any(marker in lowered for marker in _TRANSIENT_MARKERS))
 

@@ -84,7 +84,7 @@ def test_backend_error_fails_the_job_with_its_message_without_retrying(api: http
     assert (
         "maximum model length of 512" in result["error"] or "maximum context length is 512" in result["error"]
     )
-    assert result["error"].startswith("Error generating stream:")
+    assert not result["error"].startswith("Error generating stream")  # the backend's prefix says nothing
     assert result["output"] is None
     assert result["attempts"] == 1  # permanent: not retried
     assert result["finished_at"] is not None

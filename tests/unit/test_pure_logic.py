@@ -130,3 +130,8 @@ def test_an_event_holds_no_line_separator_a_line_splitting_client_would_cut_it_a
     (data,) = (line for line in lines if line.startswith("data: "))
     assert json.loads(data.removeprefix("data: ")) == payload
     assert "é 🌟" in raw  # only the separators are escaped
+
+
+def test_the_backends_prefix_is_not_in_a_jobs_error() -> None:
+    error = classify_server_message("Error generating stream: The decoder prompt (length 600) is too long")
+    assert error.message == "The decoder prompt (length 600) is too long"

@@ -57,6 +57,10 @@ class ServiceUnavailable(AppError):
     status_code = 503
 
 
+class Stopping(ServiceUnavailable):
+    """The API process is stopping while the request waits (a long poll, a stream, a /v1 call)."""
+
+
 DATABASE_DOWN = "the database is unavailable; nothing was changed, try again"
 REDIS_DOWN = "Redis is unavailable; try again"
 STOPPING = "this API process is stopping; connect again (another process answers)"
@@ -86,7 +90,7 @@ def error_response(
 # The OpenAI-compatible surface answers errors in OpenAI's shape, which its SDKs parse.
 OPENAI_PREFIX = "/v1"
 _OPENAI_TYPES = {
-    401: "authentication_error",
+    401: "invalid_request_error",  # as OpenAI answers a bad key (code: invalid_api_key)
     403: "permission_error",
     429: "rate_limit_error",
 }

@@ -121,6 +121,9 @@ class _Common(BaseModel):
     n: int | None = Field(default=None, ge=1, description="Choices: each one is a job of its own.")
     presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    ignore_eos: bool | None = Field(
+        default=None, description="vLLM's extension: generate max_tokens tokens even past the end of text."
+    )
     stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: Annotated[str, Field(max_length=256, pattern=r"^[^\x00]*$")] | None = None

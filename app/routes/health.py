@@ -39,7 +39,7 @@ CHECK_TIMEOUT_S = 0.8
 
 # The migration this code's statements are written for (tests/unit/test_schema_revision.py keeps it
 # equal to the migrations' head).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 
 
 async def _schema_revision(db: Database) -> str | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import logging
 import re
 import uuid
 from typing import Any
@@ -10,7 +11,7 @@ from fastapi.responses import JSONResponse
 from app import quotas
 from app.db import AsyncConnection
 from app.deps import Caller, caller
-from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable
+from app.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, stream_error
 from app.query import StrictQueryRoute
 from app.routes.contexts import IDEMPOTENCY_KEY_DOC
 from app.schemas import ErrorBody, ModelInfo, ResultOut, SendAccepted, SendOptions
@@ -18,7 +19,17 @@ from app.services import idempotency
 from app.services import results as service
 from app.triton.admin import ModelCatalog, ModelState, TritonUnavailable
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/models", tags=["models"], route_class=StrictQueryRoute)
+
+
+def triton_unreachable(exc: TritonUnavailable, what: str) -> ServiceUnavailable:
+    """The answer when Triton cannot be asked: the cause (with Triton's address) is logged, never
+    shown to a caller."""
+    log.warning("%s: %s", what, exc)
+    return ServiceUnavailable(f"{what}: Triton is unreachable; try again later")
+
 
 _LOCATION = {"Location": {"description": "The result: `/results/{result_id}`", "schema": {"type": "string"}}}
 _PREFERENCE_APPLIED = {
@@ -42,7 +53,7 @@ async def check_ready(catalog: ModelCatalog, model_name: str) -> None:
     except TritonUnavailable as exc:
         if catalog.seen_ready_recently(model_name):
             return
-        raise ServiceUnavailable(f"cannot check model '{model_name}': {exc}") from exc
+        raise triton_unreachable(exc, f"cannot check model '{model_name}'") from exc
     model = models.get(model_name)
     if model is None:
         raise NotFound(
@@ -67,7 +78,7 @@ async def list_models(c: Caller = Depends(caller)) -> list[ModelInfo]:
     try:
         models = await c.rt.triton_admin.list_models()
     except TritonUnavailable as exc:
-        raise ServiceUnavailable(str(exc)) from exc
+        raise triton_unreachable(exc, "cannot list the models") from exc
     return [
         ModelInfo(name=m.name, version=m.version, state=m.state, ready=m.ready, reason=m.reason)
         for m in models
@@ -167,7 +178,15 @@ async def send(
         answer = JSONResponse(first, status_code=status)
     answer.headers["Location"] = url
     if wait_s:
-        final = await service.final_within(c.rt.db, c.rt.waiter, c.principal, result_id, wait_s)
+        try:
+            final = await service.final_within(c.rt.db, c.rt.waiter, c.principal, result_id, wait_s)
+        except Exception as exc:
+            # The job exists: an outage during the wait leaves it the 202 (the preference is not
+            # honoured), never an error that would make the client send it again.
+            if stream_error(exc) is None:
+                raise
+            log.warning("result %s: Prefer: wait not honoured: %s", result_id, exc)
+            final = None
         if final is not None:
             headers = {"Location": url, "Preference-Applied": f"wait={wait_s:g}"}
             return Response(final, status_code=200, media_type="application/json", headers=headers)

@@ -13,8 +13,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from app import quotas, sse
 from app.deps import Caller, caller
-from app.errors import AppError, NotFound, ServiceUnavailable
-from app.routes.models import check_ready
+from app.errors import AppError, Conflict, NotFound
+from app.routes.models import check_ready, triton_unreachable
 from app.schemas_openai import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -58,6 +58,8 @@ async def _check_model(c: Caller, model: str) -> None:
         await check_ready(c.rt.model_catalog, model)
     except NotFound as exc:
         raise AppError(exc.message, 404, detail={"field": "model"}, code="model_not_found") from exc
+    except Conflict as exc:
+        raise AppError(exc.message, 409, detail={"field": "model"}, code="model_not_ready") from exc
 
 
 async def _create(c: Caller, call: service.Call, idempotency_key: str | None) -> list[uuid.UUID]:
@@ -76,15 +78,25 @@ async def _create(c: Caller, call: service.Call, idempotency_key: str | None) ->
 async def _run(c: Caller, call: service.Call, idempotency_key: str | None) -> list[dict[str, Any]]:
     """Create the call's jobs, then wait for their final rows."""
     result_ids = await _create(c, call, idempotency_key)
-    return await service.wait_final(
-        c.rt.db, c.rt.waiter, c.principal, result_ids, c.rt.settings.OPENAI_WAIT_S
-    )
+    keyed = idempotency_key is not None
+    try:
+        return await service.wait_final(
+            c.rt.db, c.rt.waiter, c.principal, result_ids, c.rt.settings.OPENAI_WAIT_S, keyed=keyed
+        )
+    except Exception as exc:
+        raise service.after_creation(exc, result_ids, keyed=keyed) from exc
 
 
 async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) -> StreamingResponse:
     """Create the call's jobs, then answer with their chunks as they are generated."""
     result_ids = await _create(c, call, idempotency_key)
-    body = await openai_stream.chunks(c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, call, result_ids)
+    keyed = idempotency_key is not None
+    try:
+        body = await openai_stream.chunks(
+            c.rt.db, c.rt.waiter, c.rt.token_streams, c.principal, call, result_ids, keyed=keyed
+        )
+    except Exception as exc:
+        raise service.after_creation(exc, result_ids, keyed=keyed) from exc
     return sse.response(body, headers={"X-Result-Id": ",".join(map(str, result_ids))})
 
 
@@ -131,7 +143,7 @@ async def _models(c: Caller) -> list[ModelObject]:
     try:
         models = await c.rt.triton_admin.list_models()
     except TritonUnavailable as exc:
-        raise ServiceUnavailable(str(exc)) from exc
+        raise triton_unreachable(exc, "cannot list the models") from exc
     return [ModelObject(id=m.name, ready=m.ready) for m in models]
 
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from app.auth import Principal
 from app.config import Settings
 from app.db import AsyncConnection, Database
-from app.errors import STOPPING, AppError, InvalidInput, ServiceUnavailable
+from app.errors import STOPPING, AppError, InvalidInput, ServiceUnavailable, Stopping, stream_error
 from app.images import image_base64
 from app.notify import ResultWaiter
 from app.repositories import results as results_repo
@@ -38,6 +38,7 @@ from app.schemas_openai import (
     CompletionChoice,
     CompletionRequest,
     Usage,
+    storable_json,
 )
 from app.services import idempotency
 from app.services import results as results_service
@@ -121,8 +122,15 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
     """A field that would change the answer and is not supported is refused by name, not ignored."""
     for name, value in (body.model_extra or {}).items():
         if name in _IGNORED:
+            try:  # not used, but kept with the call (its Idempotency-Key's fingerprint): storable
+                storable_json(value)
+            except ValueError as exc:
+                raise InvalidInput(f"{name}: {exc}", status_code=400, detail={"field": name}) from None
             continue
-        if name in _NO_OP_VALUES and value in _NO_OP_VALUES[name]:
+        # By type too: 0 == False, and `logprobs: 0` asks completions for the sampled tokens' logprobs.
+        if name in _NO_OP_VALUES and any(
+            value == no_op and type(value) is type(no_op) for no_op in _NO_OP_VALUES[name]
+        ):
             continue
         shown = json.dumps(value)[:80]
         raise InvalidInput(
@@ -135,13 +143,16 @@ def refuse_unsupported(body: ChatCompletionRequest | CompletionRequest) -> None:
 
 
 def _sampling(
-    body: ChatCompletionRequest | CompletionRequest, max_tokens: int, settings: Settings
+    body: ChatCompletionRequest | CompletionRequest,
+    max_tokens: int,
+    settings: Settings,
+    max_tokens_field: str = "max_tokens",
 ) -> dict[str, Any]:
     if max_tokens > settings.MAX_TOKENS_LIMIT:
         raise InvalidInput(
-            f"max_tokens must be at most {settings.MAX_TOKENS_LIMIT}, got {max_tokens}",
+            f"{max_tokens_field} must be at most {settings.MAX_TOKENS_LIMIT}, got {max_tokens}",
             status_code=400,
-            detail={"field": "max_tokens"},
+            detail={"field": max_tokens_field},
         )
     n = body.n or 1
     if n > settings.OPENAI_MAX_N:
@@ -154,7 +165,7 @@ def _sampling(
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "stop": body.stop_list(),
     }
-    for name in ("seed", "presence_penalty", "frequency_penalty"):
+    for name in ("seed", "presence_penalty", "frequency_penalty", "ignore_eos"):
         value = getattr(body, name)
         if value is not None:
             params[name] = value
@@ -219,7 +230,8 @@ async def chat_call(body: ChatCompletionRequest, settings: Settings, templates: 
     prompt = templates.render(body.model, for_template, **kwargs)
     _check_size(prompt, "the rendered prompt", settings)
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.OPENAI_DEFAULT_MAX_TOKENS
-    params = _sampling(body, max_tokens, settings)
+    field_name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+    params = _sampling(body, max_tokens, settings, field_name)
     params["chat"] = True
     if kwargs:
         params[OPENAI_KEY]["chat_template_kwargs"] = kwargs
@@ -377,23 +389,26 @@ async def create_jobs(
 
 
 async def wait_final(
-    db: Database, waiter: ResultWaiter, principal: Principal, result_ids: list[uuid.UUID], wait_s: float
+    db: Database,
+    waiter: ResultWaiter,
+    principal: Principal,
+    result_ids: list[uuid.UUID],
+    wait_s: float,
+    *,
+    keyed: bool = False,
 ) -> list[dict[str, Any]]:
     """The final rows (as GET /results/{id} shows them), once every job has ended; a 504 naming
-    them past `wait_s` (the jobs go on)."""
+    them past `wait_s` (the jobs go on). `keyed`: the call came with an Idempotency-Key."""
     bodies = await asyncio.gather(
         *(results_service.final_within(db, waiter, principal, rid, wait_s) for rid in result_ids)
     )
     if any(body is None for body in bodies) and waiter.stopping:
         raise ServiceUnavailable(
-            f"{STOPPING}; the job(s) go on: poll GET /results/{{id}} for {', '.join(map(str, result_ids))}, "
-            "or send the request again with the same Idempotency-Key",
-            headers=_headers(result_ids),
+            f"{STOPPING.split(';')[0]}; {jobs_go_on(result_ids, keyed)}", headers=_headers(result_ids)
         )
     if any(body is None for body in bodies):
         raise AppError(
-            f"the job(s) did not finish within {wait_s:g} s; they go on: poll GET /results/{{id}} "
-            f"for {', '.join(map(str, result_ids))}",
+            f"the job(s) did not finish within {wait_s:g} s; {jobs_go_on(result_ids, keyed)}",
             status_code=504,
             code="job_timeout",
             headers=_headers(result_ids),
@@ -403,6 +418,39 @@ async def wait_final(
     if failed is not None:
         raise job_error(failed, result_ids)
     return rows
+
+
+def jobs_go_on(result_ids: list[uuid.UUID], keyed: bool) -> str:
+    """What a caller whose jobs exist can do, when its call cannot answer with them."""
+    again = ", or send the request again with the same Idempotency-Key" if keyed else ""
+    return f"the job(s) go on: poll GET /results/{{id}} for {', '.join(map(str, result_ids))}{again}"
+
+
+def after_creation(exc: Exception, result_ids: list[uuid.UUID], *, keyed: bool) -> Exception:
+    """The error a call answers once its jobs exist (an outage, this process stopping): it says the
+    jobs go on and tells the SDK not to retry, which would create them again; never "nothing was
+    changed". Other errors are returned as they are."""
+    error = stream_error(exc)
+    if error is None or (error.headers or {}).get("x-should-retry") == "false":
+        return exc
+    cause = error.message.split(";")[0]
+    return AppError(
+        f"{cause}; {jobs_go_on(result_ids, keyed)}",
+        status_code=error.status_code,
+        code=error.code,
+        headers=_headers(result_ids),
+    )
+
+
+def stopped_stream(error: AppError, result_ids: list[uuid.UUID], keyed: bool) -> AppError:
+    """A /v1 stream cut by an outage or this process stopping: no Last-Event-ID under /v1."""
+    if not isinstance(error, Stopping | ServiceUnavailable):
+        return error
+    return AppError(
+        f"{error.message.split(';')[0]}; {jobs_go_on(result_ids, keyed)}",
+        status_code=error.status_code,
+        code=error.code,
+    )
 
 
 def _headers(result_ids: list[uuid.UUID]) -> dict[str, str]:
@@ -424,6 +472,9 @@ def job_error(row: dict[str, Any], result_ids: list[uuid.UUID]) -> AppError:
     if error.startswith(("gave up after", "Triton gRPC error")):
         return AppError(message, status_code=502, code="backend_unavailable", headers=headers)
     # The engine refused the request itself (e.g. longer than the model's context): the caller's to fix.
+    lowered = error.lower()
+    if "maximum context length" in lowered or "maximum model length" in lowered:
+        return AppError(message, status_code=400, code="context_length_exceeded", headers=headers)
     return AppError(message, status_code=400, code="generation_refused", headers=headers)
 
 

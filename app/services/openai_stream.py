@@ -23,7 +23,7 @@ from app.errors import AppError, ServiceUnavailable, openai_error_body, stream_e
 from app.notify import ResultWaiter
 from app.schemas_openai import Usage
 from app.services import streams
-from app.services.openai import Call, job_error, usage
+from app.services.openai import Call, job_error, stopped_stream, usage
 from app.streams import Piece, Restart, TokenStreamReader
 
 # A chunk cannot be taken back: a job run again after some of its text was sent ends the answer.
@@ -82,6 +82,8 @@ async def chunks(
     call: Call,
     result_ids: list[uuid.UUID],
     hold_s: float = HOLD_S,
+    *,
+    keyed: bool = False,
 ) -> AsyncIterator[bytes]:
     """The SSE body: every choice's pieces as they come (choices interleaved), each choice's end
     with its finish reason, the usage when asked, then `[DONE]`. Raises the error of a job that
@@ -123,7 +125,7 @@ async def chunks(
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await feeder
         raise
-    return _body(call, result_ids, queue, feeder, held)
+    return _body(call, result_ids, queue, feeder, held, keyed)
 
 
 async def _body(
@@ -132,6 +134,7 @@ async def _body(
     queue: asyncio.Queue[_Item],
     feeder: asyncio.Future[None],
     held: list[_Item],
+    keyed: bool,
 ) -> AsyncIterator[bytes]:
     out = _Chunks(call, result_ids)
     for index in range(len(result_ids)):
@@ -170,7 +173,7 @@ async def _body(
         error = stream_error(exc)
         if error is None:
             raise
-        yield _event(_error_body(error))
+        yield _event(_error_body(stopped_stream(error, result_ids, keyed)))
     finally:
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

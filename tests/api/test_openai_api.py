@@ -5,6 +5,7 @@ jobs; the answers themselves are proven end to end with the official client in t
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import uuid
@@ -22,6 +23,7 @@ from tests.conftest import (
     FAST_MODEL,
     SIM_MODELS,
     SLOW_MODEL,
+    UNLOADED_MODEL,
     EnqueueRecorder,
     bearer,
     make_api_app,
@@ -304,7 +306,7 @@ async def test_a_bad_key_is_401_in_openais_shape_under_v1_only(v1: V1) -> None:
         response = await v1.http.post("/v1/chat/completions", json=_chat(), headers=headers)
         assert response.status_code == 401
         error = _error(response)
-        assert error["type"] == "authentication_error" and error["code"] == "invalid_api_key"
+        assert error["type"] == "invalid_request_error" and error["code"] == "invalid_api_key"  # as OpenAI
     elsewhere = await v1.http.get("/results/", headers=bearer("llmq_" + "x" * 40))
     assert elsewhere.status_code == 401 and isinstance(elsewhere.json()["error"], str)
 
@@ -554,7 +556,9 @@ async def test_an_export_cut_by_the_database_ends_with_a_line_saying_why(
 async def test_export_refuses_bad_filters(v1: V1) -> None:
     backwards = {"from": "2026-02-01T00:00:00Z", "to": "2026-01-01T00:00:00Z"}
     answer = await v1.user.get("/results/export", params=backwards)
-    assert answer.status_code == 422 and "'from' (2026-02-01T00:00:00+00:00) must be before 'to'" in answer.text
+    assert (
+        answer.status_code == 422 and "'from' (2026-02-01T00:00:00+00:00) must be before 'to'" in answer.text
+    )
     for params in ({"status": "pending"}, {"from": "2026-01-01T00:00:00"}, {"from": "yesterday"}):
         response = await v1.user.get("/results/export", params=params)
         assert response.status_code == 422, (params, response.text)
@@ -626,3 +630,102 @@ async def test_a_remote_image_is_fetched_only_from_an_allowed_host(
             assert other_host.status_code == 400 and "not allowed" in _error(other_host)["message"]
     finally:
         server.shutdown()
+
+
+@pytest.fixture
+async def v1_waiting(
+    db: psycopg.AsyncConnection[Any], triton: Any, enqueued: EnqueueRecorder
+) -> AsyncIterator[V1]:
+    """As `v1`, with calls that wait 2 s for their jobs (no worker runs them)."""
+    app = make_api_app(triton.http_url, enqueued, CHAT_TEMPLATES_DIRS=str(SIM_MODELS), OPENAI_WAIT_S=2.0)
+    async with serve_in_process(app) as http:
+        tenant = f"tenant-{uuid.uuid4().hex[:8]}"
+        key = await make_key(http, tenant)
+        async with httpx.AsyncClient(
+            transport=http._transport, base_url="http://api.test", headers=bearer(key), timeout=30
+        ) as user:
+            yield V1(http, user, tenant)
+
+
+async def _cut_database_once_a_job_exists(db: psycopg.AsyncConnection[Any], api_db_url: str) -> list[str]:
+    """Wait for the call's job row, then refuse every connection to the API's database (the
+    server's own refusal, as in an outage); the ids of the jobs."""
+    while not (rows := await (await db.execute("SELECT id FROM result")).fetchall()):
+        await asyncio.sleep(0.02)
+    name = api_db_url.rsplit("/", 1)[1]
+    async with await psycopg.AsyncConnection.connect(
+        api_db_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres",
+        autocommit=True,
+    ) as admin:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (name,),
+        )
+    return [str(row[0]) for row in rows]
+
+
+async def _allow_connections(api_db_url: str) -> None:
+    name = api_db_url.rsplit("/", 1)[1]
+    async with await psycopg.AsyncConnection.connect(
+        api_db_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres",
+        autocommit=True,
+    ) as admin:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+async def test_an_outage_after_the_jobs_exist_says_they_go_on_and_forbids_a_retry(
+    v1_waiting: V1, db: psycopg.AsyncConnection[Any], api_db_url: str, stream: bool
+) -> None:
+    """An outage once a call's jobs exist must not answer "nothing was changed, try again": the
+    SDK would send the call again and the jobs would be made twice."""
+    call = asyncio.ensure_future(v1_waiting.user.post("/v1/chat/completions", json=_chat(stream=stream)))
+    try:
+        ids = await asyncio.wait_for(_cut_database_once_a_job_exists(db, api_db_url), 10)
+        response = await asyncio.wait_for(call, 20)
+    finally:
+        await _allow_connections(api_db_url)
+    assert response.status_code == 503, response.text
+    error = _error(response)
+    assert "nothing was changed" not in error["message"] and "the job(s) go on" in error["message"]
+    assert ids[0] in error["message"] and "Idempotency-Key" not in error["message"]  # none was sent
+    assert response.headers["x-should-retry"] == "false" and response.headers["x-result-id"] == ids[0]
+
+
+async def test_ignored_fields_are_kept_only_when_storable(v1: V1) -> None:
+    # Fields accepted and not used are in the Idempotency-Key's fingerprint: a lone surrogate there
+    # made that a 500.
+    response = await v1.user.post(
+        "/v1/chat/completions",
+        content=json.dumps(_chat(safety_identifier="\ud800")).encode(),
+        headers={"content-type": "application/json", "Idempotency-Key": "k1"},
+    )
+    assert response.status_code == 400, response.text
+    assert _error(response)["param"] == "safety_identifier"
+
+
+async def test_v1_names_the_field_over_a_limit_and_refuses_what_it_cannot_honour(v1: V1) -> None:
+    over = await v1.user.post("/v1/chat/completions", json=_chat(max_completion_tokens=10**6))
+    assert over.status_code == 400 and _error(over)["param"] == "max_completion_tokens"
+    assert "max_completion_tokens must be at most" in _error(over)["message"]
+    # logprobs: 0 asks completions for the sampled tokens' logprobs (0 == False fooled the no-op check).
+    zero = await v1.user.post("/v1/completions", json={"model": FAST_MODEL, "prompt": "Hi", "logprobs": 0})
+    assert zero.status_code == 400 and _error(zero)["param"] == "logprobs"
+    off = await v1.user.post("/v1/chat/completions", json=_chat(logprobs=False))
+    assert off.status_code == 504  # accepted (no worker here: the wait ends)
+
+
+async def test_a_model_not_ready_is_named_as_the_param_with_a_code(v1: V1) -> None:
+    response = await v1.user.post("/v1/chat/completions", json=_chat(model=UNLOADED_MODEL))
+    assert response.status_code == 409
+    assert _error(response)["param"] == "model" and _error(response)["code"] == "model_not_ready"
+
+
+async def test_ignore_eos_reaches_the_job(v1: V1, db: psycopg.AsyncConnection[Any]) -> None:
+    response = await v1.user.post(
+        "/v1/completions", json={"model": FAST_MODEL, "prompt": "Hi", "ignore_eos": True}
+    )
+    assert response.status_code == 504
+    params = (await (await db.execute("SELECT params FROM result")).fetchone())[0]  # type: ignore[index]
+    assert params["ignore_eos"] is True

@@ -258,7 +258,7 @@ def test_each_error_class(sdk: openai.OpenAI, api_server: str) -> None:
     # The engine refuses a prompt longer than the model's context: the job fails, the call says why.
     with pytest.raises(openai.BadRequestError) as refused:
         sdk.completions.create(model=FAST_MODEL, prompt="word " * 600, max_tokens=4)
-    assert refused.value.code == "generation_refused"
+    assert refused.value.code == "context_length_exceeded"  # as OpenAI names it
     assert "maximum" in refused.value.message and "512" in refused.value.message
     # Streamed too: the refusal is the call's status (as OpenAI answers), not an error after a 200.
     with pytest.raises(openai.BadRequestError) as refused_stream:
@@ -268,7 +268,7 @@ def test_each_error_class(sdk: openai.OpenAI, api_server: str) -> None:
             max_tokens=4,
             stream=True,
         )
-    assert refused_stream.value.code == "generation_refused" and refused_stream.value.status_code == 400
+    assert refused_stream.value.code == "context_length_exceeded" and refused_stream.value.status_code == 400
 
 
 def test_a_client_that_leaves_does_not_stop_its_job_and_the_pending_cap_is_429(api_server: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from typing import Any
+from urllib.parse import quote, quote_from_bytes
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -184,15 +185,26 @@ def _allowed_methods(request: Request) -> list[str]:
     return [method for method in _METHODS if method in allowed]
 
 
+# What a Location's path and query may hold as sent: everything else is percent-encoded.
+_PATH_SAFE = "/%!$&'()*+,;=:@-._~"
+_QUERY_SAFE = _PATH_SAFE + "?"
+
+
 def _slash_twin(request: Request) -> str | None:
-    """The request's path with its trailing slash added or removed, if a route takes it with this method."""
+    """The request's path with its trailing slash added or removed, as sent (percent-encoded), if a
+    route takes it with this method. Built from the raw path: the decoded one may hold `?`, `#`,
+    CR LF or characters a header cannot carry."""
     path = request.scope["path"]
     if path == "/":
         return None
     twin = path[:-1] if path.endswith("/") else path + "/"
     routes = request.app.router.routes
     twin_scope = {**request.scope, "path": twin}
-    return twin if any(route.matches(twin_scope)[0] == Match.FULL for route in routes) else None
+    if not any(route.matches(twin_scope)[0] == Match.FULL for route in routes):
+        return None
+    raw: bytes = request.scope.get("raw_path") or path.encode()
+    raw = raw[:-1] if raw.endswith(b"/") else raw + b"/"
+    return quote_from_bytes(raw, safe=_PATH_SAFE)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -212,20 +224,23 @@ def install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         # FastAPI answers a body json.loads cannot read (not JSON's UTF-8, nested past the recursion
         # limit) with a bare 400 "error parsing the body": say what is wrong, as for other bad bodies.
-        if exc.status_code == 400 and isinstance(exc.__cause__, UnicodeDecodeError | RecursionError):
-            problem = (
-                "the body is not valid UTF-8"
-                if isinstance(exc.__cause__, UnicodeDecodeError)
-                else "the JSON body is nested too deeply"
-            )
+        cause = exc.__cause__
+        too_long = isinstance(cause, ValueError) and "digits" in str(cause)  # Python's int size bound
+        if exc.status_code == 400 and (isinstance(cause, UnicodeDecodeError | RecursionError) or too_long):
+            if isinstance(cause, UnicodeDecodeError):
+                problem = "the body is not valid UTF-8"
+            elif too_long:
+                problem = "a number in the JSON body has more than 4300 digits"
+            else:
+                problem = "the JSON body is nested too deeply"
             detail = [{"field": "body", "message": problem, "type": "json_invalid"}]
             return render_error(request.url.path, 422, f"invalid request: {problem}", detail)
         if exc.status_code == 404 and (twin := _slash_twin(request)) is not None:
             # The path with (or without) its trailing slash: the Location is relative, so a Host
             # header sent by the client (or passed on by a proxy) never chooses where it points.
-            location = request.scope.get("root_path", "") + twin
-            if request.url.query:
-                location += "?" + request.url.query
+            location = quote(request.scope.get("root_path", ""), safe=_PATH_SAFE) + twin
+            if request.scope.get("query_string"):
+                location += "?" + quote_from_bytes(request.scope["query_string"], safe=_QUERY_SAFE)
             return render_error(
                 request.url.path,
                 307,

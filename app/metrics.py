@@ -64,13 +64,18 @@ class ApiMetrics:
             ["model"],
             registry=self.registry,
         )
+        self._models: set[str] = set()  # the models with pending jobs at a scrape since the start
 
     async def exposition(self, conn: AsyncConnection) -> bytes:
-        """The metrics text, with the queue's state read now."""
+        """The metrics text, with the queue's state read now (0 for a model seen before with nothing
+        pending now: a series that vanished would read as missing data, not as an empty queue)."""
         rows = await (await conn.execute(_QUEUE_STATE)).fetchall()
-        self.jobs.clear()
-        self.oldest.clear()
+        for model in self._models:
+            self.jobs.labels(model, "queued").set(0)
+            self.jobs.labels(model, "running").set(0)
+            self.oldest.labels(model).set(0)
         for model, queued, running, oldest_s in rows:
+            self._models.add(model)
             self.jobs.labels(model, "queued").set(queued)
             self.jobs.labels(model, "running").set(running)
             self.oldest.labels(model).set(float(oldest_s or 0))
@@ -108,9 +113,19 @@ class RequestMetrics:
         group = parts[1] if len(parts) > 1 and parts[1] in _GROUPS else "other"
         method = scope["method"] if scope["method"] in _METHODS else "other"
 
+        answered = False
+
         async def counted(message: Message) -> None:
+            nonlocal answered
             if message["type"] == "http.response.start":
+                answered = True
                 self._count(method, group, message["status"], time.perf_counter() - started)
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:
+            # Starlette's outermost middleware answers it 500, outside this one: counted here.
+            if not answered:
+                self._count(method, group, 500, time.perf_counter() - started)
+            raise

@@ -22,14 +22,19 @@ MEDIA_TYPE = "text/event-stream"
 _HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-# Legal raw in a JSON string and in an event, but clients that split lines as str.splitlines() does
-# (httpx's iter_lines, httpx-sse) would cut the event there. Other line breaks are escaped by JSON.
+# Legal raw in a JSON string, but clients that split lines as str.splitlines() does (httpx's
+# iter_lines, httpx-sse) would cut an event or a JSON line there. Other line breaks are escaped by JSON.
 _LINE_SEPARATORS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def one_line(json_text: str) -> str:
+    """Serialized JSON with its strings' Unicode line separators escaped: one line for every reader."""
+    return json_text.translate(_LINE_SEPARATORS)
 
 
 def event(data: str, *, name: str | None = None, event_id: int | None = None) -> bytes:
     """One event; `data` is already serialized (JSON), so line separators can only be in its strings."""
-    data = data.translate(_LINE_SEPARATORS)
+    data = one_line(data)
     return format_sse_event(data_str=data, event=name, id=None if event_id is None else str(event_id))
 
 

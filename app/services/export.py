@@ -12,6 +12,7 @@ from app.auth import Principal
 from app.db import Database
 from app.models import TERMINAL_STATUSES
 from app.repositories import results as repo
+from app.sse import one_line
 
 
 def _line(row: dict[str, Any]) -> bytes:
@@ -44,7 +45,7 @@ def _line(row: dict[str, Any]) -> bytes:
             "context_id": str(row["context_id"]),
         }
     )
-    return json.dumps(record, ensure_ascii=False).encode() + b"\n"
+    return one_line(json.dumps(record, ensure_ascii=False)).encode() + b"\n"
 
 
 async def lines(

@@ -85,3 +85,16 @@ async def test_an_export_by_an_unknown_time_is_refused_naming_the_choices(user: 
     response = await user.get("/results/export", params={"by": "started_at"})
     assert response.status_code == 422
     assert "created_at" in response.text and "finished_at" in response.text
+
+
+async def test_an_export_line_stays_one_line_for_every_reader(
+    user: httpx.AsyncClient, db: psycopg.AsyncConnection[Any]
+) -> None:
+    # JSON allows U+2028, U+2029 and NEL raw in a string; str.splitlines() (httpx's iter_lines) cuts there.
+    content = "one\u2028two\u2029three\x85four"
+    context_id = (await user.post("/contexts/", json={"content": content})).json()["id"]
+    await user.post(f"/models/send/{FAST_MODEL}/{context_id}", json={"max_tokens": 4})
+    await db.execute("UPDATE result SET status = 'completed', output = %s, finished_at = now()", (content,))
+    response = await user.get("/results/export")
+    lines = response.text.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["prompt"] == content == json.loads(lines[0])["response"]

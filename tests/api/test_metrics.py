@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
+from fastapi import Depends, Header
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import FAST_MODEL, InProcessApi
+from tests.conftest import ADMIN_KEY, FAST_MODEL, EnqueueRecorder, InProcessApi, bearer, make_api_app
 
 pytestmark = pytest.mark.anyio
 
@@ -71,3 +73,32 @@ async def test_metrics_labels_stay_bounded_whatever_the_paths_and_methods(api_ap
     }
     assert groups <= {"contexts", "models", "results", "admin", "health", "v1", "metrics", "other"}
     assert "BREW" not in methods and "other" in methods
+
+
+async def test_an_unexpected_error_is_counted_500_and_an_empty_queue_reads_zero(
+    triton: Any, enqueued: EnqueueRecorder, db: psycopg.AsyncConnection[Any]
+) -> None:
+    async def fails_on_demand(x_fail: str | None = Header(None)) -> None:
+        if x_fail:
+            raise RuntimeError("a bug")
+
+    app = make_api_app(triton.http_url, enqueued, dependencies=[Depends(fails_on_demand)])
+    async with app.router.lifespan_context(app):
+        # The 500 is Starlette's outermost middleware's, which re-raises: not the test's concern here.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api.test", headers=bearer(ADMIN_KEY)
+        ) as admin:
+            context_id = (await admin.post("/contexts/", json={"content": "count me"})).json()["id"]
+            assert (await admin.post(f"/models/send/{FAST_MODEL}/{context_id}")).status_code == 202
+            assert (await admin.get("/contexts/", headers={"x-fail": "1"})).status_code == 500
+            first = _samples((await admin.get("/metrics")).text)
+            await db.execute("UPDATE result SET status = 'failed', finished_at = now()")
+            second = _samples((await admin.get("/metrics")).text)
+    assert (
+        first[("llmq_http_requests_total", (("group", "contexts"), ("method", "GET"), ("status", "500")))]
+        == 1
+    )
+    queued = ("llmq_jobs_pending", (("model", FAST_MODEL), ("state", "queued")))
+    assert first[queued] == 1 and second[queued] == 0  # still there, at 0
+    assert second[("llmq_oldest_queued_job_age_seconds", (("model", FAST_MODEL),))] == 0

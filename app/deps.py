@@ -50,6 +50,7 @@ class Caller:
 
     principal: Principal
     rt: Runtime
+    request: Request  # for the rare operation that watches its connection (a /v1 call's client leaving)
 
 
 async def caller(request: Request) -> Caller:
@@ -57,4 +58,4 @@ async def caller(request: Request) -> Caller:
     if not isinstance(principal, Principal):  # only if the middleware is missing: refuse, never skip
         raise Unauthenticated("missing API key: send the header 'Authorization: Bearer <API key>'")
     rt: Runtime = request.app.state.runtime
-    return Caller(principal, rt)
+    return Caller(principal, rt, request)

@@ -1,17 +1,22 @@
 """The OpenAI-compatible surface (/v1): chat completions, completions and the model list, on
 durable jobs. Each choice is a result row: the answer's `id` (and each choice's `result_id`, and the
-`X-Result-Id` header listing them) is what `GET /results/{id}` shows; a client that leaves does not
-stop its jobs. Errors are in OpenAI's shape (app/errors.py)."""
+`X-Result-Id` header listing them) is what `GET /results/{id}` shows. A client that leaves before its
+answer cancels the call's unfinished jobs (the engine stops generating them, as vLLM's server does),
+unless it sent an Idempotency-Key: then they go on, for a retry with the key to answer from. Errors
+are in OpenAI's shape (app/errors.py)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Header, Path
+from fastapi import APIRouter, Depends, Header, Path, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from app import quotas, sse
+from app import background, quotas, sse
 from app.deps import Caller, caller
 from app.errors import AppError, Conflict, NotFound
 from app.routes.models import check_ready, triton_unreachable
@@ -26,9 +31,14 @@ from app.schemas_openai import (
 )
 from app.services import openai as service
 from app.services import openai_stream
+from app.services import results as results_service
 from app.triton.admin import TritonUnavailable
 
+log = logging.getLogger(__name__)
+
 router = APIRouter(prefix="/v1", tags=["openai"])
+# nginx's "client closed request": counted in the metrics, read by nobody.
+CLIENT_LEFT = 499
 
 IDEMPOTENCY_DOC = (
     "Any string: the same key with the same request within 24 hours answers from the same jobs "
@@ -75,16 +85,54 @@ async def _create(c: Caller, call: service.Call, idempotency_key: str | None) ->
     return result_ids
 
 
-async def _run(c: Caller, call: service.Call, idempotency_key: str | None) -> list[dict[str, Any]]:
-    """Create the call's jobs, then wait for their final rows."""
+async def _client_left(request: Request) -> None:
+    """Returns once the client has closed its connection (its body was read already: the next
+    message the server gives is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _cancel_left_jobs(c: Caller, result_ids: list[uuid.UUID]) -> None:
+    """The client left a call without an Idempotency-Key: nobody can come back for its jobs."""
+    cancelled = 0
+    for result_id in result_ids:
+        try:
+            await results_service.cancel(
+                c.rt.db, c.rt.cancel_notices, c.principal, result_id, 0.0, c.rt.token_streams, c.rt.waiter
+            )
+            cancelled += 1
+        except Conflict:  # ended already
+            pass
+        except Exception as exc:
+            log.warning("result %s: not cancelled after its client left: %s", result_id, exc)
+    log.info("a /v1 client left before its answer: %d of %d job(s) cancelled", cancelled, len(result_ids))
+
+
+async def _run(c: Caller, call: service.Call, idempotency_key: str | None) -> list[dict[str, Any]] | None:
+    """Create the call's jobs, then wait for their final rows; None if the client left first."""
     result_ids = await _create(c, call, idempotency_key)
     keyed = idempotency_key is not None
-    try:
-        return await service.wait_final(
+    waiting = asyncio.ensure_future(
+        service.wait_final(
             c.rt.db, c.rt.waiter, c.principal, result_ids, c.rt.settings.OPENAI_WAIT_S, keyed=keyed
         )
+    )
+    try:
+        if not keyed:
+            left = asyncio.ensure_future(_client_left(c.request))
+            try:
+                await asyncio.wait({waiting, left}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                left.cancel()
+            if not waiting.done():
+                waiting.cancel()
+                background.detached(_cancel_left_jobs(c, result_ids))
+                return None
+        return await waiting
     except Exception as exc:
         raise service.after_creation(exc, result_ids, keyed=keyed) from exc
+    finally:
+        waiting.cancel()
 
 
 async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) -> StreamingResponse:
@@ -97,7 +145,26 @@ async def _stream(c: Caller, call: service.Call, idempotency_key: str | None) ->
         )
     except Exception as exc:
         raise service.after_creation(exc, result_ids, keyed=keyed) from exc
+    if not keyed:
+        body = _cancel_if_left(body, c, result_ids)
     return sse.response(body, headers={"X-Result-Id": ",".join(map(str, result_ids))})
+
+
+async def _cancel_if_left(
+    body: AsyncIterator[bytes], c: Caller, result_ids: list[uuid.UUID]
+) -> AsyncIterator[bytes]:
+    """The answer's chunks; if it is closed before its end (the client left), the jobs are cancelled."""
+    ended = False
+    try:
+        async for chunk in body:
+            yield chunk
+        ended = True
+    finally:
+        aclose = getattr(body, "aclose", None)
+        if aclose is not None:
+            await aclose()
+        if not ended:
+            background.detached(_cancel_left_jobs(c, result_ids))
 
 
 def _answer(body: ChatCompletion | Completion) -> JSONResponse:
@@ -120,7 +187,7 @@ async def chat_completions(
     if body.stream:
         return await _stream(c, call, idempotency_key)
     rows = await _run(c, call, idempotency_key)
-    return _answer(service.chat_completion(call, rows))
+    return Response(status_code=CLIENT_LEFT) if rows is None else _answer(service.chat_completion(call, rows))
 
 
 @router.post("/completions", response_model=Completion, responses=_COMPLETION_ERRORS)
@@ -136,7 +203,7 @@ async def completions(
     if body.stream:
         return await _stream(c, call, idempotency_key)
     rows = await _run(c, call, idempotency_key)
-    return _answer(service.completion(call, rows))
+    return Response(status_code=CLIENT_LEFT) if rows is None else _answer(service.completion(call, rows))
 
 
 async def _models(c: Caller) -> list[ModelObject]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -17,6 +18,7 @@ from localtriton.engine import IMAGE_TOKENS, simulate
 
 from tests.conftest import ADMIN_KEY, FAST_MODEL, SLOW_MODEL, bearer
 from tests.e2e.helpers import wait_for_result
+from tests.localtriton.localtriton_helpers import read_metric
 
 SIM_MAX_MODEL_LEN = 512
 
@@ -271,7 +273,9 @@ def test_each_error_class(sdk: openai.OpenAI, api_server: str) -> None:
     assert refused_stream.value.code == "context_length_exceeded" and refused_stream.value.status_code == 400
 
 
-def test_a_client_that_leaves_does_not_stop_its_job_and_the_pending_cap_is_429(api_server: str) -> None:
+def test_a_client_with_an_idempotency_key_that_leaves_does_not_stop_its_job_and_the_pending_cap_is_429(
+    api_server: str, worker: object
+) -> None:
     tenant = f"leaver-{uuid.uuid4().hex[:8]}"
     key = _key(api_server, tenant, max_pending=1)
     client = openai.OpenAI(base_url=f"{api_server}/v1", api_key=key)
@@ -290,6 +294,7 @@ def test_a_client_that_leaves_does_not_stop_its_job_and_the_pending_cap_is_429(a
             messages=messages,
             max_tokens=200,
             seed=13,  # type: ignore[arg-type]
+            extra_headers={"Idempotency-Key": f"story-{tenant}"},  # a retry with it would answer from the job
         )
     # Its job is pending: the tenant's one allowed. The client library retries a 429 by itself; not here.
     with pytest.raises(openai.RateLimitError) as over:
@@ -305,6 +310,35 @@ def test_a_client_that_leaves_does_not_stop_its_job_and_the_pending_cap_is_429(a
     assert [(line["id"], line["messages"], line["response"]) for line in exported] == [
         (job["id"], messages, expected.text)
     ]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
+def test_a_client_that_leaves_without_an_idempotency_key_cancels_its_job(
+    sdk: openai.OpenAI, api: httpx.Client, triton: object, stream: bool
+) -> None:
+    """Nobody can come back for such a call's jobs: the engine stops generating them (vLLM's own
+    server aborts a request whose client left)."""
+    running = lambda: read_metric(triton, "sim_engine_running_requests", SLOW_MODEL)  # type: ignore[arg-type]  # noqa: E731
+    cancelled_before = read_metric(triton, "sim_engine_cancelled_total", SLOW_MODEL)  # type: ignore[arg-type]
+    call = {"model": SLOW_MODEL, "messages": [{"role": "user", "content": "A long one."}], "max_tokens": 400}
+    leaving = sdk.with_options(timeout=2.0, max_retries=0)
+    if stream:
+        chunks = leaving.chat.completions.create(**call, stream=True, extra_body={"ignore_eos": True})  # type: ignore[call-overload]
+        next(iter(chunks))  # the answer has begun
+        result_id = chunks.response.headers["x-result-id"]
+        chunks.close()
+    else:
+        with pytest.raises(openai.APITimeoutError):
+            leaving.chat.completions.create(**call, extra_body={"ignore_eos": True})  # type: ignore[call-overload]
+        [row] = [r for r in api.get("/results/", params={"model": SLOW_MODEL, "limit": 1}).json()["items"]]
+        result_id = row["id"]
+    done = wait_for_result(api, result_id, timeout_s=15)
+    assert done["status"] == "cancelled", done
+    deadline = time.monotonic() + 10  # 400 tokens would run ~6 s more
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert running() == 0
+    assert read_metric(triton, "sim_engine_cancelled_total", SLOW_MODEL) > cancelled_before  # type: ignore[arg-type]
 
 
 def test_a_streamed_chat_call_with_usage_adds_up_to_the_simulated_text(

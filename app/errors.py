@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from typing import Any
 from urllib.parse import quote, quote_from_bytes
 
@@ -267,5 +268,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return render_error(request.url.path, 500, "internal error; the request was not processed")
+        ref = uuid.uuid4().hex[:12]  # what the client can quote to find the traceback in the log
+        log.exception("unhandled error on %s %s (ref %s)", request.method, request.url.path, ref)
+        return render_error(
+            request.url.path,
+            500,
+            f"internal error; the request was not processed (ref {ref} in the API's log)",
+        )

@@ -98,3 +98,11 @@ async def test_an_export_line_stays_one_line_for_every_reader(
     response = await user.get("/results/export")
     lines = response.text.splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["prompt"] == content == json.loads(lines[0])["response"]
+
+
+async def test_an_export_status_refusal_lists_the_final_states_only(user: httpx.AsyncClient) -> None:
+    for status in ("pending", "bogus"):
+        response = await user.get("/results/export", params={"status": status})
+        assert response.status_code == 422, response.text
+        message = response.json()["error"]
+        assert "completed" in message and "cancelled" in message and "'pending'" not in message, message

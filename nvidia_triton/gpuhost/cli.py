@@ -274,10 +274,10 @@ def run_tritonserver(
 
 @app.command("ssh-tunnels-tritonserver")
 def ssh_tunnels(ctx: typer.Context, contract_id: ContractOpt = None) -> None:
-    """Forward 8000/8001/8002 to 127.0.0.1 and print the TRITON_URL lines for .env.api.dev."""
+    """Forward 8000/8001/8002 to 127.0.0.1 and print the platform's settings for it."""
     c = _c(ctx)
     argv = remote.tunnel_argv(c.target(contract_id), c.ssh_opts)
-    c.say("# paste into .env.api.dev (the tunnel runs until Ctrl-C):")
+    c.say("# the platform's settings for this tunnel (the defaults; the tunnel runs until Ctrl-C):")
     c.say("TRITON_URL=http://127.0.0.1:8000")
     c.say("TRITON_GRPC_URL=127.0.0.1:8001")
     c.say("TRITON_METRICS_URL=http://127.0.0.1:8002/metrics")

@@ -5,16 +5,18 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, date, datetime, time
 from typing import NoReturn, TypeVar
 
 import psycopg
+import psycopg.errors
 import typer
 from pydantic import TypeAdapter, ValidationError
 
 from app.config import settings_or_exit
 from app.db import AsyncConnection, connection_kwargs, conninfo
 from app.errors import AppError
+from app.notify import RECENT_TTL_S, publish_purge
 from app.schemas import ApiKeyCreate, TenantLimitsIn, TenantLimitsOut, TenantName
 from app.services import keys as service
 from app.services import retention
@@ -43,6 +45,11 @@ def _run(action: Callable[[AsyncConnection], Awaitable[T]]) -> T:
         return asyncio.run(run())
     except AppError as exc:
         _fail(exc.message)
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        _fail(
+            f"the database has no schema, or an older one ({str(exc).strip().splitlines()[0]}): "
+            "run `alembic upgrade head`"
+        )
     except psycopg.Error as exc:  # its first line names the server, never the password
         _fail(
             f"database error: {str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}"
@@ -62,6 +69,9 @@ def create(
     scope: str = typer.Option("user", help="user (its tenant only) or admin (every tenant)."),
     max_pending: int | None = typer.Option(None, help="Override the tenant's pending-jobs cap."),
     submit_rate_per_s: int | None = typer.Option(None, help="Override the submit rate."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print one JSON object (id, key, tenant, name, scope) for scripts."
+    ),
 ) -> None:
     """Create a key and print it: it is shown this once, only its hash is stored."""
     try:
@@ -79,6 +89,9 @@ def create(
             "; ".join(f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         )
     created = _run(lambda conn: service.create_key(conn, spec))
+    if as_json:
+        typer.echo(created.model_dump_json(include={"id", "key", "tenant", "name", "scope"}))
+        return
     typer.echo(f"id:     {created.id}\ntenant: {created.tenant}\nscope:  {created.scope}")
     typer.echo(f"key:    {created.key}\n(shown once: store it now)")
 
@@ -90,10 +103,19 @@ def list_keys() -> None:
     if not found:
         typer.echo("no keys (create one with: keys create --tenant … --name …)")
         return
-    typer.echo(f"{'id':<36}  {'prefix':<12}  {'tenant':<20} {'scope':<5} {'state':<24} name")
+    typer.echo(
+        f"{'id':<36}  {'prefix':<12}  {'tenant':<20} {'scope':<5} {'max_pending':>11} "
+        f"{'submit_rate_per_s':>17} {'state':<24} name"
+    )
     for key in found:
         state = f"revoked {key.revoked_at:%Y-%m-%d %H:%M}" if key.revoked_at else "active"
-        typer.echo(f"{key.id}  {key.prefix}…  {key.tenant:<20} {key.scope:<5} {state:<24} {key.name}")
+        # Blank: the key has none of its own, its tenant's (`tenants show`) applies.
+        pending = "" if key.max_pending is None else str(key.max_pending)
+        rate = "" if key.submit_rate_per_s is None else str(key.submit_rate_per_s)
+        typer.echo(
+            f"{key.id}  {key.prefix}…  {key.tenant:<20} {key.scope:<5} {pending:>11} {rate:>17} "
+            f"{state:<24} {key.name}"
+        )
 
 
 @keys.command("revoke")
@@ -168,25 +190,52 @@ def set_limits(
     typer.echo("API processes apply them within KEY_CACHE_TTL_S")
 
 
+BEFORE_EXAMPLES = "2026-11-01, 2026-11-01T00:00:00Z, 2026-11-01T00:00:00.5+00:00"
+
+
+def _instant(value: str) -> datetime:
+    """An ISO 8601 time with its zone (fractional seconds too), or a date alone: its midnight UTC."""
+    text = value.strip()
+    try:
+        if len(text) == 10:
+            return datetime.combine(date.fromisoformat(text), time(), tzinfo=UTC)
+        at = datetime.fromisoformat(text)
+    except ValueError:
+        _fail(f"--before: {value!r} is neither a date nor a time (e.g. {BEFORE_EXAMPLES})")
+    if at.tzinfo is None:
+        _fail(f"--before: {value!r} has no zone; add one (Z, +00:00) or give a date alone (midnight UTC)")
+    return at
+
+
 @results.command("purge")
 def purge_results(
-    before: datetime = typer.Option(
+    before: str = typer.Option(
         ...,
-        formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d %H:%M:%S%z"],
-        help="A time with its zone, e.g. 2026-11-01T00:00:00+00:00",
+        help=f"A time with its zone, or a date alone (its midnight UTC): {BEFORE_EXAMPLES}",
     ),
     tenant: str | None = typer.Option(None, help="One tenant's only (default: every tenant's)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Count what would be deleted, delete nothing."),
 ) -> None:
     """Delete the ended results created before --before, then the contexts created before it that no
-    result refers to (a context stored and never sent included). Pending jobs and theirs stay."""
+    result refers to (a context stored and never sent included). Pending jobs and theirs stay, and so
+    does a context a job is sent on meanwhile. API processes are told to forget the rows they keep."""
+    cut = _instant(before)
     name = None if tenant is None else _tenant(tenant)
-    done = _run(lambda conn: retention.purge(conn, before, name, dry_run=dry_run))
+    try:
+        done = _run(lambda conn: retention.purge(conn, cut, name, dry_run=dry_run))
+    finally:  # a purge stopped part way has deleted rows too
+        why = None if dry_run else publish_purge(settings_or_exit(), cut)
     scope = f"tenant {name}'s" if name else "every tenant's"
     verb = "would delete" if dry_run else "deleted"
     typer.echo(
-        f"{verb} {done.results} results and {done.contexts} contexts ({scope}, created before {before.isoformat()})"
+        f"{verb} {done.results} results and {done.contexts} contexts ({scope}, created before {cut.isoformat()})"
     )
+    if why is not None:
+        typer.echo(
+            f"warning: API processes not told to forget purged results ({why}): "
+            f"they may answer from memory for {RECENT_TTL_S:g} s more",
+            err=True,
+        )
 
 
 if __name__ == "__main__":

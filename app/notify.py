@@ -14,8 +14,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator
+from datetime import datetime
 from functools import lru_cache
 
 import redis
@@ -112,6 +114,24 @@ def publish_done(settings: Settings, notices: list[bytes] | list[uuid.UUID]) -> 
         log.warning("could not publish completion of %d result(s)", len(messages), exc_info=True)
 
 
+# A purge's notice (an older process takes it for an unknown id): API processes forget the rows they keep.
+PURGED = "purged"
+
+
+def purge_notice(before: datetime) -> bytes:
+    return PURGED.encode() + b"\n" + before.isoformat().encode()
+
+
+def publish_purge(settings: Settings, before: datetime) -> str | None:
+    """Tell every API process that the results created before `before` may be gone; None when
+    told, else why not (their kept rows then expire within RECENT_TTL_S)."""
+    try:
+        _publisher(settings.REDIS_URL).publish(done_channel(settings), purge_notice(before))
+    except redis.RedisError as exc:
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return None
+
+
 def publish_cancels(settings: Settings, result_ids: list[uuid.UUID]) -> None:
     """Tell every worker to abort these jobs (ended by the sweeper); best effort, as for the API's."""
     if not result_ids:
@@ -129,6 +149,8 @@ def publish_cancels(settings: Settings, result_ids: list[uuid.UUID]) -> None:
 # rows of recently finished jobs, and which jobs it created that have not finished yet.
 RECENT_ROWS = 8192
 RECENT_BYTES = 32 * 1024 * 1024
+# Kept no longer: a purge whose notice this process missed serves a deleted row at most this long.
+RECENT_TTL_S = 60.0
 CREATED_JOBS = 65536
 
 # `known()`: this process created the job, under this subscription, and no notice has come for it.
@@ -149,8 +171,10 @@ class ResultWaiter:
         self.stopping = False
         self._task: asyncio.Task[None] | None = None
         self._subscribed: asyncio.Event | None = None
-        self._recent: dict[str, bytes] = {}  # id -> final row (ResultOut JSON), oldest first
+        # id -> (final row as ResultOut JSON, when it came on the monotonic clock), oldest first
+        self._recent: dict[str, tuple[bytes, float]] = {}
         self._recent_bytes = 0
+        self._purged_before: datetime | None = None  # the latest purge's cut: older rows are not kept
         self._created: dict[str, str] = {}  # id -> tenant: created here, no notice seen yet
 
     def created(self, result_id: uuid.UUID, tenant: str) -> None:
@@ -165,7 +189,13 @@ class ResultWaiter:
         """The job's final row if a notice brought it, PENDING if it is a job created here that has
         not ended, None if only Postgres can say. `tenant`: whose it must be (None: anyone's)."""
         key = str(result_id)
-        row = self._recent.get(key)
+        kept = self._recent.get(key)
+        row = None
+        if kept is not None:
+            row, came = kept
+            if time.monotonic() - came > RECENT_TTL_S:
+                self._drop(key)
+                row = None
         if row is not None:
             if tenant is None or row.startswith(
                 b'{"id":"%s","tenant":"%s",' % (key.encode(), tenant.encode())
@@ -176,17 +206,47 @@ class ResultWaiter:
             return PENDING
         return None
 
-    def _remember(self, key: str, row_json: bytes | None) -> None:
-        self._created.pop(key, None)
+    def _drop(self, key: str) -> None:
         old = self._recent.pop(key, None)
         if old is not None:
-            self._recent_bytes -= len(old)
+            self._recent_bytes -= len(old[0])
+
+    def _remember(self, key: str, row_json: bytes | None) -> None:
+        self._created.pop(key, None)
+        self._drop(key)
         if row_json is None or not row_json.startswith(b'{"id":"%s","tenant":"' % key.encode()):
             return  # a notice without the row (the sweeper's): polls read Postgres
-        self._recent[key] = row_json
+        if self._purged_before is not None and self._created_before(row_json, self._purged_before):
+            return  # its notice came after a purge that may have deleted it
+        self._recent[key] = (row_json, time.monotonic())
         self._recent_bytes += len(row_json)
         while len(self._recent) > RECENT_ROWS or self._recent_bytes > RECENT_BYTES:
-            self._recent_bytes -= len(self._recent.pop(next(iter(self._recent))))
+            self._drop(next(iter(self._recent)))
+
+    @staticmethod
+    def _created_before(row_json: bytes, cut: datetime) -> bool:
+        """Whether the row was created before `cut` (unreadable: taken as yes). Its last
+        `"created_at":"` is its own: a string value escapes its quotes, and only times follow it."""
+        at = row_json.rfind(b'"created_at":"')
+        end = row_json.find(b'"', at + 14)
+        try:
+            return at < 0 or datetime.fromisoformat(row_json[at + 14 : end].decode()) < cut
+        except (ValueError, TypeError):
+            return True
+
+    def _purged(self, cut: bytes | None) -> None:
+        """A purge may have deleted any kept row: forget them all, and keep none older than its cut."""
+        self._recent.clear()
+        self._recent_bytes = 0
+        try:
+            before = datetime.fromisoformat(cut.decode()) if cut else None
+        except ValueError:
+            before = None
+        if before is None or before.tzinfo is None:
+            log.warning("unreadable purge notice %r: kept rows forgotten", cut)
+            return
+        if self._purged_before is None or before > self._purged_before:
+            self._purged_before = before
 
     async def _listen(self) -> None:
         assert self._subscribed is not None
@@ -196,6 +256,9 @@ class ResultWaiter:
 
     def _notice(self, data: bytes) -> None:
         key, row_json = parse_notice(data)
+        if key == PURGED:
+            self._purged(row_json)
+            return
         self._remember(key, row_json)
         self._wake(key, row_json)
 
@@ -210,6 +273,9 @@ class ResultWaiter:
 
     def _lost(self) -> None:
         self._created.clear()
+        # A purge's notice may be among the missed ones.
+        self._recent.clear()
+        self._recent_bytes = 0
         # Notices may have been missed meanwhile: let every waiter re-read the database.
         for key in list(self._waiters):
             self._wake(key)

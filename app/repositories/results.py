@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
@@ -86,7 +87,21 @@ async def insert_for_contexts(conn: AsyncConnection, rows: list[NewResult]) -> d
         for r in rows
     )
     values = {"rows": batch}
-    return {row[0]: row[1] for row in await (await conn.execute(_SUBMIT, values)).fetchall()}
+    # A context purged between the statement's read of it and its key check fails the statement;
+    # run again, it no longer sees that context (a 404). Each retry follows one context gone.
+    for _ in range(len(rows)):
+        try:
+            return await _submit(conn, values)
+        except psycopg.errors.ForeignKeyViolation:
+            continue
+    return await _submit(conn, values)
+
+
+async def _submit(conn: AsyncConnection, values: dict[str, str]) -> dict[uuid.UUID, datetime]:
+    if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:  # autocommit: no round trip more
+        return {row[0]: row[1] for row in await (await conn.execute(_SUBMIT, values)).fetchall()}
+    async with conn.transaction():  # a savepoint: a failed statement leaves the caller's transaction usable
+        return {row[0]: row[1] for row in await (await conn.execute(_SUBMIT, values)).fetchall()}
 
 
 # A prompt the call brings with it (OpenAI's API): its context and its choices' rows in one statement.
@@ -513,12 +528,20 @@ def cancel_past_deadline(conn: Connection) -> list[uuid.UUID]:
 # ---------------------------------------------------------------- retention (the operator's purge)
 
 # A batch at a time, each its own transaction: rows are locked briefly, never a table's worth.
+# The `Idempotency-Key` records of the sends that made the deleted results go too: a replay sends anew.
 _PURGE = """
-    DELETE FROM result WHERE id IN (
-        SELECT id FROM result
-         WHERE status IN ('completed', 'failed', 'cancelled') AND created_at < %(before)s
-           AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
-         LIMIT %(batch)s)
+    WITH gone AS (
+        DELETE FROM result WHERE id IN (
+            SELECT id FROM result
+             WHERE status IN ('completed', 'failed', 'cancelled') AND created_at < %(before)s
+               AND (%(tenant)s::text IS NULL OR tenant = %(tenant)s)
+             LIMIT %(batch)s)
+        RETURNING id, tenant
+    ), replays AS (
+        DELETE FROM idempotency_key AS i USING gone
+         WHERE i.tenant = gone.tenant AND i.response->>'result_id' = gone.id::text
+    )
+    SELECT count(*) FROM gone
 """
 _COUNT_PURGEABLE = """
     SELECT count(*) FROM result
@@ -529,8 +552,8 @@ _COUNT_PURGEABLE = """
 
 async def purge_finished(conn: AsyncConnection, before: datetime, tenant: str | None, batch: int) -> int:
     """Delete up to `batch` ended results created before `before`; how many were deleted."""
-    cur = await conn.execute(_PURGE, {"before": before, "tenant": tenant, "batch": batch})
-    return cur.rowcount
+    row = await (await conn.execute(_PURGE, {"before": before, "tenant": tenant, "batch": batch})).fetchone()
+    return int(row[0]) if row else 0
 
 
 async def count_purgeable(conn: AsyncConnection, before: datetime, tenant: str | None) -> int:

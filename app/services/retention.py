@@ -22,16 +22,18 @@ async def purge(
     conn: AsyncConnection, before: datetime, tenant: str | None, *, dry_run: bool = False, batch: int = BATCH
 ) -> Purged:
     """Delete the ended results (completed, failed, cancelled) created before `before`, then the
-    contexts created before it that no result refers to: a pending job and its context stay.
-    `dry_run`: count them only (the contexts counted are those no result refers to now)."""
+    contexts created before it that no result refers to: a pending job and its context stay, and so
+    does a context a job is sent on while the purge runs. `dry_run`: count what a run would delete."""
     if dry_run:
         return Purged(
             await results_repo.count_purgeable(conn, before, tenant),
-            await contexts_repo.count_unused(conn, before, tenant),
+            await contexts_repo.count_unused_after_purge(conn, before, tenant),
         )
     results = contexts = 0
     while deleted := await results_repo.purge_finished(conn, before, tenant, batch):
         results += deleted
-    while deleted := await contexts_repo.purge_unused(conn, before, tenant, batch):
+    while True:
+        taken, deleted = await contexts_repo.purge_unused(conn, before, tenant, batch)
+        if not taken:
+            return Purged(results, contexts)
         contexts += deleted
-    return Purged(results, contexts)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,7 +45,7 @@ async def test_keys_are_created_listed_and_revoked(api_db_url: str, db: psycopg.
     assert key.startswith("llmq_")
     listed = _cli(api_db_url, "list")
     assert key_id in listed.stdout and key not in listed.stdout
-    assert listed.stdout.splitlines()[0].split() == ["id", "prefix", "tenant", "scope", "state", "name"]
+    assert listed.stdout.splitlines()[0].split()[-2:] == ["state", "name"]
     revoked = _cli(api_db_url, "revoke", key_id)
     assert revoked.returncode == 0 and f"revoked {key_id} (acme, ci)" in revoked.stdout
     again = _cli(api_db_url, "revoke", key_id)
@@ -139,7 +140,8 @@ async def test_old_results_and_unused_contexts_are_purged_in_batches_pending_job
     cut = "2020-06-01T00:00:00+00:00"
     counted = _cli(api_db_url, "purge", "--before", cut, "--tenant", tenant, "--dry-run", group="results")
     assert counted.returncode == 0, counted.stderr
-    assert f"would delete 4 results and 1 contexts (tenant {tenant}'s" in counted.stdout
+    # What the run deletes: the contexts its ended results leave unused included.
+    assert f"would delete 4 results and 2 contexts (tenant {tenant}'s" in counted.stdout
     done = _cli(api_db_url, "purge", "--before", cut, "--tenant", tenant, group="results")
     assert done.returncode == 0, done.stderr
     assert (
@@ -156,5 +158,92 @@ async def test_old_results_and_unused_contexts_are_purged_in_batches_pending_job
     assert await exists("result", pending) and await exists("context", pending_context)
     assert await exists("result", late) and await exists("result", theirs)
 
-    naive = _cli(api_db_url, "purge", "--before", "2020-06-01", group="results")
-    assert naive.returncode != 0 and "Traceback" not in naive.stderr
+    naive = _cli(api_db_url, "purge", "--before", "2020-06-01T00:00:00", group="results")
+    assert naive.returncode == 1 and naive.stderr.startswith(
+        "error: --before: '2020-06-01T00:00:00' has no zone"
+    )
+    assert len(naive.stderr.splitlines()) == 1, naive.stderr
+
+
+async def test_purge_takes_fractional_seconds_and_a_date_alone_as_its_midnight_utc(
+    api_db_url: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    tenant = f"dates-{uuid.uuid4().hex[:8]}"
+    cases = [
+        ("2026-12-09T00:00:00.5+00:00", "2026-12-09T00:00:00.500000+00:00"),
+        ("2026-12-09T00:00:00.123456Z", "2026-12-09T00:00:00.123456+00:00"),
+        ("2026-12-09", "2026-12-09T00:00:00+00:00"),
+        ("2026-12-09 01:00:00+01:00", "2026-12-09T01:00:00+01:00"),
+    ]
+    for given, shown in cases:
+        done = _cli(api_db_url, "purge", "--before", given, "--tenant", tenant, "--dry-run", group="results")
+        assert done.returncode == 0, (given, done.stderr)
+        assert f"created before {shown})" in done.stdout, (given, done.stdout)
+    for given in ("2026-13-01", "yesterday", "2026-12-09T25:00:00Z"):
+        refused = _cli(api_db_url, "purge", "--before", given, group="results")
+        assert refused.returncode == 1 and refused.stderr.startswith("error: --before: "), refused.stderr
+        assert "is neither a date nor a time" in refused.stderr and len(refused.stderr.splitlines()) == 1
+    helped = _cli(api_db_url, "purge", "--help", group="results")
+    assert "midnight UTC" in helped.stdout
+
+
+async def test_keys_list_shows_each_keys_own_limits_and_create_prints_json(
+    api_db_url: str, db: psycopg.AsyncConnection[Any]
+) -> None:
+    made = _cli(api_db_url, "create", "--tenant", "acme", "--name", "script", "--json")
+    assert made.returncode == 0, made.stderr
+    created = json.loads(made.stdout)
+    assert set(created) == {"id", "key", "tenant", "name", "scope"}
+    assert created["key"].startswith("llmq_") and (created["tenant"], created["name"], created["scope"]) == (
+        "acme",
+        "script",
+        "user",
+    )
+    limited = _cli(
+        api_db_url,
+        "create",
+        "--tenant",
+        "acme",
+        "--name",
+        "capped",
+        "--max-pending",
+        "7",
+        "--submit-rate-per-s",
+        "3",
+        "--json",
+    )
+    capped = json.loads(limited.stdout)["id"]
+    listed = _cli(api_db_url, "list")
+    assert listed.returncode == 0, listed.stderr
+    lines = listed.stdout.splitlines()
+    assert lines[0].split() == [
+        "id",
+        "prefix",
+        "tenant",
+        "scope",
+        "max_pending",
+        "submit_rate_per_s",
+        "state",
+        "name",
+    ]
+    rows = {line.split()[0]: line.split() for line in lines[1:]}
+    assert rows[capped][4:] == ["7", "3", "active", "capped"]
+    assert rows[created["id"]][4:] == ["active", "script"]  # none of its own: blank
+
+
+async def test_an_unmigrated_database_says_to_run_the_migrations(api_db_url: str) -> None:
+    empty = f"llmq_cli_empty_{uuid.uuid4().hex[:8]}"
+    base, _, _ = api_db_url.rpartition("/")
+    admin = await psycopg.AsyncConnection.connect(
+        f"{base}/postgres".replace("postgresql+psycopg://", "postgresql://"), autocommit=True
+    )
+    try:
+        await admin.execute(f'CREATE DATABASE "{empty}"')
+        for args, group in ((("list",), "keys"), (("show", "acme"), "tenants")):
+            done = _cli(f"{base}/{empty}", *args, group=group)
+            assert done.returncode == 1, done.stdout
+            assert done.stderr.startswith("error: the database has no schema, or an older one"), done.stderr
+            assert "run `alembic upgrade head`" in done.stderr and len(done.stderr.splitlines()) == 1
+    finally:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{empty}"')
+        await admin.close()

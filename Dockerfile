@@ -15,4 +15,6 @@ ENV CHAT_TEMPLATES_DIRS=/srv/triton_models
 RUN useradd --system --uid 10001 llmq
 USER llmq
 EXPOSE 8887
-CMD ["uvicorn", "app.asgi:app", "--host", "0.0.0.0", "--port", "8887", "--timeout-graceful-shutdown", "8"]
+# --limit-concurrency: past 1000 open connections a request is answered 503 (JSON, Retry-After), so
+# that file descriptors (1024 by default) and memory (a connection holds at most ~0.4 MB) never run out.
+CMD ["uvicorn", "app.asgi:app", "--host", "0.0.0.0", "--port", "8887", "--timeout-graceful-shutdown", "8", "--limit-concurrency", "1000"]

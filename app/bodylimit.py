@@ -3,7 +3,10 @@ helpers that read, discard and replay a body (authentication, the fast path) are
 
 A client that is still sending when the server answers and closes sees a broken pipe or a reset
 instead of the 413 (urllib, requests): the rest of the body, up to `drain_bytes`, is read and
-discarded before the answer is sent, and the connection is closed only after it.
+discarded before the answer is sent, and the connection is closed only after it. A client that sent
+`Expect: 100-continue` has not sent its body: it is answered at once, without the body asked for
+(which would send the 100), and its connection closes after the answer (app.http_protocol lingers).
+Two Content-Type headers are refused (400): the readers of the request would not agree on one.
 """
 
 from __future__ import annotations
@@ -28,12 +31,22 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared, content_type, has_body = _body_headers(scope)
+        declared, content_type, has_body, headers_flags = _body_headers(scope)
+        # A client sending Expect: 100-continue waits for the 100 before its body: a refusal decided
+        # from the head is sent at once, without asking for (and draining) the body.
+        waits = has_body and bool(headers_flags & _EXPECTS_CONTINUE)
+        if headers_flags & _TWO_CONTENT_TYPES:
+            if not waits:
+                await self._drain(receive, 0)
+            message = "the request has more than one Content-Type header: send one"
+            await _refuse(scope, receive, send, 400, message, "duplicate_content_type")
+            return
         if content_type is None and has_body:  # unlabelled: read as the JSON it must be
             scope = {**scope, "headers": [*scope["headers"], (b"content-type", b"application/json")]}
         elif content_type is not None and has_body and not _JSON_TYPE.match(content_type):
             # Read as JSON, a form or a text body fails as "not an object": say what is wrong.
-            await self._drain(receive, 0)
+            if not waits:
+                await self._drain(receive, 0)
             shown = content_type[:100].decode("latin-1")
             message = (
                 f"the request body must be JSON, sent with Content-Type: application/json (not {shown!r})"
@@ -41,7 +54,8 @@ class BodyLimit:
             await _refuse(scope, receive, send, 415, message, "unsupported_media_type")
             return
         if declared is not None and declared > self.max_bytes:
-            await self._drain(receive, 0)
+            if not waits:
+                await self._drain(receive, 0)
             await self._too_large(scope, receive, send, f"request body is {declared} bytes")
             return
 
@@ -61,16 +75,22 @@ class BodyLimit:
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
+        gate = _ContinueGate(bounded_receive) if waits else None
         started = False
 
         async def guarded_send(message: Message) -> None:
             nonlocal started
             if refused:
                 return  # the app answered a truncated body: drop it, the 413 goes out instead
-            started = started or message["type"] == "http.response.start"
+            if message["type"] == "http.response.start":
+                started = True
+                if gate is not None and not gate.asked:
+                    # Answered before the body was asked for: the client may send it or not, so the
+                    # connection cannot frame a next request; it closes after this answer.
+                    message = {**message, "headers": [*message.get("headers", ()), _CLOSE]}
             await send(message)
 
-        await self.app(scope, bounded_receive, guarded_send)
+        await self.app(scope, gate or bounded_receive, guarded_send)
         if refused and not started:
             await self._too_large(scope, receive, send, f"request body is over {self.max_bytes} bytes")
 
@@ -88,24 +108,52 @@ async def _refuse(scope: Scope, receive: Receive, send: Send, status: int, messa
     await response(scope, receive, send)
 
 
-def _body_headers(scope: Scope) -> tuple[int | None, bytes | None, bool]:
-    """Content-Length (None: absent or not a number), Content-Type, and whether a body comes; one
-    pass over the headers, as every request makes it."""
+_TWO_CONTENT_TYPES = 1
+_EXPECTS_CONTINUE = 2
+_CLOSE = (b"connection", b"close")
+
+
+def _body_headers(scope: Scope) -> tuple[int | None, bytes | None, bool, int]:
+    """Content-Length (None: absent or not a number), Content-Type, whether a body comes, and flags
+    (_TWO_CONTENT_TYPES, _EXPECTS_CONTINUE); one pass over the headers, as every request makes it."""
     declared: int | None = None
     content_type: bytes | None = None
     chunked = False
+    flags = 0
     for name, value in scope.get("headers", []):
         if name == b"content-length":
             declared = int(value) if value.isdigit() else None
         elif name == b"content-type":
+            if content_type is not None:  # readers would disagree on which one counts
+                flags |= _TWO_CONTENT_TYPES
             content_type = bytes(value)
         elif name == b"transfer-encoding":
             chunked = b"chunked" in value.lower()
-    return declared, content_type, bool(declared) or chunked
+        elif name == b"expect" and value.lower() == b"100-continue":
+            flags |= _EXPECTS_CONTINUE
+    return declared, content_type, bool(declared) or chunked, flags
+
+
+class _ContinueGate:
+    """The `receive` of a request sent with Expect: 100-continue: whether the body was asked for
+    (uvicorn sends the 100 Continue at the first `receive`)."""
+
+    __slots__ = ("asked", "receive")
+
+    def __init__(self, receive: Receive) -> None:
+        self.receive = receive
+        self.asked = False
+
+    async def __call__(self) -> Message:
+        self.asked = True
+        return await self.receive()
 
 
 async def discard_body(receive: Receive, limit: float = float("inf")) -> None:
-    """Read the rest of the body (up to `limit` more bytes) and drop it."""
+    """Read the rest of the body (up to `limit` more bytes) and drop it; a body the client has not
+    been asked for (Expect: 100-continue) is not asked for."""
+    if isinstance(receive, _ContinueGate) and not receive.asked:
+        return
     seen = 0
     while seen <= limit:
         message = await receive()

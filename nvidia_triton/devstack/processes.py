@@ -135,5 +135,8 @@ def api_process(
         "--no-access-log",
         "--timeout-graceful-shutdown",
         "5",
+        # As the image runs it (Dockerfile): past 1000 connections a JSON 503, not exhausted descriptors.
+        "--limit-concurrency",
+        "1000",
     ]
     return ManagedProcess("api", argv, child_env(env), log_path)

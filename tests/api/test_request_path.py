@@ -175,6 +175,33 @@ async def test_a_query_parameter_a_route_does_not_take_is_a_422_naming_it(
         assert (await client.get("/v1/models?api-version=2024-10-21")).status_code == 200
 
 
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_a_one_value_query_parameter_sent_twice_is_a_422_naming_it(
+    db: Any, triton: Any, enqueued: EnqueueRecorder, fast_path: bool
+) -> None:
+    """`?limit=1&limit=3` would list 3, `?wait=abc&wait=0` answer at once: which value counts is not
+    the client's to guess. List-valued parameters stay repeatable."""
+    app = make_api_app(triton.http_url, enqueued, fast_path=fast_path)
+    async with serve_in_process(app) as client:
+        client.headers.update(bearer(ADMIN_KEY))
+        context_id = (await client.post("/contexts/", json={"content": "hi"})).json()["id"]
+        send = f"/models/send/{FAST_MODEL}/{context_id}"
+        result_id = (await client.post(send)).json()["result_id"]
+        for url, name in [
+            ("/results/?limit=1&limit=3", "limit"),
+            (f"/results/{result_id}?wait=abc&wait=0", "wait"),
+            ("/contexts/?limit=2&cursor=a&limit=2", "limit"),
+        ]:
+            response = await client.get(url)
+            assert response.status_code == 422, (url, response.text)
+            assert response.json()["error"] == (
+                f"invalid request: query.{name}: takes one value, and was sent more than once: send it once"
+            )
+            assert response.json()["detail"][0]["type"] == "repeated_parameter"
+        listed = await client.get("/results/?status=pending&status=failed&limit=2")
+        assert listed.status_code == 200 and listed.json()["items"]
+
+
 async def test_cors_answers_the_configured_origins_only(
     db: Any, triton: Any, enqueued: EnqueueRecorder
 ) -> None:

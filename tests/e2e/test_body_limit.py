@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from app.http_linger import LINGER_BYTES
+from app.http_protocol import LINGER_BYTES
 
 
 def test_urllib_client_receives_the_413_for_a_body_of_several_mib(api_server: str) -> None:
@@ -88,3 +88,86 @@ def test_a_form_body_is_a_415_saying_the_body_must_be_json(api_server: str) -> N
     message = json.loads(refused.value.read())["error"]
     assert "must be JSON, sent with Content-Type: application/json" in message
     assert "application/x-www-form-urlencoded" in message
+
+
+def _answer_without_sending_the_body(api_server: str, head: bytes) -> bytes:
+    """What the server answers a head with Expect: 100-continue, the body never sent: the answer,
+    then the end of the connection."""
+    url = urlsplit(api_server)
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head)
+        answer = b""
+        while data := sock.recv(65536):  # a server waiting for the body would time this out
+            answer += data
+        return answer
+
+
+@pytest.mark.parametrize(
+    ("headers", "status", "error"),
+    [
+        (b"content-type: application/json\r\ncontent-length: 100\r\n", 401, "missing API key"),
+        (b"AUTH\r\ncontent-type: application/json\r\ncontent-length: 100000000\r\n", 413, "request body is"),
+        (b"AUTH\r\ncontent-type: text/plain\r\ncontent-length: 100\r\n", 415, "the request body must be JSON"),
+    ],
+    ids=["no-key", "too-large", "not-json"],
+)
+def test_a_refusal_known_from_the_head_is_sent_instead_of_100_continue(
+    api_server: str, e2e_user_key: str, headers: bytes, status: int, error: str
+) -> None:
+    headers = headers.replace(b"AUTH", b"authorization: Bearer " + e2e_user_key.encode())
+    head = b"POST /contexts/ HTTP/1.1\r\nHost: x\r\nexpect: 100-continue\r\n" + headers + b"\r\n"
+    answer = _answer_without_sending_the_body(api_server, head)
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 %d " % status), answer[:300]
+    head_fields, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in head_fields.lower()  # the body may still come: no next request
+    assert json.loads(body)["error"].startswith(error)
+
+
+def test_a_body_the_server_takes_is_asked_for_with_100_continue(api_server: str, e2e_user_key: str) -> None:
+    url = urlsplit(api_server)
+    body = b'{"content": "hi"}'
+    head = (
+        b"POST /contexts/ HTTP/1.1\r\nHost: x\r\nexpect: 100-continue\r\ncontent-type: application/json\r\n"
+        b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n" % (e2e_user_key.encode(), len(body))
+    )
+    with socket.create_connection((url.hostname, url.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(65536) == b"HTTP/1.1 100 Continue\r\n\r\n"
+        sock.sendall(body)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 201 ")
+
+
+def test_two_content_types_are_a_400_whichever_comes_first(api_server: str, e2e_user_key: str) -> None:
+    for first, second in [(b"text/plain", b"application/json"), (b"application/json", b"text/plain")]:
+        body = b'{"content": "hi"}'
+        head = (
+            b"POST /contexts/ HTTP/1.1\r\nHost: x\r\ncontent-type: %s\r\ncontent-type: %s\r\n"
+            b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n"
+            % (first, second, e2e_user_key.encode(), len(body))
+        )
+        answer = _raw_request(api_server, head, [body])
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 400 Bad Request", answer[:300]
+        message = json.loads(rest.partition(b"\r\n\r\n")[2])
+        assert message["error"] == "the request has more than one Content-Type header: send one"
+
+
+def test_a_head_without_end_is_a_431_not_a_growing_process(api_server: str) -> None:
+    # The API's own process: header lines sent on and on are refused at 64 KiB, with the JSON error.
+    url = urlsplit(api_server)
+    with socket.create_connection((url.hostname, url.port), timeout=30) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        line = b"X-Pad: " + b"a" * 4000 + b"\r\n"
+        try:
+            for _ in range(100):
+                sock.sendall(line)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while data := sock.recv(65536):
+            answer += data
+    status_line, _, rest = answer.partition(b"\r\n")
+    assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:300]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["error"] == "the request head is over 65536 bytes"

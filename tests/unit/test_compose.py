@@ -57,7 +57,8 @@ def test_commands_point_at_real_code(compose: dict[str, Any]) -> None:
     module, attr = api_cmd[1].split(":")
     assert hasattr(importlib.import_module(module), attr)
     assert api_cmd[api_cmd.index("--port") + 1] == "8887"
-    assert s["api"]["ports"] == ["8887:8887"]
+    # The development admin key is in .env.api.dev: this machine only unless a proxy serves it.
+    assert s["api"]["ports"] == ["127.0.0.1:8887:8887"]
     worker_cmd = s["worker"]["command"]
     assert worker_cmd[:4] == ["celery", "-A", "worker.celery_app", "worker"]
     # No embedded beat: every worker runs the sweeper loop, one at a time (an advisory lock), so
@@ -82,7 +83,8 @@ def _container_env(service: dict[str, Any], shell: dict[str, str]) -> dict[str, 
     """What a container's environment would be: its env files, overridden by `environment`."""
     env: dict[str, str] = {}
     for env_file in service.get("env_file", []):
-        env.update({k: v or "" for k, v in dotenv_values(ROOT / env_file, interpolate=False).items()})
+        path = ROOT / _interpolate(env_file, shell)
+        env.update({k: v or "" for k, v in dotenv_values(path, interpolate=False).items()})
     env.update({k: _interpolate(str(v), shell) for k, v in service.get("environment", {}).items()})
     return env
 
@@ -118,7 +120,8 @@ def test_environment_and_env_files(compose: dict[str, Any]) -> None:
 
     Settings.model_validate(api_env)  # every value in the dev env file is a valid setting
     for name in ("migrate", "api", "worker"):
-        assert s[name]["env_file"] == [".env.api.dev"]
+        assert s[name]["env_file"] == ["${API_ENV_FILE:-.env.api.dev}"]
+        assert _interpolate(s[name]["env_file"][0], {}) == ".env.api.dev"
         env = s[name]["environment"]
         # Inside compose the services are reached by name, not 127.0.0.1.
         assert "@db:5432/" in env["DATABASE_URL"] and env["DATABASE_URL"].startswith("postgresql+psycopg://")
@@ -134,7 +137,8 @@ def test_gpu_triton_serves_the_model_repository(compose: dict[str, Any]) -> None
     assert "./triton_models:/models:ro" in triton["volumes"]
     assert (ROOT / "triton_models").is_dir()
     assert "--model-repository=/models" in triton["command"]
-    assert set(triton["ports"]) == {"8000:8000", "8001:8001", "8002:8002"}
+    # Triton has no authentication: published on this machine's loopback only.
+    assert set(triton["ports"]) == {"127.0.0.1:8000:8000", "127.0.0.1:8001:8001", "127.0.0.1:8002:8002"}
     devices = triton["deploy"]["resources"]["reservations"]["devices"][0]
     assert devices["driver"] == "nvidia" and devices["capabilities"] == ["gpu"]
 
@@ -258,3 +262,38 @@ def test_workers_serve_metrics_and_keep_the_shared_environment(compose: dict[str
     assert {k: worker_env[k] for k in api_env} == api_env  # the merge kept DATABASE_URL and the rest
     assert worker_env["WORKER_METRICS_PORT"] == "9108" and worker_env["WORKER_METRICS_HOST"] == "0.0.0.0"
     assert "WORKER_METRICS_PORT" not in api_env
+
+
+@pytest.mark.parametrize("name", ["migrate", "api", "worker"])
+def test_app_env_from_the_shell_makes_the_apps_refuse_development_secrets(
+    compose: dict[str, Any], name: str
+) -> None:
+    from pydantic import ValidationError
+
+    from app.config import Settings
+
+    service = compose["services"][name]
+    development = _container_env(service, {})
+    assert development["APP_ENV"] == "development"
+    Settings.model_validate(development)
+    production = _container_env(service, {"APP_ENV": "production", "POSTGRES_PASSWORD": "s3cret-from-env"})
+    assert production["APP_ENV"] == "production"
+    with pytest.raises(ValidationError) as refused:
+        Settings.model_validate(production)
+    assert "ADMIN_API_KEY is the development key while APP_ENV=production" in str(refused.value)
+
+
+def test_every_way_to_run_the_api_caps_its_connections(compose: dict[str, Any]) -> None:
+    """Past the cap uvicorn answers 503 (app.http_protocol makes it the JSON error) instead of
+    running out of file descriptors; the image, compose and `make dev` (devstack) agree."""
+    from devstack.processes import api_process
+
+    cmd = next(args for instruction, args in _dockerfile() if instruction == "CMD")
+    commands = {
+        "Dockerfile": json.loads(cmd),
+        "compose": compose["services"]["api"]["command"],
+        "devstack": api_process({}, ROOT / ".run" / "unused.log", port=8887).argv,
+    }
+    for where, argv in commands.items():
+        assert "--limit-concurrency" in argv, where
+        assert argv[argv.index("--limit-concurrency") + 1] == "1000", where

@@ -150,6 +150,26 @@ async def serve_in_process(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
         yield http
 
 
+@asynccontextmanager
+async def failing_on_demand(triton_url: str, enqueue: EnqueueRecorder) -> AsyncIterator[httpx.AsyncClient]:
+    """An app (with its lifespan) whose every operation fails with a bug when the request carries
+    `x-fail`, and an admin client of it that receives the 500 rather than the exception."""
+    from fastapi import Depends, Header
+
+    async def fails(x_fail: str | None = Header(None)) -> None:
+        if x_fail:
+            raise RuntimeError("a bug")
+
+    app = make_api_app(triton_url, enqueue, dependencies=[Depends(fails)])
+    async with app.router.lifespan_context(app):
+        # Starlette's outermost middleware answers 500, then re-raises: not the tests' concern.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(
+            transport=transport, base_url="http://api.test", headers=bearer(ADMIN_KEY)
+        ) as admin:
+            yield admin
+
+
 def bearer(key: str) -> dict[str, str]:
     return {"authorization": f"Bearer {key}"}
 

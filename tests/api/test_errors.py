@@ -7,11 +7,9 @@ import logging
 import re
 from typing import Any
 
-import httpx
 import pytest
-from fastapi import Depends, Header
 
-from tests.conftest import ADMIN_KEY, EnqueueRecorder, bearer, make_api_app
+from tests.conftest import EnqueueRecorder, failing_on_demand
 
 pytestmark = pytest.mark.anyio
 
@@ -19,24 +17,12 @@ pytestmark = pytest.mark.anyio
 async def test_a_500_names_a_reference_its_log_line_carries(
     triton: Any, enqueued: EnqueueRecorder, caplog: pytest.LogCaptureFixture
 ) -> None:
-    async def fails_on_demand(x_fail: str | None = Header(None)) -> None:
-        if x_fail:
-            raise RuntimeError("a bug")
-
-    app = make_api_app(triton.http_url, enqueued, dependencies=[Depends(fails_on_demand)])
-    async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api.test", headers=bearer(ADMIN_KEY)
-        ) as http:
-            with caplog.at_level(logging.ERROR, logger="app.errors"):
-                answers = [
-                    await http.get(path, headers={"x-fail": "1"}) for path in ("/contexts/", "/v1/models")
-                ]
+    async with failing_on_demand(triton.http_url, enqueued) as http:
+        with caplog.at_level(logging.ERROR, logger="app.errors"):
+            answers = [await http.get(path, headers={"x-fail": "1"}) for path in ("/contexts/", "/v1/models")]
+    messages = [answers[0].json()["error"], answers[1].json()["error"]["message"]]
     refs = []
-    for answer, message in zip(
-        answers, (answers[0].json()["error"], answers[1].json()["error"]["message"]), strict=True
-    ):
+    for answer, message in zip(answers, messages, strict=True):
         assert answer.status_code == 500
         match = re.search(r"\(ref ([0-9a-f]{12}) in the API's log\)", message)
         assert match, message

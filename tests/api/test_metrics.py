@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import psycopg
 import pytest
-from fastapi import Depends, Header
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import ADMIN_KEY, FAST_MODEL, EnqueueRecorder, InProcessApi, bearer, make_api_app
+from tests.conftest import FAST_MODEL, EnqueueRecorder, InProcessApi, failing_on_demand
 
 pytestmark = pytest.mark.anyio
 
@@ -78,23 +76,13 @@ async def test_metrics_labels_stay_bounded_whatever_the_paths_and_methods(api_ap
 async def test_an_unexpected_error_is_counted_500_and_an_empty_queue_reads_zero(
     triton: Any, enqueued: EnqueueRecorder, db: psycopg.AsyncConnection[Any]
 ) -> None:
-    async def fails_on_demand(x_fail: str | None = Header(None)) -> None:
-        if x_fail:
-            raise RuntimeError("a bug")
-
-    app = make_api_app(triton.http_url, enqueued, dependencies=[Depends(fails_on_demand)])
-    async with app.router.lifespan_context(app):
-        # The 500 is Starlette's outermost middleware's, which re-raises: not the test's concern here.
-        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
-        async with httpx.AsyncClient(
-            transport=transport, base_url="http://api.test", headers=bearer(ADMIN_KEY)
-        ) as admin:
-            context_id = (await admin.post("/contexts/", json={"content": "count me"})).json()["id"]
-            assert (await admin.post(f"/models/send/{FAST_MODEL}/{context_id}")).status_code == 202
-            assert (await admin.get("/contexts/", headers={"x-fail": "1"})).status_code == 500
-            first = _samples((await admin.get("/metrics")).text)
-            await db.execute("UPDATE result SET status = 'failed', finished_at = now()")
-            second = _samples((await admin.get("/metrics")).text)
+    async with failing_on_demand(triton.http_url, enqueued) as admin:
+        context_id = (await admin.post("/contexts/", json={"content": "count me"})).json()["id"]
+        assert (await admin.post(f"/models/send/{FAST_MODEL}/{context_id}")).status_code == 202
+        assert (await admin.get("/contexts/", headers={"x-fail": "1"})).status_code == 500
+        first = _samples((await admin.get("/metrics")).text)
+        await db.execute("UPDATE result SET status = 'failed', finished_at = now()")
+        second = _samples((await admin.get("/metrics")).text)
     assert (
         first[("llmq_http_requests_total", (("group", "contexts"), ("method", "GET"), ("status", "500")))]
         == 1

@@ -647,31 +647,25 @@ async def v1_waiting(
             yield V1(http, user, tenant)
 
 
+async def _allow_connections(api_db_url: str, allowed: bool) -> None:
+    """Let connections to the API's database in, or refuse them and end its sessions (the server's
+    own refusal, as in an outage)."""
+    base, name = api_db_url.replace("postgresql+psycopg://", "postgresql://").rsplit("/", 1)
+    async with await psycopg.AsyncConnection.connect(f"{base}/postgres", autocommit=True) as admin:
+        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS {str(allowed).lower()}')
+        if not allowed:
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                (name,),
+            )
+
+
 async def _cut_database_once_a_job_exists(db: psycopg.AsyncConnection[Any], api_db_url: str) -> list[str]:
-    """Wait for the call's job row, then refuse every connection to the API's database (the
-    server's own refusal, as in an outage); the ids of the jobs."""
+    """Wait for the call's job row, then cut the API's database; the ids of the jobs."""
     while not (rows := await (await db.execute("SELECT id FROM result")).fetchall()):
         await asyncio.sleep(0.02)
-    name = api_db_url.rsplit("/", 1)[1]
-    async with await psycopg.AsyncConnection.connect(
-        api_db_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres",
-        autocommit=True,
-    ) as admin:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false')
-        await admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
-            (name,),
-        )
+    await _allow_connections(api_db_url, False)
     return [str(row[0]) for row in rows]
-
-
-async def _allow_connections(api_db_url: str) -> None:
-    name = api_db_url.rsplit("/", 1)[1]
-    async with await psycopg.AsyncConnection.connect(
-        api_db_url.rsplit("/", 1)[0].replace("postgresql+psycopg://", "postgresql://") + "/postgres",
-        autocommit=True,
-    ) as admin:
-        await admin.execute(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true')
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["answer", "stream"])
@@ -685,7 +679,7 @@ async def test_an_outage_after_the_jobs_exist_says_they_go_on_and_forbids_a_retr
         ids = await asyncio.wait_for(_cut_database_once_a_job_exists(db, api_db_url), 10)
         response = await asyncio.wait_for(call, 20)
     finally:
-        await _allow_connections(api_db_url)
+        await _allow_connections(api_db_url, True)
     assert response.status_code == 503, response.text
     error = _error(response)
     assert "nothing was changed" not in error["message"] and "the job(s) go on" in error["message"]

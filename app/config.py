@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ModelWrapValidatorHandler, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Values that only make sense on a developer machine; refused in production.
@@ -16,6 +17,9 @@ DEV_DB_PASSWORDS = frozenset({"postgres", "dev", "devpassword", "changeme"})
 DEV_ADMIN_API_KEY = "llmq_dev-admin-key-for-this-machine-only"
 # What a request's key must look like (app/auth.py); ADMIN_API_KEY is held to it too.
 API_KEY_SHAPE = re.compile(r"llmq_[A-Za-z0-9_\-]{20,200}")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+# gRPC takes host:port, no scheme: a hostname, an IPv4 address or a bracketed IPv6 one.
+GRPC_TARGET = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9][A-Za-z0-9.\-_]*):([0-9]{1,5})")
 
 
 def _env_file() -> str | None:
@@ -48,7 +52,7 @@ class Settings(BaseSettings):
     )
 
     APP_ENV: Literal["development", "test", "production"] = "development"
-    LOG_LEVEL: str = "INFO"
+    LOG_LEVEL: str = "INFO"  # any case; held upper-case
 
     DATABASE_URL: str = "postgresql+psycopg://postgres:postgres@127.0.0.1:5432/llmq"
     # The API's pool: fixed size, every connection opened at startup.
@@ -207,6 +211,21 @@ class Settings(BaseSettings):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
         return value
 
+    @field_validator("LOG_LEVEL")
+    @classmethod
+    def _log_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)} (any case)")
+        return value.upper()
+
+    @field_validator("TRITON_GRPC_URL")
+    @classmethod
+    def _grpc_target(cls, value: str) -> str:
+        target = GRPC_TARGET.fullmatch(value)
+        if target is None or not 1 <= int(target.group(1)) <= 65535:
+            raise ValueError("must be host:port without a scheme (e.g. 127.0.0.1:8001), port 1 to 65535")
+        return value
+
     @field_validator("TRITON_URL", "TRITON_METRICS_URL")
     @classmethod
     def _http_url(cls, value: str) -> str:
@@ -215,26 +234,65 @@ class Settings(BaseSettings):
             raise ValueError("must be an http:// or https:// URL")
         return value
 
-    @model_validator(mode="after")
-    def _refuse_dev_secrets_outside_development(self) -> Settings:
-        if self.APP_ENV == "production":
+    @model_validator(mode="wrap")
+    @classmethod
+    def _every_problem(cls, data: Any, handler: ModelWrapValidatorHandler[Settings]) -> Settings:
+        """Invalid fields and the checks across fields, reported together: pydantic skips the latter
+        while any field is invalid, and an operator would fix one round of problems to meet the next."""
+        try:
+            settings = handler(data)
+        except ValidationError as exc:
+            invalid = {str(e["loc"][0]) for e in exc.errors() if e["loc"]}
+            try:  # the invalid ones at their defaults; the checks that read them are skipped
+                valid = {k: v for k, v in data.items() if k not in invalid} if isinstance(data, dict) else {}
+                across = handler(valid)._problems_across(skip=invalid)
+            except ValidationError:
+                across = []
+            errors: list[InitErrorDetails] = [
+                {"type": PydanticCustomError(e["type"], e["msg"]), "loc": e["loc"], "input": e["input"]}
+                for e in exc.errors()
+            ]
+            errors += [
+                {"type": PydanticCustomError("value_error", p), "loc": (), "input": None} for p in across
+            ]
+            raise ValidationError.from_exception_data(exc.title, errors) from None
+        problems = settings._problems_across(skip=set())
+        if problems:
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [{"type": PydanticCustomError("value_error", p), "loc": (), "input": None} for p in problems],
+            )
+        return settings
+
+    def _problems_across(self, skip: set[str]) -> list[str]:
+        """What is wrong with settings taken together (or with the env file), leaving out the checks
+        that read a setting in `skip` (invalid, so at its default here)."""
+        problems = []
+        named = os.environ.get("APP_ENV_FILE")
+        if named and (not os.path.exists(named) or os.path.isdir(named)):
+            problems.append("APP_ENV_FILE names a file that does not exist (empty: no env file)")
+        if self.APP_ENV == "production" and "APP_ENV" not in skip:
             from sqlalchemy.engine import make_url
 
+            if "DATABASE_URL" not in self.model_fields_set | skip:
+                problems.append(
+                    "DATABASE_URL is not set while APP_ENV=production (its default is the development database)"
+                )
             # No password is fine (PGPASSWORD, .pgpass, certificates); a development one is not.
-            if make_url(self.DATABASE_URL).password in DEV_DB_PASSWORDS:
-                raise ValueError(
+            elif "DATABASE_URL" not in skip and make_url(self.DATABASE_URL).password in DEV_DB_PASSWORDS:
+                problems.append(
                     "DATABASE_URL uses a development password while APP_ENV=production; set a real secret"
                 )
-            if self.ADMIN_API_KEY == DEV_ADMIN_API_KEY:
-                raise ValueError(
+            if self.ADMIN_API_KEY == DEV_ADMIN_API_KEY and "ADMIN_API_KEY" not in skip:
+                problems.append(
                     "ADMIN_API_KEY is the development key while APP_ENV=production; set a real secret "
                     "or leave it unset (ADMIN_API_KEY=)"
                 )
-        if self.LEASE_RENEW_S >= self.LEASE_S:
-            raise ValueError(
+        if self.LEASE_RENEW_S >= self.LEASE_S and not {"LEASE_S", "LEASE_RENEW_S"} & skip:
+            problems.append(
                 f"LEASE_RENEW_S ({self.LEASE_RENEW_S:g}) must be shorter than LEASE_S ({self.LEASE_S:g})"
             )
-        return self
+        return problems
 
 
 @lru_cache

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
@@ -11,6 +12,7 @@ from fastapi import FastAPI, params
 from fastapi.concurrency import run_in_threadpool
 from fastapi.openapi.utils import get_openapi
 from starlette.middleware.cors import CORSMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.auth import Authentication, KeyRing
 from app.bodylimit import BodyLimit
@@ -28,11 +30,37 @@ from app.quotas import PendingJobs, SubmitRate
 from app.routes import admin as admin_routes
 from app.routes import contexts, export, health, models, openai, results
 from app.routes import metrics as metrics_routes
+from app.routes.health import schema_at_start
 from app.services.results import Enqueue, ResultInserts
 from app.stopping import on_stop_signal
 from app.streams import TokenStreamReader
 from app.templates import ChatTemplates
 from app.triton.admin import ModelCatalog, TritonAdmin
+
+
+class StartRefused(RuntimeError):
+    """The API must not serve (e.g. the database's schema is older than the code): said in one line."""
+
+
+class SayWhyStartWasRefused:
+    """A refused start reaches uvicorn as one line, not as a traceback through the lifespan."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def one_line(message: Message) -> None:
+            # Starlette sends the failure from inside its `except`: the exception is the one handled.
+            refused = sys.exception()
+            if message["type"] == "lifespan.startup.failed" and isinstance(refused, StartRefused):
+                message = {**message, "message": str(refused)}
+            await send(message)
+
+        await self.app(scope, receive, one_line)
 
 
 def create_app(
@@ -70,6 +98,9 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        refusal = await schema_at_start(settings)
+        if refusal is not None:
+            raise StartRefused(refusal)
         await db.open()  # connects in the background: Postgres may be down
         await rt.waiter.listening()  # at most a second: without Redis, polls read Postgres
         undo_signals = on_stop_signal(rt.waiter.stop)
@@ -126,6 +157,7 @@ def create_app(
         )
     app.add_middleware(RequestMetrics, metrics=rt.metrics)  # every answer, whoever gives it
     app.add_middleware(HeadAsGet)  # first of all: a HEAD goes through everything as its GET
+    app.add_middleware(SayWhyStartWasRefused)  # the lifespan's messages only
     install_error_handlers(app)
     # export before results: `/results/{result_id}` would otherwise take `/results/export`.
     routers = (

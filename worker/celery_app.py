@@ -2,18 +2,26 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import logging
 from functools import cache
 from typing import Any
 
 from celery import Celery
-from celery.signals import after_setup_logger, worker_process_init, worker_ready, worker_shutting_down
+from celery.signals import (
+    after_setup_logger,
+    celeryd_init,
+    worker_process_init,
+    worker_ready,
+    worker_shutting_down,
+)
 
 from app.config import settings_or_exit
 from app.kombu_patch import reuse_redis_clients
 from app.logging_setup import configure_logging
 from app.queue import JobQueue, celery_config, check_publishable
+from app.routes.health import schema_at_start
 from worker import metrics
 from worker.job_store import reset_store
 from worker.outage import get_gate, triton_ready
@@ -39,6 +47,14 @@ check_publishable(celery_app)  # refuse at start what the sweeper's producer can
 def job_queue() -> JobQueue:
     """The process's producer (the sweeper re-sends lost jobs through it)."""
     return JobQueue(celery_app, settings.CELERY_QUEUE)
+
+
+@celeryd_init.connect
+def _refuse_an_older_schema(**_: Any) -> None:
+    # `celery worker` only (not `celery inspect`), before it consumes: every job would fail on it.
+    refusal = asyncio.run(schema_at_start(settings))
+    if refusal is not None:
+        raise SystemExit(f"error: {refusal}")
 
 
 @after_setup_logger.connect

@@ -2,12 +2,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
+import psycopg
 import redis.asyncio as aioredis
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse
 
-from app.db import Database
+from app.config import Settings
+from app.db import AsyncConnection, Database, connection_kwargs, conninfo
 from app.deps import Runtime, runtime
 from app.query import StrictQueryRoute
 from app.schemas import ComponentHealth, Readiness
@@ -35,36 +38,81 @@ def _report(component: str, public: str | None, internal: str | None = None) -> 
 
 # Each component answers within this, so that readiness is answered within a second, whatever is down.
 CHECK_TIMEOUT_S = 0.8
+# At start, a database slow to answer is not held against it: the process starts.
+START_CHECK_TIMEOUT_S = 2.0
 
 
 # The migration this code's statements are written for (tests/unit/test_schema_revision.py keeps it
-# equal to the migrations' head).
+# equal to the migrations' head). Revisions are numbered in order: "0001", "0002", ...
 SCHEMA_REVISION = "0006"
 
 
-async def _schema_revision(db: Database) -> str | None:
+async def schema_revision(connection: AsyncConnection) -> str | None:
     """The database's migration; None when it has none (never migrated)."""
-    async with db.connection() as connection:
-        table = await (await connection.execute("SELECT to_regclass('alembic_version')")).fetchone()
-        if table is None or table[0] is None:
-            return None
-        row = await (await connection.execute("SELECT version_num FROM alembic_version")).fetchone()
-        return None if row is None else str(row[0])
+    table = await (await connection.execute("SELECT to_regclass('alembic_version')")).fetchone()
+    if table is None or table[0] is None:
+        return None
+    row = await (await connection.execute("SELECT version_num FROM alembic_version")).fetchone()
+    return None if row is None else str(row[0])
+
+
+def schema_verdict(revision: str | None) -> tuple[bool, str | None]:
+    """Whether this code can run on a database at `revision`, and what to tell the operator.
+
+    Newer than the code is usable: migrations are additive (new tables, columns with defaults,
+    indexes), so the code of the previous release runs on them during a rolling deploy."""
+    if revision == SCHEMA_REVISION:
+        return True, None
+    if revision is None:
+        return (
+            False,
+            f"the database has no schema, this code needs {SCHEMA_REVISION}: run alembic upgrade head",
+        )
+    if revision.isdigit() and int(revision) > int(SCHEMA_REVISION):
+        return True, (
+            f"the database is at migration {revision}, newer than this code ({SCHEMA_REVISION}); "
+            f"it runs on it (migrations are additive): deploy the code of migration {revision}"
+        )
+    if revision.isdigit():
+        return False, (
+            f"the database is at migration {revision}, older than this code ({SCHEMA_REVISION}): "
+            "run alembic upgrade head"
+        )
+    return False, f"the database is at migration {revision}, which this code does not know"
+
+
+async def schema_at_start(settings: Settings) -> str | None:
+    """At an API's or a worker's start: why it must not start (a schema older than the code), else
+    None, also when the database cannot be reached (readiness says so; the pools reconnect)."""
+    try:
+        async with asyncio.timeout(START_CHECK_TIMEOUT_S):
+            connection = await psycopg.AsyncConnection.connect(
+                conninfo(settings), **connection_kwargs(settings, f"llmq-start-{os.getpid()}")
+            )
+            async with connection:
+                revision = await schema_revision(connection)
+    except Exception as exc:
+        log.warning("could not read the database's migration at start (%s): starting", type(exc).__name__)
+        return None
+    usable, note = schema_verdict(revision)
+    if usable and note:
+        log.warning("%s", note)
+    return None if usable else note
 
 
 async def _check_postgres(db: Database) -> ComponentHealth:
     try:
-        revision = await asyncio.wait_for(_schema_revision(db), CHECK_TIMEOUT_S)
+        async with asyncio.timeout(CHECK_TIMEOUT_S), db.connection() as connection:
+            revision = await schema_revision(connection)
     except Exception as exc:
         return _report(
             "postgres", "Postgres unreachable (cause in the API's log)", f"{type(exc).__name__}: {exc}"
         )
-    if revision != SCHEMA_REVISION:
-        found = "has no schema" if revision is None else f"is at migration {revision}"
-        return _report(
-            "postgres", f"the database {found}, this code needs {SCHEMA_REVISION}: run alembic upgrade head"
-        )
-    return _report("postgres", None)
+    usable, note = schema_verdict(revision)
+    if usable:  # a note (a newer database) goes with a ready answer; the log has it once
+        _report("postgres", None)
+        return ComponentHealth(ok=True, detail=note)
+    return _report("postgres", note)
 
 
 async def _check_redis(url: str) -> ComponentHealth:

@@ -9,6 +9,7 @@ process.
 
 from __future__ import annotations
 
+import errno
 import glob
 import shutil
 import signal
@@ -23,10 +24,12 @@ from urllib.parse import urlsplit
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 
-from app.config import Settings, get_settings
-from devstack.database import create_database_if_missing
+from app.config import Settings, settings_or_exit
+from devstack.database import create_database_if_missing, setup_problem
 from devstack.processes import ManagedProcess, api_process, worker_process
 
 if TYPE_CHECKING:
@@ -106,13 +109,59 @@ def ensure_services(settings: Settings) -> None:
 
 
 def ensure_database(settings: Settings) -> None:
-    if create_database_if_missing(settings.DATABASE_URL):
+    try:
+        created = create_database_if_missing(settings.DATABASE_URL)
+    except DBAPIError as exc:  # a wrong user or password, no right to create databases, ...
+        raise SystemExit(f"error: {setup_problem(exc, settings.DATABASE_URL)}") from None
+    if created:
         console.print(f"created database [bold]{make_url(settings.DATABASE_URL).database}[/]")
 
 
 def migrate() -> None:
     # A child process, so that Alembic's logging setup does not take over this one's.
-    subprocess.run([str(Path(sys.executable).parent / "alembic"), "upgrade", "head"], cwd=ROOT, check=True)
+    alembic = [str(Path(sys.executable).parent / "alembic"), "upgrade", "head"]
+    if subprocess.run(alembic, cwd=ROOT, check=False).returncode != 0:
+        raise SystemExit("error: `alembic upgrade head` failed (its output is above)")
+
+
+def port_taken(host: str, port: int) -> bool:
+    """Whether a server could not listen there (as uvicorn and Triton bind: address reuse allowed)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:  # another failure (e.g. not this machine's address) is the server's to say
+            return exc.errno == errno.EADDRINUSE
+    return False
+
+
+def refuse_taken_ports(settings: Settings, local_triton: bool) -> None:
+    """Before anything starts: a port in use would fail that server, and the health check would
+    reach the other one and say Ready."""
+    wanted = [(settings.API_HOST, settings.API_PORT, "the API", "API_PORT")]
+    if local_triton:
+        wanted += [
+            (
+                "127.0.0.1",
+                _port(settings.TRITON_GRPC_URL, 8001),
+                "the local Triton's gRPC",
+                "TRITON_GRPC_URL",
+            ),
+            (
+                "127.0.0.1",
+                _port(settings.TRITON_METRICS_URL, 8002),
+                "the local Triton's metrics",
+                "TRITON_METRICS_URL",
+            ),
+        ]
+    taken = [
+        f"port {port} for {what} is in use (another `make dev`?): set {setting} to a free port"
+        for host, port, what, setting in wanted
+        if port_taken(host, port)
+    ]
+    if taken:
+        raise SystemExit("error: " + "; ".join(taken))
 
 
 def example(api_url: str, admin_key: str, model: str) -> str:
@@ -214,12 +263,19 @@ def up(
     ),
 ) -> None:
     """Start Postgres/Redis (if needed), migrate, then local Triton, the worker and the API."""
-    settings = get_settings()
+    settings = settings_or_exit()
+    triton_host = urlsplit(settings.TRITON_URL).hostname or "127.0.0.1"
+    triton_http = _port(settings.TRITON_URL, 8000)
+    # Started only when none answers at TRITON_URL (its HTTP port answering is that one in use).
+    start_triton = local_triton and triton_host in LOCAL_HOSTS and not reachable(triton_host, triton_http)
+    refuse_taken_ports(settings, start_triton)
     ensure_services(settings)
     ensure_database(settings)
     migrate()
     logs = RUN_DIR / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    for name in ("api", "worker", "triton"):  # this run's lines only: a process that exits shows its own
+        (logs / f"{name}.log").write_bytes(b"")
     stack = Stack()
 
     def shutdown(signum: int, _frame: FrameType | None) -> None:
@@ -230,14 +286,12 @@ def up(
     signal.signal(signal.SIGINT, shutdown)
     try:
         env: dict[str, str] = {}
-        triton_host = urlsplit(settings.TRITON_URL).hostname or "127.0.0.1"
-        triton_http = _port(settings.TRITON_URL, 8000)
         # Chat templates: the production models' folders and the local models'.
         env["CHAT_TEMPLATES_DIRS"] = (
             f"{ROOT / 'triton_models'},{ROOT / 'nvidia_triton' / 'localtriton' / 'models'}"
         )
         model = "sim-llm"
-        if local_triton and triton_host in LOCAL_HOSTS and not reachable(triton_host, triton_http):
+        if start_triton:
             from localtriton.launcher import REAL_MODEL
 
             triton = start_local_triton(settings, logs, light, stack)
@@ -251,8 +305,14 @@ def up(
         api = api_process(env, logs / "api.log", port=settings.API_PORT, host=settings.API_HOST)
         stack.processes.append(api.start())
         api_url = f"http://{settings.API_HOST}:{settings.API_PORT}"
-        worker.wait_for_log("ready.", 60)
-        api.wait_for_http(f"{api_url}/health", 30)
+        try:
+            worker.wait_for_log("ready.", 60)
+            api.wait_for_http(f"{api_url}/health", 30)
+        except (RuntimeError, TimeoutError) as exc:  # the process's own last lines say why
+            first, *tail = str(exc).splitlines()
+            console.print(f"[red]{escape(first)}[/]")
+            console.print("\n".join(tail), markup=False)
+            raise SystemExit(1) from None
 
         console.print(f"\n[bold green]Ready.[/] API on [bold]{api_url}[/]  (docs: {api_url}/docs)")
         console.print(f"logs: {logs}/{{api,worker,triton}}.log   Ctrl-C stops everything.\n")
@@ -283,7 +343,7 @@ def up(
 @cli.command()
 def services() -> None:
     """Only make sure Postgres and Redis answer, and the database exists and is migrated."""
-    settings = get_settings()
+    settings = settings_or_exit()
     ensure_services(settings)
     ensure_database(settings)
     migrate()

@@ -7,6 +7,7 @@ from pathlib import Path
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, make_url, text
+from sqlalchemy.exc import DBAPIError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,6 +30,16 @@ def create_database_if_missing(url: str) -> bool:
         return False
     _admin_run(url, f'CREATE DATABASE "{name}"')
     return True
+
+
+def setup_problem(exc: DBAPIError, url: str) -> str:
+    """One line for an operator: what Postgres said, with the user and database (never the password)."""
+    parts = make_url(url)
+    said = " ".join(str(exc.orig).split()) or type(exc.orig).__name__
+    return (
+        f"cannot check or create the database {parts.database!r} as user {parts.username!r} on "
+        f"{parts.host or 'localhost'}:{parts.port or 5432}: {said} (check DATABASE_URL)"
+    )
 
 
 def drop_database(url: str) -> None:

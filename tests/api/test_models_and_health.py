@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from devstack.processes import free_port
 
+from app.main import StartRefused
 from app.routes.health import SCHEMA_REVISION
 from app.triton.admin import TritonAdmin, TritonUnavailable
 from tests.conftest import (
@@ -141,23 +142,65 @@ async def test_a_triton_that_never_answers_is_503_saying_it_timed_out() -> None:
     assert str(raised.value) == f"Triton at http://127.0.0.1:{port} is unreachable: ReadTimeout"
 
 
-async def test_readiness_says_a_database_without_the_schema_is_not_ready(triton: Any) -> None:
-    """Reachable is not enough: requests would fail on missing tables."""
-    name = "llmq_test_unmigrated"
-    with psycopg.connect(PG_BASE.replace("+psycopg", "") + "/postgres", autocommit=True) as admin:
+@pytest.fixture
+def scratch_database() -> Any:
+    name = f"llmq_test_schema_{free_port()}"
+    admin_url = PG_BASE.replace("+psycopg", "") + "/postgres"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
         admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.execute(f"CREATE DATABASE {name}")
+    yield f"{PG_BASE}/{name}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+async def _readiness_of_postgres(triton: Any, database_url: str) -> tuple[int, dict[str, Any]]:
+    """Readiness as a running API answers it (the schema can change under it: no start check)."""
+    app = make_api_app(triton.http_url, None, DATABASE_URL=database_url)
+    transport = httpx.ASGITransport(app=app)
     try:
-        app = make_api_app(triton.http_url, None, DATABASE_URL=f"{PG_BASE}/{name}")
-        async with serve_in_process(app) as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://api.test") as http:
             ready = await http.get("/health/ready")
-        assert ready.status_code == 503
-        postgres = ready.json()["components"]["postgres"]
-        assert postgres["ok"] is False
-        assert (
-            postgres["detail"]
-            == f"the database has no schema, this code needs {SCHEMA_REVISION}: run alembic upgrade head"
-        )
     finally:
-        with psycopg.connect(PG_BASE.replace("+psycopg", "") + "/postgres", autocommit=True) as admin:
-            admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await app.state.runtime.db.close()
+    return ready.status_code, ready.json()["components"]["postgres"]
+
+
+async def test_readiness_says_a_database_without_the_schema_is_not_ready(
+    triton: Any, scratch_database: str
+) -> None:
+    """Reachable is not enough: requests would fail on missing tables."""
+    status, postgres = await _readiness_of_postgres(triton, scratch_database)
+    assert status == 503
+    assert postgres == {
+        "ok": False,
+        "detail": f"the database has no schema, this code needs {SCHEMA_REVISION}: run alembic upgrade head",
+    }
+    with pytest.raises(StartRefused, match="no schema"):  # and an API does not start on it
+        async with serve_in_process(make_api_app(triton.http_url, None, DATABASE_URL=scratch_database)):
+            pass
+
+
+async def test_readiness_says_what_to_do_when_the_database_is_older_or_newer(
+    triton: Any, scratch_database: str
+) -> None:
+    """Older: upgrade it. Newer (the previous release during a rolling deploy): ready, since
+    migrations are additive, with a note naming the code to deploy, never "alembic upgrade head"."""
+    with psycopg.connect(scratch_database.replace("+psycopg", ""), autocommit=True) as conn:
+        conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        conn.execute("INSERT INTO alembic_version VALUES ('0004')")
+        status, postgres = await _readiness_of_postgres(triton, scratch_database)
+        assert status == 503
+        assert postgres == {
+            "ok": False,
+            "detail": f"the database is at migration 0004, older than this code ({SCHEMA_REVISION}): "
+            "run alembic upgrade head",
+        }
+        newer = f"{int(SCHEMA_REVISION) + 1:04d}"
+        conn.execute("UPDATE alembic_version SET version_num = %s", (newer,))
+        _, postgres = await _readiness_of_postgres(triton, scratch_database)
+    assert postgres == {
+        "ok": True,
+        "detail": f"the database is at migration {newer}, newer than this code ({SCHEMA_REVISION}); it runs "
+        f"on it (migrations are additive): deploy the code of migration {newer}",
+    }

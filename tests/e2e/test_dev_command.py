@@ -7,15 +7,18 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 import httpx
 from devstack.__main__ import Stack, start_local_triton
+from devstack.database import drop_database
 from devstack.processes import free_port
 from localtriton.launcher import REAL_MODEL
-from sqlalchemy import create_engine, text
+from sqlalchemy import create_engine, make_url, text
 
 from app.config import Settings
 from tests.conftest import PG_BASE
@@ -189,3 +192,99 @@ def test_make_help_describes_every_target() -> None:
     listed = set(re.findall(r"^\s+(?:\x1b\[[0-9;]*m)?([a-zA-Z_%-]+)", helped.stdout, re.M))
     missing = [t for t in phony.group(1).split() if t not in listed]
     assert missing == [], f"targets without a `## ` description in `make help`: {missing}"
+
+
+def _devstack_up(tmp_path: Path, timeout_s: float = 120, *args: str, **settings: str) -> tuple[int, str]:
+    env = {
+        **{k: v for k, v in os.environ.items() if k not in Settings.model_fields},
+        "APP_ENV_FILE": "/dev/null",
+        "LLMQ_LIGHT": "1",
+        "REDIS_URL": os.environ["REDIS_URL"],
+        "CELERY_QUEUE": f"llmq-devcmd-{free_port()}",
+        "TRITON_URL": f"http://127.0.0.1:{free_port()}",
+        "TRITON_GRPC_URL": f"127.0.0.1:{free_port()}",
+        "TRITON_METRICS_URL": f"http://127.0.0.1:{free_port()}/metrics",
+        "API_PORT": str(free_port()),
+        **settings,
+    }
+    out = tmp_path / "devstack.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "devstack", "up", *args],
+            cwd=ROOT,
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout=timeout_s)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGINT)
+            proc.wait(timeout=60)
+    return proc.returncode, out.read_text()
+
+
+def _database_exists(name: str) -> bool:
+    admin = create_engine(f"{PG_BASE}/postgres")
+    try:
+        with admin.connect() as conn:
+            return bool(
+                conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first()
+            )
+    finally:
+        admin.dispose()
+
+
+def test_a_port_in_use_is_refused_before_anything_starts(tmp_path: Path) -> None:
+    """A second `make dev` on the same API_PORT said Ready: its health check reached the first one."""
+    name = f"llmq_devcmd_port_{free_port()}"
+    with socket.socket() as api, socket.socket() as grpc:
+        for sock in (api, grpc):
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+        api_port, grpc_port = api.getsockname()[1], grpc.getsockname()[1]
+        code, printed = _devstack_up(
+            tmp_path,
+            30,
+            DATABASE_URL=f"{PG_BASE}/{name}",
+            API_PORT=str(api_port),
+            TRITON_GRPC_URL=f"127.0.0.1:{grpc_port}",
+        )
+    assert code != 0 and "Ready." not in printed and "Traceback" not in printed, printed
+    assert printed.strip() == (
+        f"error: port {api_port} for the API is in use (another `make dev`?): set API_PORT to a free port; "
+        f"port {grpc_port} for the local Triton's gRPC is in use (another `make dev`?): set TRITON_GRPC_URL "
+        "to a free port"
+    )
+    assert not _database_exists(name)  # nothing was started or created
+
+
+def test_a_process_that_exits_at_start_shows_this_runs_lines_only(tmp_path: Path) -> None:
+    logs = ROOT / ".run" / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    with (logs / "api.log").open("a") as earlier:
+        earlier.write("Traceback (most recent call last):\nAnEarlierRunsError: not this run's\n")
+    name = f"llmq_devcmd_exit_{free_port()}"
+    try:
+        # Not an address of this machine: uvicorn cannot listen there and exits.
+        code, printed = _devstack_up(
+            tmp_path, 120, "--no-local-triton", DATABASE_URL=f"{PG_BASE}/{name}", API_HOST="192.0.2.1"
+        )
+    finally:
+        drop_database(f"{PG_BASE}/{name}")
+    assert code != 0 and "Ready." not in printed, printed
+    assert "api exited early" in printed and "192.0.2.1" in printed, printed
+    assert "AnEarlierRunsError" not in printed and "Traceback" not in printed, printed
+
+
+def test_a_database_user_postgres_refuses_is_said_in_one_line(tmp_path: Path) -> None:
+    url = make_url(f"{PG_BASE}/llmq_devcmd_user").set(username="llmq_nobody", password="not-the-password-42")
+    code, printed = _devstack_up(tmp_path, 60, DATABASE_URL=url.render_as_string(hide_password=False))
+    assert code != 0 and "not-the-password-42" not in printed, printed
+    [line] = [line for line in printed.splitlines() if line.strip()]
+    assert line.startswith(
+        "error: cannot check or create the database 'llmq_devcmd_user' as user 'llmq_nobody' on 127.0.0.1:"
+    ), printed
+    assert line.endswith('role "llmq_nobody" does not exist (check DATABASE_URL)'), printed

@@ -26,24 +26,72 @@ def _start(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, cwd=ROOT, env=environ, capture_output=True, text=True, timeout=60)
 
 
-@pytest.mark.parametrize(
+ENTRY_POINTS = pytest.mark.parametrize(
     "argv",
     [
         [str(BIN / "uvicorn"), "app.asgi:app", "--port", "1"],
         [str(BIN / "celery"), "-A", "worker.celery_app", "worker"],
         [sys.executable, "-m", "app.cli", "keys", "list"],
+        [sys.executable, "-m", "devstack", "up"],  # `make dev`
     ],
-    ids=["api", "worker", "cli"],
+    ids=["api", "worker", "cli", "make-dev"],
 )
-def test_every_entry_point_refuses_bad_settings_in_one_line_without_their_values(argv: list[str]) -> None:
-    started = _start(argv, ADMIN_API_KEY=SECRET, DATABASE_URL="garbage", WORKER_SWEEPER="maybe")
+
+
+def _one_line(started: subprocess.CompletedProcess[str], *secrets: str) -> str:
     assert started.returncode != 0
     output = started.stdout + started.stderr
-    assert "Traceback" not in output and SECRET not in output and "garbage" not in output
+    assert "Traceback" not in output and not [s for s in secrets if s in output], output
     [line] = [line for line in output.splitlines() if line.strip()]
     assert line.startswith("error: invalid settings: ")
-    for name in ("ADMIN_API_KEY", "DATABASE_URL", "WORKER_SWEEPER"):
+    return line
+
+
+@ENTRY_POINTS
+def test_every_entry_point_refuses_bad_settings_in_one_line_without_their_values(argv: list[str]) -> None:
+    bad = {
+        "DATABASE_URL": "garbage",
+        "WORKER_SWEEPER": "maybe",
+        "LOG_LEVEL": "LOUD",
+        "TRITON_GRPC_URL": "http://127.0.0.1:18911",
+    }
+    line = _one_line(_start(argv, ADMIN_API_KEY=SECRET, **bad), SECRET, *bad.values())
+    for name in ("ADMIN_API_KEY", *bad):
         assert f"{name}: " in line
+    assert "LOG_LEVEL: must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL" in line
+    assert "TRITON_GRPC_URL: must be host:port without a scheme" in line
+
+
+@ENTRY_POINTS
+def test_every_entry_point_refuses_an_env_file_that_is_not_there(argv: list[str]) -> None:
+    line = _one_line(_start(argv, APP_ENV_FILE="/nonexistent/llmq.env"), "/nonexistent")
+    assert (
+        line == "error: invalid settings: APP_ENV_FILE names a file that does not exist (empty: no env file)"
+    )
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Checks across settings are not held back by an invalid field (one round of fixes, not two)."""
+    with pytest.raises(ValidationError) as raised:
+        Settings(LOG_LEVEL="LOUD", TRITON_GRPC_URL="garbage", LEASE_RENEW_S=20)  # type: ignore[arg-type]
+    message = str(SettingsError.of(raised.value))
+    assert message.startswith("invalid settings: LOG_LEVEL: ")
+    assert "TRITON_GRPC_URL: " in message
+    assert message.endswith("; LEASE_RENEW_S (20) must be shorter than LEASE_S (10)")
+    # A check reading an invalid setting is left out (it would compare with a default not asked for).
+    with pytest.raises(ValidationError) as raised:
+        Settings(LEASE_S="soon", LEASE_RENEW_S=20)  # type: ignore[arg-type]
+    assert "shorter" not in str(SettingsError.of(raised.value))
+
+
+def test_log_level_is_one_of_pythons_in_any_case() -> None:
+    assert Settings(LOG_LEVEL="debug").LOG_LEVEL == "DEBUG"
+    assert Settings(LOG_LEVEL="Warning").LOG_LEVEL == "WARNING"
+
+
+@pytest.mark.parametrize("value", ["127.0.0.1:8001", "triton.internal:443", "[::1]:8001", "h:65535"])
+def test_triton_grpc_url_is_host_and_port(value: str) -> None:
+    assert value == Settings(TRITON_GRPC_URL=value).TRITON_GRPC_URL
 
 
 def test_a_validation_error_never_carries_the_values() -> None:
@@ -66,6 +114,14 @@ def test_a_validation_error_never_carries_the_values() -> None:
         ("DATABASE_URL", "postgresql+psycopg://u:p@h:notaport/db"),
         ("REDIS_URL", "localhost:6379"),
         ("TRITON_URL", "garbage"),
+        ("LOG_LEVEL", "LOUD"),
+        ("LOG_LEVEL", ""),
+        ("TRITON_GRPC_URL", "http://127.0.0.1:18911"),  # gRPC takes no scheme
+        ("TRITON_GRPC_URL", "garbage"),
+        ("TRITON_GRPC_URL", "127.0.0.1"),
+        ("TRITON_GRPC_URL", "127.0.0.1:0"),
+        ("TRITON_GRPC_URL", "127.0.0.1:65536"),
+        ("TRITON_GRPC_URL", "127.0.0.1:8001/v2"),
         ("CELERY_QUEUE", ""),
         ("CELERY_QUEUE", "two words"),
     ],
@@ -94,6 +150,26 @@ def test_production_takes_no_development_values_and_no_password_is_fine() -> Non
         Settings(**production, ADMIN_API_KEY=DEV_ADMIN_API_KEY)  # type: ignore[arg-type]
     with pytest.raises(ValidationError, match="development password"):
         Settings(APP_ENV="production", DATABASE_URL="postgresql+psycopg://postgres:postgres@db/llmq")
+
+
+def test_production_reports_every_development_value_and_an_unset_database_url() -> None:
+    with pytest.raises(ValidationError) as raised:
+        Settings(
+            APP_ENV="production",
+            DATABASE_URL="postgresql+psycopg://postgres:postgres@db/llmq",
+            ADMIN_API_KEY=DEV_ADMIN_API_KEY,
+        )
+    assert str(SettingsError.of(raised.value)) == (
+        "invalid settings: DATABASE_URL uses a development password while APP_ENV=production; set a real "
+        "secret; ADMIN_API_KEY is the development key while APP_ENV=production; set a real secret or leave "
+        "it unset (ADMIN_API_KEY=)"
+    )
+    # Unset, it is not a password the operator chose: say what is missing.
+    unset = _start([sys.executable, "-m", "app.cli", "keys", "list"], APP_ENV="production", APP_ENV_FILE="")
+    assert _one_line(unset) == (
+        "error: invalid settings: DATABASE_URL is not set while APP_ENV=production (its default is the "
+        "development database)"
+    )
 
 
 def test_a_v1_call_waits_less_than_the_openai_sdk_waits_for_it() -> None:

@@ -90,18 +90,26 @@ def read_all(sock: socket.socket) -> bytes:
     return answer
 
 
+def _recv(sock: socket.socket, size: int) -> bytes:
+    data = sock.recv(size)
+    if not data:
+        raise ConnectionError("the server closed the connection")
+    return data
+
+
 def read_one(sock: socket.socket) -> bytes:
-    """One answer with a Content-Length, the connection left open."""
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        answer += sock.recv(65536)
-    head, _, body = answer.partition(b"\r\n\r\n")
+    """One answer with a Content-Length, the connection left open; never reads past it (pipelined
+    answers may come in one packet)."""
+    head = b""
+    while not head.endswith(b"\r\n\r\n"):
+        head += _recv(sock, 1)
     length = int(
         next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:]
     )
+    body = b""
     while len(body) < length:
-        body += sock.recv(65536)
-    return head + b"\r\n\r\n" + body
+        body += _recv(sock, length - len(body))
+    return head + body
 
 
 def status_and_json(answer: bytes) -> tuple[bytes, Any]:

@@ -40,11 +40,14 @@ async def test_an_outage_mid_stream_ends_the_answer_with_an_error_event(
     monkeypatch.setattr(streams, "follow", follow)
     request = CompletionRequest(model="sim-llm", prompt="Say hello", stream=True)
     call = Call(endpoint="completions", model="sim-llm", prompts=[], n=1, params={}, request=request)
-    answer = await openai_stream.chunks(None, None, None, None, call, [uuid.uuid4()])  # type: ignore[arg-type]
+    job = uuid.uuid4()
+    answer = await openai_stream.chunks(None, None, None, None, call, [job])  # type: ignore[arg-type]
     body = [chunk async for chunk in answer]
     events = [json.loads(chunk.removeprefix(b"data: ")) for chunk in body]
     assert [e["choices"][0]["text"] for e in events[:2]] == ["", "Hello"]
-    assert events[-1] == {"error": {"message": message, "type": "server_error", "param": None, "code": None}}
+    # The cause, and that the job goes on (not "try again": a retry would make it twice).
+    said = f"{message.split(';')[0]}; the job(s) go on: poll GET /results/{{id}} for {job}"
+    assert events[-1] == {"error": {"message": said, "type": "server_error", "param": None, "code": None}}
 
 
 async def test_a_job_that_ends_in_error_before_any_text_is_the_answers_status(

@@ -59,10 +59,6 @@ class ServiceUnavailable(AppError):
     status_code = 503
 
 
-class Stopping(ServiceUnavailable):
-    """The API process is stopping while the request waits (a long poll, a stream, a /v1 call)."""
-
-
 DATABASE_DOWN = "the database is unavailable; nothing was changed, try again"
 REDIS_DOWN = "Redis is unavailable; try again"
 STOPPING = "this API process is stopping; connect again (another process answers)"

@@ -151,7 +151,8 @@ class FastPath:
                 found, wrong = request_params_to_args(fields, received)
                 values.update(found)
                 errors += wrong
-        if served.query_names is not None and unknown_error(served.query_names, query.multi_items()):
+        names = served.query_names
+        if names is not None and scope["query_string"] and unknown_error(names, query.multi_items()):
             errors.append("unknown query parameter")
         if d.body_params:
             body = await read_body(receive)

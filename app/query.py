@@ -89,9 +89,10 @@ class StrictQueryRoute(APIRoute):
         names = accepted(self.dependant)
 
         async def strict(request: Request) -> Response:
-            error = unknown_error(names, request.query_params.multi_items())
-            if error is not None:
-                raise error
+            if request.scope["query_string"]:  # most requests have none: nothing to look at
+                error = unknown_error(names, request.query_params.multi_items())
+                if error is not None:
+                    raise error
             return await handler(request)
 
         return strict

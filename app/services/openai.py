@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from app.auth import Principal
 from app.config import Settings
 from app.db import AsyncConnection, Database
-from app.errors import STOPPING, AppError, InvalidInput, ServiceUnavailable, Stopping, stream_error
+from app.errors import STOPPING, AppError, InvalidInput, ServiceUnavailable, stream_error
 from app.images import image_base64
 from app.notify import ResultWaiter
 from app.repositories import results as results_repo
@@ -426,31 +426,25 @@ def jobs_go_on(result_ids: list[uuid.UUID], keyed: bool) -> str:
     return f"the job(s) go on: poll GET /results/{{id}} for {', '.join(map(str, result_ids))}{again}"
 
 
-def after_creation(exc: Exception, result_ids: list[uuid.UUID], *, keyed: bool) -> Exception:
-    """The error a call answers once its jobs exist (an outage, this process stopping): it says the
-    jobs go on and tells the SDK not to retry, which would create them again; never "nothing was
-    changed". Other errors are returned as they are."""
-    error = stream_error(exc)
-    if error is None or (error.headers or {}).get("x-should-retry") == "false":
-        return exc
-    cause = error.message.split(";")[0]
+def jobs_exist_error(error: AppError, result_ids: list[uuid.UUID], keyed: bool) -> AppError:
+    """`error` (an outage, this process stopping) as a call whose jobs exist answers it: its cause,
+    then that the jobs go on (never "nothing was changed", nor a Last-Event-ID /v1 does not have),
+    and the SDK told not to retry, which would create them again. One saying so already is kept."""
+    if (error.headers or {}).get("x-should-retry") == "false":
+        return error
     return AppError(
-        f"{cause}; {jobs_go_on(result_ids, keyed)}",
+        f"{error.message.split(';')[0]}; {jobs_go_on(result_ids, keyed)}",
         status_code=error.status_code,
         code=error.code,
         headers=_headers(result_ids),
     )
 
 
-def stopped_stream(error: AppError, result_ids: list[uuid.UUID], keyed: bool) -> AppError:
-    """A /v1 stream cut by an outage or this process stopping: no Last-Event-ID under /v1."""
-    if not isinstance(error, Stopping | ServiceUnavailable):
-        return error
-    return AppError(
-        f"{error.message.split(';')[0]}; {jobs_go_on(result_ids, keyed)}",
-        status_code=error.status_code,
-        code=error.code,
-    )
+def after_creation(exc: Exception, result_ids: list[uuid.UUID], *, keyed: bool) -> Exception:
+    """The exception a call raises once its jobs exist: an outage's as `jobs_exist_error` says it,
+    others as they are."""
+    error = stream_error(exc)
+    return exc if error is None else jobs_exist_error(error, result_ids, keyed)
 
 
 def _headers(result_ids: list[uuid.UUID]) -> dict[str, str]:

@@ -23,7 +23,7 @@ from app.errors import AppError, ServiceUnavailable, openai_error_body, stream_e
 from app.notify import ResultWaiter
 from app.schemas_openai import Usage
 from app.services import streams
-from app.services.openai import Call, job_error, stopped_stream, usage
+from app.services.openai import Call, job_error, jobs_exist_error, usage
 from app.streams import Piece, Restart, TokenStreamReader
 
 # A chunk cannot be taken back: a job run again after some of its text was sent ends the answer.
@@ -173,7 +173,9 @@ async def _body(
         error = stream_error(exc)
         if error is None:
             raise
-        yield _event(_error_body(stopped_stream(error, result_ids, keyed)))
+        if isinstance(error, ServiceUnavailable):  # an outage, or this process stopping
+            error = jobs_exist_error(error, result_ids, keyed)
+        yield _event(_error_body(error))
     finally:
         feeder.cancel()
         with contextlib.suppress(asyncio.CancelledError, Exception):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from app import background
 from app.auth import Principal
 from app.db import Database
-from app.errors import STOPPING, Stopping
+from app.errors import STOPPING, ServiceUnavailable
 from app.models import ResultStatus
 from app.notify import PENDING, ResultWaiter
 from app.schemas import ResultOut
@@ -120,7 +120,7 @@ async def follow(
                 yield Piece(piece_seq, text)
                 at.seq, at.holds_text = piece_seq, True
     if waiter.stopping and done_seq is None and pending:
-        raise Stopping(f"{STOPPING}; Last-Event-ID resumes where this stream ends")
+        raise ServiceUnavailable(f"{STOPPING}; Last-Event-ID resumes where this stream ends")
     streamed = False
     if done_seq is None:
         last = await streams.last(result_id)
